@@ -1,0 +1,380 @@
+"""
+Expectation-maximization for any Pyro model whose latent variable is one enumerable discrete site
+per data point and whose parameters are point estimates (``pyro.param`` or ``PyroParam``).
+
+    result = em.fit(model, guide, x, tol=1e-6, max_iter=500, n_init=1, init="kmeans++")
+
+E-step: the posterior over the discrete latent, computed from the model itself by parallel
+enumeration (``inference.enumeration``); no hand-written E-step. M-step: if the object that owns
+``model`` offers ``sufficient_statistics(x, resp) -> dict`` and ``m_step(stats)`` (the zoo's
+mixtures do), the closed form; otherwise gradient-based maximization (L-BFGS) of the expected
+complete-data log-likelihood plus any log prior the model adds with ``pyro.factor``.
+
+Each iteration makes one pass over the data in chunks of rows: it evaluates the objective (mean
+log-likelihood + log prior / N) of the current parameters and accumulates the sufficient
+statistics in float64. The objective never decreases: if an M-step lowered it (possible only by
+rounding, or by a covariance floor), the driver restores the previous parameters and stops.
+Initialization follows scikit-learn: hard responsibilities from k-means++ seeding and a few Lloyd
+iterations, then one M-step. Drivers do not print; pass ``progress=True`` for a progress bar, or
+a ``callback(record)`` that is called after every iteration.
+"""
+
+import math
+import time
+import warnings
+from typing import Callable, Optional, Union
+
+import torch
+from torch.distributions import transform_to
+from tqdm.auto import tqdm
+
+from inference.enumeration import Enumerated, validation_off
+from inference.result import FitResult
+
+
+class ConvergenceWarning(UserWarning):
+    """EM stopped at ``max_iter`` before the objective changed by less than ``tol``."""
+
+
+INITS = ("kmeans++", "random", "params")
+
+
+def fit(
+    model: Callable,
+    guide: Optional[Callable],
+    data: torch.Tensor,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 500,
+    n_init: int = 1,
+    init: Union[str, torch.Tensor] = "kmeans++",
+    kmeans_iters: int = 10,
+    seed: int = 0,
+    m_step: str = "auto",
+    m_step_iters: int = 100,
+    chunk_size: Optional[int] = None,
+    data_plate: str = "data",
+    callback: Optional[Callable[[dict], None]] = None,
+    progress: bool = False,
+) -> FitResult:
+    """Fit ``model`` to ``data`` by EM, keeping the best of ``n_init`` restarts.
+
+    init: "kmeans++" (default), "random" (random hard assignments), "params" (start from the
+        parameters as they are, as scikit-learn's ``*_init`` arguments do), or an (N, K) tensor
+        of initial responsibilities.
+    m_step: "auto" (closed form if the model's owner has one, else gradient), "closed", "gradient".
+    chunk_size: rows per E-step pass; default keeps each chunk's (rows x K x D) under ~4M values.
+    """
+    data = _check_data(data)
+    if tol <= 0 or max_iter < 1 or n_init < 1:
+        raise ValueError("need tol > 0, max_iter >= 1 and n_init >= 1")
+    example = data[: min(len(data), 4)]
+    enum = Enumerated(model, guide, example, data_plate)
+    num_values = enum.num_values
+    if num_values > len(data):
+        raise ValueError(
+            f"cannot fit {num_values} components to {len(data)} data points (K larger than N)"
+        )
+    closed = _closed_form(model, m_step)
+    if isinstance(init, str) and init not in INITS:
+        raise ValueError(f"init must be one of {INITS} or an (N, K) tensor, not {init!r}")
+    if init == "params" and n_init > 1:
+        raise ValueError("init='params' starts from the current parameters; use n_init=1")
+    if chunk_size is None:
+        row_size = max(1, data[0].numel())
+        chunk_size = max(256, (1 << 22) // (row_size * num_values))
+    state = _State(enum, closed, data, chunk_size, m_step_iters, example)
+
+    best = None
+    for restart in range(n_init):
+        generator = torch.Generator(device=data.device).manual_seed(seed + restart)
+        if not (isinstance(init, str) and init == "params"):
+            state.initialize(init, kmeans_iters, generator)
+        result = _run(state, tol, max_iter, callback, progress, restart, n_init)
+        result.extra["restart"] = restart
+        if best is None or result.objective > best.objective:
+            best, best_params = result, state.snapshot()
+    state.restore(best_params)
+    best.params = state.constrained()
+    best.extra["num_components"] = num_values
+    if not best.converged:
+        warnings.warn(
+            f"EM did not converge in {max_iter} iterations (last change "
+            f"{best.extra.get('last_change', float('nan')):.3g} >= tol {tol:g}); "
+            "increase max_iter or tol",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return best
+
+
+def _run(state, tol, max_iter, callback, progress, restart, n_init) -> FitResult:
+    history, start = [], time.perf_counter()
+    converged, stop_reason, previous = False, f"reached max_iter={max_iter}", None
+    bar = tqdm(
+        total=max_iter,
+        disable=not progress,
+        desc="EM" if n_init == 1 else f"EM {restart + 1}/{n_init}",
+        leave=False,
+    )
+    with bar:
+        for step in range(1, max_iter + 1):
+            objective, log_likelihood, stats = state.e_pass(keep_stats=True)
+            if previous is not None and objective < history[-1]["objective"]:
+                # Rounding or a covariance floor made the last M-step lower the objective: keep
+                # the parameters that were better, so the recorded objective never decreases.
+                state.restore(previous)
+                drop = history[-1]["objective"] - objective
+                converged = drop < tol
+                stop_reason = f"objective fell by {drop:.3g} at iteration {step}; kept the previous"
+                break
+            record = {
+                "step": step,
+                "objective": objective,
+                "log_likelihood": log_likelihood,
+                "time": time.perf_counter() - start,
+            }
+            history.append(record)
+            if callback is not None:
+                callback(dict(record, restart=restart))
+            bar.update(1)
+            bar.set_postfix(objective=f"{objective:.6g}")
+            change = math.inf if len(history) < 2 else objective - history[-2]["objective"]
+            previous = state.snapshot()
+            state.m_step(stats)
+            if abs(change) < tol:
+                converged, stop_reason = True, f"objective changed by {change:.3g} < tol {tol:g}"
+                break
+    # The parameters after the final M-step: check them too, and report their objective.
+    objective, log_likelihood, _ = state.e_pass(keep_stats=False)
+    if history and objective < history[-1]["objective"] and previous is not None:
+        state.restore(previous)
+        objective, log_likelihood = history[-1]["objective"], history[-1]["log_likelihood"]
+    last_change = (
+        abs(history[-1]["objective"] - history[-2]["objective"]) if len(history) > 1 else 0
+    )
+    return FitResult(
+        objective=objective,
+        params={},
+        history=history,
+        converged=converged,
+        stop_reason=stop_reason,
+        extra={"log_likelihood": log_likelihood, "last_change": last_change},
+    )
+
+
+class _State:
+    """The data, the enumerated model and its parameters, and the E and M steps over them."""
+
+    def __init__(self, enum, closed, data, chunk_size, m_step_iters, example):
+        self.enum, self.closed, self.data = enum, closed, data
+        self.chunk_size, self.m_step_iters = chunk_size, m_step_iters
+        self.params = enum.params(example)  # name -> unconstrained leaf tensor
+        self.num_data = len(data)
+
+    def chunks(self):
+        for i in range(0, self.num_data, self.chunk_size):
+            yield self.data[i : i + self.chunk_size]
+
+    # ------------------------------------------------------------------------ E-step
+    @torch.no_grad()
+    def e_pass(self, keep_stats: bool):
+        """Objective and mean log-likelihood of the current parameters, and M-step input."""
+        total, global_term, stats, resps = 0.0, None, None, []
+        with validation_off():
+            for x in self.chunks():
+                local, glob = self.enum.log_joint(x)  # (n, K), ()
+                log_px = local.logsumexp(-1)  # (n,)
+                total += log_px.double().sum().item()
+                if global_term is None:
+                    global_term = glob.double().item()
+                if not keep_stats:
+                    continue
+                resp = (local - log_px.unsqueeze(-1)).exp()  # (n, K)
+                if self.closed is not None:
+                    stats = _add(stats, self.closed.sufficient_statistics(x, resp))
+                else:
+                    resps.append(resp)
+        if not math.isfinite(total):
+            raise FloatingPointError(
+                "the log-likelihood is not finite: a data point has zero probability under every"
+                " component (e.g. a pixel that no component can produce); add a prior"
+            )
+        log_likelihood = total / self.num_data
+        objective = (total + global_term) / self.num_data
+        return objective, log_likelihood, (stats if self.closed is not None else resps)
+
+    # ------------------------------------------------------------------------ M-step
+    def m_step(self, stats):
+        if self.closed is not None:
+            self.closed.m_step(stats)
+        else:
+            self._gradient_m_step(stats)
+
+    def _expected_log_joint(self, resps, backward: bool) -> float:
+        """Q(params) / N = (sum_n sum_k r[n, k] log p(x[n], z[n] = k) + log prior) / N."""
+        total = 0.0
+        for i, (x, resp) in enumerate(zip(self.chunks(), resps)):
+            local, glob = self.enum.log_joint(x)
+            q = torch.where(resp > 0, resp * local, torch.zeros_like(local)).sum()
+            if i == 0:
+                q = q + glob
+            q = q / self.num_data
+            if backward:
+                (-q).backward()
+            total += q.item()
+        return total
+
+    def _gradient_m_step(self, resps):
+        leaves = list(self.params.values())
+        before = self.snapshot()
+        with torch.no_grad(), validation_off():
+            q_before = self._expected_log_joint(resps, backward=False)
+        optimizer = torch.optim.LBFGS(
+            leaves,
+            lr=1.0,
+            max_iter=self.m_step_iters,
+            tolerance_grad=1e-10,
+            tolerance_change=1e-14,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            with validation_off():
+                return torch.tensor(-self._expected_log_joint(resps, backward=True))
+
+        optimizer.step(closure)
+        with torch.no_grad(), validation_off():
+            q_after = self._expected_log_joint(resps, backward=False)
+        if not q_after >= q_before:  # generalized EM: any increase of Q raises the likelihood
+            self.restore(before)
+        for leaf in leaves:
+            leaf.grad = None
+
+    # ------------------------------------------------------------------------ initialization
+    def initialize(self, init, kmeans_iters, generator):
+        num_values = self.enum.num_values
+        if isinstance(init, torch.Tensor):
+            resp = init.to(self.data)
+            if resp.shape != (self.num_data, num_values):
+                raise ValueError(
+                    f"initial responsibilities must have shape {(self.num_data, num_values)},"
+                    f" got {tuple(resp.shape)}"
+                )
+        else:
+            if init == "kmeans++":
+                labels = kmeans(self.data, num_values, kmeans_iters, generator)
+            else:
+                labels = torch.randint(
+                    num_values, (self.num_data,), generator=generator, device=self.data.device
+                )
+            resp = torch.nn.functional.one_hot(labels, num_values).to(self.data.dtype)  # (N, K)
+        if self.closed is not None:
+            stats = None
+            for i in range(0, self.num_data, self.chunk_size):
+                x, r = self.data[i : i + self.chunk_size], resp[i : i + self.chunk_size]
+                stats = _add(stats, self.closed.sufficient_statistics(x, r))
+            self.closed.m_step(stats)
+        else:
+            self._gradient_m_step(list(resp.split(self.chunk_size)))
+
+    # ------------------------------------------------------------------------ parameter state
+    def snapshot(self):
+        return {name: p.detach().clone() for name, p in self.params.items()}
+
+    def restore(self, snapshot):
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(snapshot[name])
+
+    def constrained(self):
+        import pyro
+
+        store = pyro.get_param_store()
+        out = {}
+        for name, p in self.params.items():
+            constraint = store._constraints.get(name)
+            value = transform_to(constraint)(p) if constraint is not None else p
+            out[name] = value.detach().clone()
+        return out
+
+
+def kmeans(x: torch.Tensor, num_clusters: int, num_iters: int = 10, generator=None) -> torch.Tensor:
+    """k-means++ seeding (Arthur and Vassilvitskii 2007), then ``num_iters`` Lloyd steps.
+
+    Returns the cluster label of every row, shape (N,).
+    """
+    x = x.reshape(len(x), -1)
+    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    num_data = len(x)
+    sq_norms = (x * x).sum(-1)  # (N,)
+    first = torch.randint(num_data, (1,), generator=generator, device=x.device)
+    centers = [x[first[0]]]
+    closest = _sq_dist(x, sq_norms, centers[0].unsqueeze(0)).squeeze(-1)  # (N,)
+    for _ in range(1, num_clusters):
+        weights = closest.clamp(min=0)
+        if weights.sum() <= 0:  # fewer distinct points than clusters: pick any point
+            weights = torch.ones_like(weights)
+        idx = torch.multinomial(weights, 1, generator=generator)[0]
+        centers.append(x[idx])
+        closest = torch.minimum(closest, _sq_dist(x, sq_norms, x[idx].unsqueeze(0)).squeeze(-1))
+    centers = torch.stack(centers)  # (K, D)
+    labels = _assign(x, sq_norms, centers)
+    for _ in range(num_iters):
+        counts = torch.bincount(labels, minlength=num_clusters).to(x.dtype)  # (K,)
+        sums = torch.zeros_like(centers).index_add_(0, labels, x)  # (K, D)
+        moved = counts > 0  # an empty cluster keeps its old center
+        centers[moved] = sums[moved] / counts[moved].unsqueeze(-1)
+        new_labels = _assign(x, sq_norms, centers)
+        if torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+    return labels
+
+
+def _sq_dist(x, sq_norms, centers):
+    return sq_norms.unsqueeze(-1) - 2 * x @ centers.T + (centers * centers).sum(-1)  # (N, K)
+
+
+def _assign(x, sq_norms, centers, chunk=8192):
+    return torch.cat(
+        [
+            _sq_dist(x[i : i + chunk], sq_norms[i : i + chunk], centers).argmin(-1)
+            for i in range(0, len(x), chunk)
+        ]
+    )
+
+
+def _add(total, stats):
+    if total is None:
+        return {k: v.clone() for k, v in stats.items()}
+    for k, v in stats.items():
+        total[k] += v
+    return total
+
+
+def _closed_form(model, m_step):
+    if m_step not in ("auto", "closed", "gradient"):
+        raise ValueError(f"m_step must be 'auto', 'closed' or 'gradient', not {m_step!r}")
+    owner = getattr(model, "__self__", None)
+    has = owner is not None and all(
+        callable(getattr(owner, a, None)) for a in ("sufficient_statistics", "m_step")
+    )
+    if m_step == "closed" and not has:
+        raise ValueError(
+            "m_step='closed' needs a model method whose object has sufficient_statistics(x, resp)"
+            " and m_step(stats)"
+        )
+    return owner if has and m_step != "gradient" else None
+
+
+def _check_data(data) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
+    if data.dim() == 0 or len(data) == 0:
+        raise ValueError(f"data is empty (shape {tuple(data.shape)})")
+    if data.is_floating_point() and not torch.isfinite(data).all():
+        raise ValueError("data contains NaN or infinite values")
+    return data

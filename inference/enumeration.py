@@ -1,0 +1,119 @@
+"""
+The exact E-step of any Pyro model with one enumerable discrete latent per data point.
+
+Given a model such as::
+
+    def model(x):
+        weights = pyro.param("weights", ...)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(weights))
+            pyro.sample("x", dist.Poisson(rates[z]), obs=x)
+
+the model is run once under Pyro's parallel enumeration, so ``z`` takes all its K values at once
+in a dimension left of the plates. Every site inside the data plate then has a log-probability
+that broadcasts to (K, N); their sum is log p(x[n], z[n] = k). Sites outside the data plate
+(priors written as ``pyro.factor``) form a global term counted once. Nothing here knows which
+model it runs.
+"""
+
+from typing import Dict, Tuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.enum import config_enumerate
+from pyro.poutine.util import site_is_subsample
+
+
+class Enumerated:
+    """Wraps ``model`` to give ``log_joint(x) -> (log p(x, z=k) (N, K), global log prior)``."""
+
+    def __init__(self, model, guide=None, example=None, data_plate: str = "data"):
+        self.model = model
+        self.data_plate = data_plate
+        self._inspect(guide, example)
+        self._enum_model = poutine.enum(
+            config_enumerate(model, default="parallel"),
+            first_available_dim=-(self.max_plate_nesting + 1),
+        )
+
+    def _inspect(self, guide, example):
+        trace = poutine.trace(self.model).get_trace(example)
+        latents, plates = [], {}
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized:
+                    plates[frame.name] = frame.dim
+            if site["is_observed"]:
+                continue
+            latents.append(name)
+            fn = site["fn"]
+            if not getattr(fn, "has_enumerate_support", False):
+                raise ValueError(
+                    f"latent site {name!r} ({type(fn).__name__}) is not discrete and enumerable:"
+                    " EM needs every latent variable to be enumerable; make continuous unknowns"
+                    " pyro.param point estimates, or fit the model with svi.fit"
+                )
+        if self.data_plate not in plates:
+            raise ValueError(
+                f"the model has no pyro.plate named {self.data_plate!r} over the data points "
+                f"(plates found: {sorted(plates) or 'none'}); name it so, or pass data_plate="
+            )
+        if len(latents) != 1:
+            raise ValueError(
+                "EM enumerates exactly one discrete latent per data point; the model has "
+                f"{len(latents)}: {latents}"
+            )
+        site = trace.nodes[latents[0]]
+        if self.data_plate not in [f.name for f in site["cond_indep_stack"]]:
+            raise ValueError(f"latent site {latents[0]!r} must be inside the data plate")
+        if guide is not None:
+            guide_trace = poutine.trace(guide).get_trace(example)
+            sampled = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"]
+            if sampled:
+                raise ValueError(
+                    f"the guide samples {sampled}; EM computes the exact posterior of the discrete"
+                    " latent itself, so the guide must be empty (parameters are point estimates)"
+                )
+        self.latent = latents[0]
+        self.num_values = int(site["fn"].enumerate_support(expand=False).shape[0])
+        self.max_plate_nesting = max(-dim for dim in plates.values())
+        self.data_dim = plates[self.data_plate]
+        self.param_names = [n for n, s in trace.nodes.items() if s["type"] == "param"]
+
+    def params(self, example) -> Dict[str, torch.Tensor]:
+        """The unconstrained leaf tensor of every parameter the model reads, by name."""
+        trace = poutine.trace(self.model, param_only=True).get_trace(example)
+        return {n: s["value"].unconstrained() for n, s in trace.nodes.items()}
+
+    def log_joint(self, x) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N, K) log p(x[n], z[n] = k) from sites in the data plate, and the global log term."""
+        trace = poutine.trace(self._enum_model).get_trace(x)
+        trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
+        ndim = self.max_plate_nesting + 1  # enumeration dim, then the plates
+        data_axis = ndim + self.data_dim
+        local = 0.0
+        global_term = torch.zeros(())
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            log_prob = site["log_prob"]
+            if self.data_plate not in [f.name for f in site["cond_indep_stack"]]:
+                global_term = global_term + log_prob.sum()
+                continue
+            if log_prob.dim() > ndim:
+                raise ValueError(f"site {site['name']!r} has more batch dims than plates")
+            log_prob = log_prob.reshape((1,) * (ndim - log_prob.dim()) + tuple(log_prob.shape))
+            other = [a for a in range(1, ndim) if a != data_axis]
+            if other:
+                log_prob = log_prob.sum(other, keepdim=True)
+            local = local + log_prob.reshape(log_prob.shape[0], log_prob.shape[data_axis])
+        local = local.expand(self.num_values, local.shape[-1])  # (K, N)
+        return local.T, global_term
+
+
+def validation_off():
+    """Skip Pyro's argument and support checks in hot loops after a first validated pass."""
+    return pyro.validation_enabled(False)

@@ -1,0 +1,128 @@
+"""
+What the two finite mixtures share: the categorical assignment, its Dirichlet prior, the Pyro
+model/guide pair, and the predictions that follow from Bayes' rule.
+
+    weights ~ Dirichlet(weight_concentration)   (a MAP prior; concentration 1 means none)
+    z[n] ~ Categorical(weights)                 weights: (K,)
+    x[n] ~ component(z[n])                      x: (N, D)
+
+Subclasses define ``component(z)``, their own priors, closed-form sufficient statistics and
+M-step, and the number of free parameters. Nothing here knows about any inference driver.
+"""
+
+import itertools
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam, pyro_method
+from torch.distributions import transform_to
+
+_instances = itertools.count()
+
+
+class Mixture(PyroModule):
+    def __init__(self, config):
+        # A unique prefix keeps two mixtures in one session from sharing Pyro's global param store.
+        super().__init__(name=f"{type(self).__name__}{next(_instances)}")
+        if config.num_components < 1:
+            raise ValueError(f"num_components must be at least 1, got {config.num_components}")
+        if config.dim < 1:
+            raise ValueError(f"dim must be at least 1, got {config.dim}")
+        if config.weight_concentration < 1:
+            raise ValueError("weight_concentration below 1 has no MAP estimate; use >= 1")
+        self.config = config
+        num_components = config.num_components
+        self.weights = PyroParam(  # (K,)
+            torch.full((num_components,), 1.0 / num_components), constraint=constraints.simplex
+        )
+
+    # ------------------------------------------------------------------------ the Pyro program
+
+    @pyro_method
+    def model(self, x=None, num_samples=None):
+        """p(weights, x, z); ``x=None`` draws ``num_samples`` new points instead of observing."""
+        num_data = self.check_data(x) if x is not None else int(num_samples)
+        weights = self.weights  # (K,)
+        log_prior = self.log_prior()
+        if log_prior.requires_grad or log_prior.item() != 0:
+            pyro.factor("prior", log_prior)  # MAP priors on the parameters, outside the data plate
+        with pyro.plate("data", num_data):
+            # z is summed out exactly by enumeration: shape (N,) when sampled, (K, 1) enumerated
+            z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            return pyro.sample("x", self.component(z), obs=x)  # (N, D)
+
+    def guide(self, x=None, num_samples=None):
+        """Empty: z is enumerated in the model and the parameters are point estimates."""
+
+    # ------------------------------------------------------------------------ predictions
+
+    def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log weights[k] + log p(x[n] | z[n] = k), shape (N, K)."""
+        self.check_data(x)
+        k = torch.arange(self.config.num_components, device=x.device).unsqueeze(-1)  # (K, 1)
+        log_px = self.component(k).log_prob(x)  # (K, N)
+        return (self.weights.log().unsqueeze(-1) + log_px).T  # (N, K)
+
+    @torch.no_grad()
+    def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior p(z[n] = k | x[n]), shape (N, K)."""
+        return self.component_log_prob(x).softmax(-1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Most probable component of each point, shape (N,)."""
+        return self.component_log_prob(x).argmax(-1)
+
+    @torch.no_grad()
+    def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x[n]) in nats, shape (N,)."""
+        return self.component_log_prob(x).logsumexp(-1)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int):
+        """Draw ``(x, z)`` by running the model forward: x (S, D), z (S,)."""
+        trace = pyro.poutine.trace(self.model).get_trace(num_samples=num_samples)
+        return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
+
+    # ------------------------------------------------------------------------ priors, M-step
+
+    def log_prior(self) -> torch.Tensor:
+        alpha = self.config.weight_concentration
+        if alpha == 1:
+            return torch.zeros(())
+        return ((alpha - 1) * self.weights.log()).sum()  # Dirichlet, up to a constant
+
+    def _m_step_weights(self, counts: torch.Tensor) -> None:
+        alpha = self.config.weight_concentration
+        # sklearn adds 10 * eps to every count, so that an empty component keeps a finite log weight
+        counts = counts + 10 * torch.finfo(counts.dtype).eps + (alpha - 1)  # (K,)
+        self.set_param("weights", counts / counts.sum())
+
+    def set_param(self, name: str, value: torch.Tensor) -> None:
+        """Overwrite a constrained parameter in place, so optimizers and the param store see it."""
+        constraint = self._pyro_params[name][0]
+        unconstrained = getattr(self, name + "_unconstrained")
+        with torch.no_grad():
+            unconstrained.copy_(transform_to(constraint).inv(value.to(unconstrained)))
+
+    # ------------------------------------------------------------------------ checks
+
+    def check_data(self, x) -> int:
+        """Raise a clear error unless ``x`` is a finite float tensor of shape (N, dim)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"data must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"data must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() != 2 or x.shape[-1] != self.config.dim:
+            raise ValueError(f"data must have shape (N, {self.config.dim}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("data is empty (N = 0)")
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).any(-1).nonzero()[:5, 0].tolist()
+            raise ValueError(f"data contains NaN or infinite values (rows {bad}...)")
+        return x.shape[0]
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.config})"

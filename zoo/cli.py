@@ -1,0 +1,403 @@
+"""
+The ``zoo`` command: the one place that ties models to drivers.
+
+    zoo list
+    zoo fit gmm --data faithful --out runs/gmm-faithful
+    zoo fit bmm --data mnist --components 100 --out runs/bmm-mnist
+    zoo evaluate runs/bmm-mnist
+    zoo sample runs/bmm-mnist --num-samples 100
+    zoo data fetch mnist
+
+A run directory holds config.json (everything needed to rebuild the model, and the command line),
+params.pt (the model's state dict; load with ``torch.load(..., weights_only=True)``),
+history.json, metrics.json and PNG plots.
+"""
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # the CLI only writes files; set before pyplot is imported
+
+import pyro  # noqa: E402
+import torch  # noqa: E402
+
+from inference import em, evaluate  # noqa: E402
+from inference.io import save_json, save_torch  # noqa: E402
+from zoo import data, plots  # noqa: E402
+from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
+from zoo.gmm import GaussianMixture, GMMConfig  # noqa: E402
+
+
+@dataclass
+class Entry:
+    description: str
+    model_class: type
+    config_class: type
+    default_data: str
+    default_binarize: Optional[str]
+    inferences: Tuple[str, ...]
+    config_from_args: Callable
+
+
+def _gmm_config(args, dim):
+    return GMMConfig(
+        num_components=args.components or 2,
+        dim=dim,
+        covariance_type=args.covariance,
+        weight_concentration=args.weight_concentration,
+        reg_covar=args.reg_covar,
+    )
+
+
+def _bmm_config(args, dim):
+    return BMMConfig(
+        num_components=args.components or 10,
+        dim=dim,
+        weight_concentration=args.weight_concentration,
+        beta_a=args.beta_prior[0],
+        beta_b=args.beta_prior[1],
+    )
+
+
+MODELS = {
+    "gmm": Entry(
+        "Gaussian mixture (full or diagonal covariances)",
+        GaussianMixture,
+        GMMConfig,
+        "faithful",
+        None,
+        ("em",),
+        _gmm_config,
+    ),
+    "bmm": Entry(
+        "categorical -> Bernoulli mixture for binary images",
+        BernoulliMixture,
+        BMMConfig,
+        "mnist",
+        "static",
+        ("em",),
+        _bmm_config,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------- commands
+
+
+def cmd_list(args) -> int:
+    print("models:")
+    for name, entry in MODELS.items():
+        print(
+            f"  {name:6s} {entry.description}  [inference: {', '.join(entry.inferences)};"
+            f" default data: {entry.default_data}]"
+        )
+    print("data sets:")
+    for name in data.NAMES:
+        print(f"  {name}")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    entry = MODELS[args.model]
+    if args.inference not in entry.inferences:
+        raise SystemExit(
+            f"zoo: model {args.model!r} supports --inference "
+            f"{'|'.join(entry.inferences)}, not {args.inference!r}"
+        )
+    out = Path(args.out or f"runs/{args.model}-{args.data or entry.default_data}")
+    if (out / "params.pt").exists() and not args.overwrite:
+        raise SystemExit(f"zoo: {out} already holds a run; pass --overwrite or another --out")
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    device = _device(args.device)
+    data_name = args.data or entry.default_data
+    binarize = entry.default_binarize if args.binarize == "default" else _none(args.binarize)
+    x, _ = _load(data_name, "train", binarize, args.max_data)
+    x = x.to(device)
+    model = entry.model_class(entry.config_from_args(args, x.shape[1])).to(device)
+
+    started = time.time()
+    result = em.fit(
+        model.model,
+        model.guide,
+        x,
+        tol=args.tol,
+        max_iter=args.max_iter,
+        n_init=args.n_init,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    seconds = time.time() - started
+
+    config = {
+        "model": args.model,
+        "model_config": dataclasses.asdict(model.config),
+        "data": data_name,
+        "binarize": binarize,
+        "max_data": args.max_data,
+        "inference": args.inference,
+        "options": {
+            "tol": args.tol,
+            "max_iter": args.max_iter,
+            "n_init": args.n_init,
+            "seed": args.seed,
+            "device": str(device),
+        },
+        "command": "zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    save_json(out / "config.json", config)
+    save_torch(out / "params.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    save_json(out / "history.json", result.history)
+    metrics = _metrics(model, config, x)
+    metrics.update(
+        fit_seconds=seconds,
+        iterations=result.num_steps,
+        converged=result.converged,
+        stop_reason=result.stop_reason,
+        objective=result.objective,
+    )
+    save_json(out / "metrics.json", metrics)
+    _fit_plots(model, config, x, result.history, out)
+    _print_metrics(out, metrics)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    model, config = _restore(Path(args.run))
+    x, _ = _load(config["data"], "train", config["binarize"], config["max_data"])
+    metrics = _metrics(model, config, x)
+    old = Path(args.run) / "metrics.json"
+    if old.exists():  # keep what only the fit knew (time, iterations)
+        metrics = {**json.loads(old.read_text()), **metrics}
+    save_json(old, metrics)
+    _print_metrics(Path(args.run), metrics)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    run = Path(args.run)
+    model, config = _restore(run)
+    pyro.set_rng_seed(args.seed)
+    x, z = model.sample(args.num_samples)
+    save_torch(run / "samples.pt", {"x": x.cpu(), "z": z.cpu()})
+    if x.shape[1] == 2 and isinstance(model, GaussianMixture):
+        fig = plots.gaussian_ellipses(
+            x,
+            model.weights,
+            model.locs,
+            model.covariances,
+            labels=z,
+            title=f"{args.num_samples} samples from the fitted mixture",
+        )
+    else:
+        fig = plots.image_grid(x, title=f"samples from {config['model']}")
+    plots.save(fig, run / "samples.png")
+    print(f"wrote {run / 'samples.png'} and {run / 'samples.pt'}")
+    return 0
+
+
+def cmd_data_fetch(args) -> int:
+    path = data.fetch(args.name)
+    print(f"{args.name}: {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _none(value):
+    return None if value in (None, "none") else value
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("zoo: --device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _load(name, split, binarize, max_data):
+    x, y = data.load(name, split, binarize)
+    if max_data:
+        x, y = x[:max_data], None if y is None else y[:max_data]
+    return x, y
+
+
+def _restore(run: Path):
+    if not (run / "config.json").exists():
+        raise SystemExit(f"zoo: {run} is not a run directory (no config.json)")
+    config = json.loads((run / "config.json").read_text())
+    entry = MODELS[config["model"]]
+    model = entry.model_class(entry.config_class(**config["model_config"]))
+    state = torch.load(run / "params.pt", weights_only=True, map_location="cpu")
+    model.load_state_dict(state)
+    return model, config
+
+
+def _metrics(model, config, x_train) -> dict:
+    """Exact log-likelihoods, information criteria and clustering scores of a fitted mixture."""
+    metrics = {}
+    splits = {"train": x_train}
+    labels = {}
+    for split in ("test",):
+        try:
+            x, y = _load(config["data"], split, config["binarize"], None)
+        except ValueError:  # the data set has no such split
+            continue
+        splits[split], labels[split] = x.to(x_train.device), y
+    _, labels["train"] = _load(config["data"], "train", config["binarize"], config["max_data"])
+    for split, x in splits.items():
+        log_px = evaluate.log_likelihood(model.model, model.guide, x)  # (N,)
+        metrics[f"{split}_log_likelihood"] = log_px.mean().item()
+        if split == "train":
+            total = log_px.double().sum().item()
+            metrics["bic"] = evaluate.bic(total, model.num_parameters, len(x))
+            metrics["aic"] = evaluate.aic(total, model.num_parameters)
+        if labels.get(split) is not None:
+            pred = model.predict(x).cpu()
+            metrics[f"{split}_clustering_accuracy"] = evaluate.clustering_accuracy(
+                labels[split], pred
+            )
+            metrics[f"{split}_nmi"] = evaluate.nmi(labels[split], pred)
+            metrics[f"{split}_ari"] = evaluate.ari(labels[split], pred)
+    counts = model.responsibilities(x_train).sum(0)  # expected points per component (K,)
+    metrics["num_parameters"] = model.num_parameters
+    metrics["empty_components"] = int((counts < 1).sum())
+    metrics["units"] = "nats per data point"
+    return metrics
+
+
+def _fit_plots(model, config, x, history, out: Path) -> None:
+    plots.save(
+        plots.curve(
+            history,
+            "log_likelihood",
+            ylabel="mean log-likelihood (nats)",
+            title=f"EM on {config['data']}",
+        ),
+        out / "log_likelihood.png",
+    )
+    if isinstance(model, GaussianMixture) and x.shape[1] == 2:
+        names = (
+            ("eruptions (min)", "waiting (min)") if config["data"] == "faithful" else ("x1", "x2")
+        )
+        fig = plots.gaussian_ellipses(
+            x,
+            model.weights,
+            model.locs,
+            model.covariances,
+            axis_names=names,
+            title=f"Gaussian mixture on {config['data']}",
+        )
+        plots.save(fig, out / "mixture.png")
+    if isinstance(model, BernoulliMixture):
+        weights = model.weights.detach()
+        order = weights.argsort(descending=True)[:100]
+        fig = plots.image_grid(
+            model.probs[order],
+            titles=[f"{w:.3f}" for w in weights[order]],
+            title="component means (weight above each)",
+        )
+        plots.save(fig, out / "components.png")
+
+
+def _print_metrics(out: Path, metrics: dict) -> None:
+    print(f"run: {out}")
+    for key, value in metrics.items():
+        print(f"  {key}: {value:.6g}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+# ----------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zoo", description=__doc__.split("\n\n")[0].strip())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="list models and data sets").set_defaults(func=cmd_list)
+
+    fit = sub.add_parser("fit", help="fit a model and write a run directory")
+    fit.add_argument("model", choices=sorted(MODELS))
+    fit.add_argument("--data", choices=data.NAMES, help="data set (default: the model's own)")
+    fit.add_argument("--inference", default="em", help="em (the mixtures' driver)")
+    fit.add_argument("--out", help="run directory (default: runs/MODEL-DATA)")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    fit.add_argument("--components", "-k", type=_positive_int, help="number of mixture components")
+    fit.add_argument("--covariance", choices=("full", "diag"), default="full")
+    fit.add_argument("--reg-covar", type=float, default=1e-6, help="variance floor (GMM)")
+    fit.add_argument(
+        "--weight-concentration",
+        type=float,
+        default=1.0,
+        help="Dirichlet prior on the weights (1 = none)",
+    )
+    fit.add_argument(
+        "--beta-prior",
+        type=float,
+        nargs=2,
+        default=(2.0, 2.0),
+        metavar=("A", "B"),
+        help="Beta(A, B) prior on Bernoulli means (BMM; 1 1 = none)",
+    )
+    fit.add_argument(
+        "--binarize",
+        default="default",
+        choices=("default", "none", "static", "dynamic", "threshold"),
+    )
+    fit.add_argument("--max-data", type=_positive_int, help="use only the first N training rows")
+    fit.add_argument("--max-iter", type=_positive_int, default=500)
+    fit.add_argument(
+        "--tol", type=float, default=1e-6, help="stop when the mean objective changes less"
+    )
+    fit.add_argument("--n-init", type=_positive_int, default=1, help="restarts; the best is kept")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.set_defaults(func=cmd_fit)
+
+    ev = sub.add_parser("evaluate", help="recompute a run's metrics")
+    ev.add_argument("run")
+    ev.set_defaults(func=cmd_evaluate)
+
+    sample = sub.add_parser("sample", help="draw samples from a fitted model")
+    sample.add_argument("run")
+    sample.add_argument("--num-samples", type=_positive_int, default=100)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=cmd_sample)
+
+    data_cmd = sub.add_parser("data", help="data sets")
+    data_sub = data_cmd.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="download and verify a data set into the cache")
+    fetch.add_argument("name", choices=data.NAMES)
+    fetch.set_defaults(func=cmd_data_fetch)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (data.DataError, ValueError, TypeError, FloatingPointError) as err:
+        print(f"zoo: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

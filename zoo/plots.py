@@ -1,0 +1,116 @@
+"""Figures the CLI writes and the tutorials show. Each function returns a matplotlib Figure."""
+
+import math
+from typing import Optional, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.patches import Ellipse
+
+
+def gaussian_ellipses(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    locs: torch.Tensor,
+    covariances: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    axis_names: Sequence[str] = ("x1", "x2"),
+    title: str = "Gaussian mixture",
+):
+    """2-D data with each component's 1- and 2-standard-deviation ellipses and its weight."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    x = x.detach().cpu().numpy()
+    if labels is None:
+        ax.scatter(x[:, 0], x[:, 1], s=8, color="0.4", alpha=0.6)
+    else:
+        ax.scatter(x[:, 0], x[:, 1], s=8, c=labels.cpu().numpy(), cmap="tab10", alpha=0.6)
+    colors = plt.get_cmap("tab10")
+    for k in range(len(weights)):
+        cov = covariances[k].detach().cpu().numpy()
+        values, vectors = np.linalg.eigh(cov)
+        angle = math.degrees(math.atan2(vectors[1, -1], vectors[0, -1]))
+        for n_std in (1, 2):
+            width, height = 2 * n_std * np.sqrt(np.maximum(values[::-1], 0))
+            ax.add_patch(
+                Ellipse(
+                    locs[k].detach().cpu().numpy(),
+                    width,
+                    height,
+                    angle=angle,
+                    fill=False,
+                    lw=2 if n_std == 1 else 1,
+                    color=colors(k % 10),
+                )
+            )
+        ax.annotate(
+            f"{weights[k].item():.2f}",
+            locs[k].detach().cpu().numpy(),
+            color=colors(k % 10),
+            weight="bold",
+            ha="center",
+            va="center",
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+        )
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(
+    images: torch.Tensor,
+    image_shape=None,
+    titles=None,
+    num_cols: int = 10,
+    title: str = "",
+    cmap="gray",
+):
+    """A grid of images, one row-major (H*W,) or (H, W) tensor each."""
+    images = images.detach().cpu()
+    num = len(images)
+    if image_shape is None:
+        side = int(round(math.sqrt(images[0].numel())))
+        image_shape = (side, images[0].numel() // side)
+    num_cols = min(num_cols, num)
+    num_rows = math.ceil(num / num_cols)
+    fig, axes = plt.subplots(
+        num_rows, num_cols, figsize=(num_cols * 1.0, num_rows * 1.1 + 0.4), squeeze=False
+    )
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < num:
+            ax.imshow(images[i].reshape(image_shape).numpy(), cmap=cmap, vmin=0, vmax=1)
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def curve(
+    history,
+    key: str = "objective",
+    xkey: str = "step",
+    ylabel: str = None,
+    title: str = "Training curve",
+):
+    """One line of ``record[key]`` against ``record[xkey]`` over a fit's history."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r[xkey] for r in history if key in r]
+    ys = [r[key] for r in history if key in r]
+    ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
+    ax.set_xlabel("iteration" if xkey == "step" else xkey)
+    ax.set_ylabel(ylabel or key)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path) -> None:
+    """Write ``fig`` as PNG and free its memory."""
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
