@@ -99,9 +99,8 @@ def fit(
     best.extra["num_components"] = num_values
     if not best.converged:
         warnings.warn(
-            f"EM did not converge in {max_iter} iterations (last change "
-            f"{best.extra.get('last_change', float('nan')):.3g} >= tol {tol:g}); "
-            "increase max_iter or tol",
+            f"EM did not converge: {best.stop_reason} (last change "
+            f"{best.extra.get('last_change', float('nan')):.3g}, tol {tol:g})",
             ConvergenceWarning,
             stacklevel=2,
         )
@@ -125,7 +124,8 @@ def _run(state, tol, max_iter, callback, progress, restart, n_init) -> FitResult
                 # the parameters that were better, so the recorded objective never decreases.
                 state.restore(previous)
                 drop = history[-1]["objective"] - objective
-                converged = drop < tol
+                # a fall within the rounding error of the objective means there is nothing left
+                converged = drop < max(tol, state.rounding(objective))
                 stop_reason = f"objective fell by {drop:.3g} at iteration {step}; kept the previous"
                 break
             record = {
@@ -171,6 +171,11 @@ class _State:
         self.chunk_size, self.m_step_iters = chunk_size, m_step_iters
         self.params = enum.params(example)  # name -> unconstrained leaf tensor
         self.num_data = len(data)
+
+    def rounding(self, objective: float) -> float:
+        """How far the objective can move by rounding alone in the data's precision."""
+        eps = torch.finfo(self.data.dtype).eps if self.data.is_floating_point() else 1.2e-7
+        return 4 * eps * max(1.0, abs(objective))
 
     def chunks(self):
         for i in range(0, self.num_data, self.chunk_size):
@@ -243,7 +248,9 @@ class _State:
         def closure():
             optimizer.zero_grad()
             with validation_off():
-                return torch.tensor(-self._expected_log_joint(resps, backward=True))
+                return torch.tensor(
+                    -self._expected_log_joint(resps, backward=True), dtype=torch.float64
+                )
 
         optimizer.step(closure)
         with torch.no_grad(), validation_off():

@@ -2,6 +2,7 @@
 # The test suite: set-up, data fetch, then pytest (fast tests; `scripts/test.sh -m slow` for the rest).
 source "$(dirname "$0")/setup.sh"
 zoo data fetch mnist
+export ZOO_REQUIRE_MNIST=1
 if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
 set +e
 python -m pytest "$@"

@@ -152,7 +152,7 @@ def cmd_fit(args) -> int:
             "seed": args.seed,
             "device": str(device),
         },
-        "command": "zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "zoo " + " ".join(shlex.quote(a) for a in args.argv),
     }
     save_json(out / "config.json", config)
     save_torch(out / "params.pt", {k: v.cpu() for k, v in model.state_dict().items()})
@@ -271,6 +271,7 @@ def _metrics(model, config, x_train) -> dict:
             metrics[f"{split}_nmi"] = evaluate.nmi(labels[split], pred)
             metrics[f"{split}_ari"] = evaluate.ari(labels[split], pred)
     counts = model.responsibilities(x_train).sum(0)  # expected points per component (K,)
+    metrics["num_train"] = len(x_train)
     metrics["num_parameters"] = model.num_parameters
     metrics["empty_components"] = int((counts < 1).sum())
     metrics["units"] = "nats per data point"
@@ -391,7 +392,9 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in config.json as the command that reproduces a run
     try:
         return args.func(args)
     except (data.DataError, ValueError, TypeError, FloatingPointError) as err:

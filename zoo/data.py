@@ -28,6 +28,7 @@ arrays and nothing else, and the cache file is written atomically, so a half-wri
 used.
 """
 
+import codecs
 import csv
 import gzip
 import hashlib
@@ -319,7 +320,9 @@ def _read_mnist_cache(path: Path):
     try:
         _verify_arrays(arrays)
     except DataError as err:
-        raise DataError(f"{path} is corrupt ({err}); delete it and run `zoo data fetch mnist`") from err
+        raise DataError(
+            f"{path} is corrupt ({err}); delete it and run `zoo data fetch mnist`"
+        ) from err
     return arrays
 
 
@@ -393,7 +396,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and plain containers, refusing every other global.
 
     A pickle can name any importable callable (``os.system``...) and have it called while
-    loading; this one resolves only numpy's array reconstructor, ``ndarray`` and ``dtype``.
+    loading; this one resolves only numpy's array reconstructor, ``ndarray`` and ``dtype``, and
+    ``codecs.encode`` (which turns a string into bytes).
     """
 
     _ALLOWED = {
@@ -401,6 +405,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2: str -> bytes only
     }
 
     def find_class(self, module, name):
@@ -408,6 +413,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a pickle")
         if name == "_reconstruct":
             return np._core.multiarray._reconstruct
+        if module == "_codecs":
+            return codecs.encode
         return getattr(np, name)
 
 

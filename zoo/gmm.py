@@ -67,12 +67,13 @@ class GaussianMixture(Mixture):
 
     def set_params(self, weights=None, locs=None, covariances=None) -> "GaussianMixture":
         """Set parameters from constrained values (covariances (K, D, D) or variances (K, D))."""
+        like = self.locs_unconstrained  # convert first: dtype and device of the parameters
         if weights is not None:
-            self.set_param("weights", torch.as_tensor(weights))
+            self.set_param("weights", torch.as_tensor(weights).to(like))
         if locs is not None:
-            self.set_param("locs", torch.as_tensor(locs))
+            self.set_param("locs", torch.as_tensor(locs).to(like))
         if covariances is not None:
-            cov = torch.as_tensor(covariances)
+            cov = torch.as_tensor(covariances).to(like)
             if self.config.covariance_type == "full":
                 self.set_param("scale_tril", _cholesky(cov))
             else:

@@ -1,0 +1,30 @@
+import os
+
+import pyro
+import pytest
+import torch
+
+from zoo import data
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    """Every test starts from the same seed and an empty Pyro param store, with validation on."""
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    with pyro.validation_enabled(True):
+        yield
+
+
+def mnist_available() -> bool:
+    return (data.cache_dir() / "mnist.npz").exists()
+
+
+# scripts/test.sh fetches MNIST and sets ZOO_REQUIRE_MNIST=1, so in CI these tests always run
+# (and fail if the data is missing); a bare `pytest` on a machine without the cache skips them.
+requires_mnist = pytest.mark.skipif(
+    not mnist_available() and not os.environ.get("ZOO_REQUIRE_MNIST"),
+    reason="MNIST not in the cache: run `zoo data fetch mnist`",
+)

@@ -1,0 +1,90 @@
+"""Every command of the CLI, with tiny flags (Pyro's tests/test_examples.py habit)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import requires_mnist
+from zoo import cli
+
+FITS = [
+    ["gmm", "--data", "faithful"],
+    ["gmm", "--data", "gmm-synthetic", "-k", "3", "--covariance", "diag", "--n-init", "2"],
+    ["bmm", "--data", "digits", "-k", "5", "--binarize", "threshold", "--max-data", "400"],
+    ["bmm", "--data", "bmm-synthetic", "-k", "4", "--binarize", "none"],
+]
+
+
+@pytest.mark.parametrize("argv", FITS, ids=[" ".join(a[:3]) for a in FITS])
+def test_fit_evaluate_sample(tmp_path, argv, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["fit", *argv, "--out", str(out), "--quiet"]) == 0
+    for name in ("config.json", "params.pt", "history.json", "metrics.json", "log_likelihood.png"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert config["command"].startswith("zoo fit " + argv[0])
+    assert metrics["converged"]
+    # the EM objective is the training log-likelihood plus the log prior per data point
+    model, _ = cli._restore(out)
+    log_prior = model.log_prior().item() / metrics["num_train"]
+    assert metrics["objective"] == pytest.approx(
+        metrics["train_log_likelihood"] + log_prior, abs=1e-5
+    )
+    assert "test_log_likelihood" in metrics and "bic" in metrics
+    if argv[0] == "gmm":
+        assert (out / "mixture.png").exists()
+    else:
+        assert (out / "components.png").exists()
+    if "digits" in argv:
+        assert 0 < metrics["test_clustering_accuracy"] <= 1 and "test_nmi" in metrics
+    # evaluate rebuilds the model from the run directory and gets the same numbers
+    assert cli.main(["evaluate", str(out)]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["test_log_likelihood"] == pytest.approx(metrics["test_log_likelihood"], abs=1e-6)
+    assert cli.main(["sample", str(out), "--num-samples", "16"]) == 0
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    assert samples["x"].shape[0] == 16 and (out / "samples.png").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    args = ["fit", "gmm", "--data", "faithful", "--out", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    with pytest.raises(SystemExit, match="already holds a run"):
+        cli.main(args)
+    assert cli.main([*args, "--overwrite"]) == 0
+
+
+def test_user_errors_exit_with_a_message(tmp_path, capsys):
+    # a continuous data set cannot feed a Bernoulli mixture
+    assert (
+        cli.main(["fit", "bmm", "--data", "faithful", "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    )
+    assert "continuous" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "gmm", "--components", "0"])
+    with pytest.raises(SystemExit, match="not a run directory"):
+        cli.main(["evaluate", str(tmp_path)])
+    with pytest.raises(SystemExit, match="supports --inference em"):
+        cli.main(["fit", "gmm", "--inference", "svi", "--out", str(tmp_path / "b")])
+
+
+def test_console_script_lists_models():
+    proc = subprocess.run(
+        [sys.executable, "-m", "zoo.cli", "list"], capture_output=True, text=True, check=True
+    )
+    assert "gmm" in proc.stdout and "bmm" in proc.stdout and "mnist" in proc.stdout
+
+
+@requires_mnist
+def test_fit_bmm_on_mnist(tmp_path):
+    out = tmp_path / "mnist"
+    argv = ["fit", "bmm", "--data", "mnist", "-k", "5", "--max-data", "1000", "--max-iter", "200"]
+    assert cli.main([*argv, "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["empty_components"] == 0
+    assert -260 < metrics["test_log_likelihood"] < -150  # 5 components on 1000 digits
