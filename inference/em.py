@@ -24,6 +24,7 @@ import time
 import warnings
 from typing import Callable, Optional, Union
 
+import pyro
 import torch
 from torch.distributions import transform_to
 from tqdm.auto import tqdm
@@ -63,7 +64,7 @@ def fit(
         parameters as they are, as scikit-learn's ``*_init`` arguments do), or an (N, K) tensor
         of initial responsibilities.
     m_step: "auto" (closed form if the model's owner has one, else gradient), "closed", "gradient".
-    chunk_size: rows per E-step pass; default keeps each chunk's (rows x K x D) under ~4M values.
+    chunk_size: rows per chunk of the E-step pass; default max(1024, 2**20 / (K * D)).
     """
     data = _check_data(data)
     if tol <= 0 or max_iter < 1 or n_init < 1:
@@ -82,7 +83,8 @@ def fit(
         raise ValueError("init='params' starts from the current parameters; use n_init=1")
     if chunk_size is None:
         row_size = max(1, data[0].numel())
-        chunk_size = max(256, (1 << 22) // (row_size * num_values))
+        # ~1M values of (rows x K x D) per chunk keep temporaries in cache; at least 1024 rows
+        chunk_size = max(1024, (1 << 20) // (row_size * num_values))
     state = _State(enum, closed, data, chunk_size, m_step_iters, example)
 
     best = None
@@ -118,7 +120,7 @@ def _run(state, tol, max_iter, callback, progress, restart, n_init) -> FitResult
     )
     with bar:
         for step in range(1, max_iter + 1):
-            objective, log_likelihood, stats = state.e_pass(keep_stats=True)
+            objective, log_likelihood, stats = state.e_pass(keep_stats=True, validate=step == 1)
             if previous is not None and objective < history[-1]["objective"]:
                 # Rounding or a covariance floor made the last M-step lower the objective: keep
                 # the parameters that were better, so the recorded objective never decreases.
@@ -183,19 +185,27 @@ class _State:
 
     # ------------------------------------------------------------------------ E-step
     @torch.no_grad()
-    def e_pass(self, keep_stats: bool):
-        """Objective and mean log-likelihood of the current parameters, and M-step input."""
+    def e_pass(self, keep_stats: bool, validate: bool = False):
+        """Objective and mean log-likelihood of the current parameters, and M-step input.
+
+        ``validate``: run Pyro's (and the model's own) data checks on this pass; the driver
+        validates the first pass over the data and skips the checks after that.
+        """
         total, global_term, stats, resps = 0.0, None, None, []
-        with validation_off():
+        with pyro.validation_enabled(validate):
             for x in self.chunks():
                 local, glob = self.enum.log_joint(x)  # (n, K), ()
-                log_px = local.logsumexp(-1)  # (n,)
+                # logsumexp and the posterior from one exp: this is the hot loop
+                shift = local.max(-1, keepdim=True).values.nan_to_num(0.0, 0.0, 0.0)  # (n, 1)
+                resp = (local - shift).exp()  # (n, K), unnormalized
+                norm = resp.sum(-1, keepdim=True)  # (n, 1)
+                log_px = norm.log() + shift  # (n, 1)
                 total += log_px.double().sum().item()
                 if global_term is None:
                     global_term = glob.double().item()
                 if not keep_stats:
                     continue
-                resp = (local - log_px.unsqueeze(-1)).exp()  # (n, K)
+                resp = resp / norm
                 if self.closed is not None:
                     stats = _add(stats, self.closed.sufficient_statistics(x, resp))
                 else:
@@ -297,8 +307,6 @@ class _State:
                 p.copy_(snapshot[name])
 
     def constrained(self):
-        import pyro
-
         store = pyro.get_param_store()
         out = {}
         for name, p in self.params.items():

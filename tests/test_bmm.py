@@ -95,7 +95,7 @@ def test_non_binary_data_is_a_clear_error():
 
 @requires_mnist
 def test_mnist_mixture_beats_one_component():
-    """On 3000 MNIST digits, 20 components predict held-out digits better than 1, and none is empty."""
+    """On 3000 MNIST digits, 20 components beat 1 on held-out digits, and none is empty."""
     x, y = data.load("mnist", split="train", binarize="static")
     x_test, y_test = data.load("mnist", split="test", binarize="static")
     x, y, x_test, y_test = x[:3000], y[:3000], x_test[:1000], y_test[:1000]

@@ -92,7 +92,7 @@ def test_log_likelihood_matches_scipy():
 
 
 def test_trace_enum_elbo_equals_exact_log_likelihood():
-    """With an empty guide, -TraceEnum_ELBO is the exact log-likelihood: ties the Pyro model to EM."""
+    """With an empty guide, -TraceEnum_ELBO is the exact log joint: ties the Pyro model to EM."""
     x, _ = make_data(100)
     gmm = GaussianMixture(num_components=3, dim=2, weight_concentration=2.0).double()
     em.fit(gmm.model, gmm.guide, x, max_iter=5, tol=1e-3)

@@ -16,6 +16,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+from pyro.distributions.util import is_validation_enabled
 from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch.distributions import transform_to
 
@@ -110,7 +111,11 @@ class Mixture(PyroModule):
     # ------------------------------------------------------------------------ checks
 
     def check_data(self, x) -> int:
-        """Raise a clear error unless ``x`` is a finite float tensor of shape (N, dim)."""
+        """Raise a clear error unless ``x`` is a finite float tensor of shape (N, dim).
+
+        The value checks (finite, and binary for Bernoulli mixtures) run while Pyro's validation
+        is enabled, as it is by default; drivers switch it off after their first pass.
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"data must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -119,6 +124,8 @@ class Mixture(PyroModule):
             raise ValueError(f"data must have shape (N, {self.config.dim}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("data is empty (N = 0)")
+        if not is_validation_enabled():  # value checks cost a pass over the data
+            return x.shape[0]
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).any(-1).nonzero()[:5, 0].tolist()
             raise ValueError(f"data contains NaN or infinite values (rows {bad}...)")
