@@ -64,7 +64,7 @@ def fit(
         parameters as they are, as scikit-learn's ``*_init`` arguments do), or an (N, K) tensor
         of initial responsibilities.
     m_step: "auto" (closed form if the model's owner has one, else gradient), "closed", "gradient".
-    chunk_size: rows per chunk of the E-step pass; default max(1024, 2**20 / (K * D)).
+    chunk_size: rows per chunk of the E-step pass; default max(4096, 2**20 / (K * D)).
     """
     data = _check_data(data)
     if tol <= 0 or max_iter < 1 or n_init < 1:
@@ -83,8 +83,9 @@ def fit(
         raise ValueError("init='params' starts from the current parameters; use n_init=1")
     if chunk_size is None:
         row_size = max(1, data[0].numel())
-        # ~1M values of (rows x K x D) per chunk keep temporaries in cache; at least 1024 rows
-        chunk_size = max(1024, (1 << 20) // (row_size * num_values))
+        # ~1M values of (rows x K x D) per chunk keep temporaries small; at least 4096 rows so
+        # that the matrix products stay efficient and the per-chunk overhead stays negligible
+        chunk_size = max(4096, (1 << 20) // (row_size * num_values))
     state = _State(enum, closed, data, chunk_size, m_step_iters, example)
 
     best = None
@@ -197,7 +198,7 @@ class _State:
                 local, glob = self.enum.log_joint(x)  # (n, K), ()
                 # logsumexp and the posterior from one exp: this is the hot loop
                 shift = local.max(-1, keepdim=True).values.nan_to_num(0.0, 0.0, 0.0)  # (n, 1)
-                resp = (local - shift).exp()  # (n, K), unnormalized
+                resp = local.sub_(shift).exp_()  # (n, K), unnormalized, in log_joint's own tensor
                 norm = resp.sum(-1, keepdim=True)  # (n, 1)
                 log_px = norm.log() + shift  # (n, 1)
                 total += log_px.double().sum().item()
@@ -205,7 +206,7 @@ class _State:
                     global_term = glob.double().item()
                 if not keep_stats:
                     continue
-                resp = resp / norm
+                resp = resp.div_(norm)
                 if self.closed is not None:
                     stats = _add(stats, self.closed.sufficient_statistics(x, resp))
                 else:

@@ -89,12 +89,16 @@ class Enumerated:
         return {n: s["value"].unconstrained() for n, s in trace.nodes.items()}
 
     def log_joint(self, x) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(N, K) log p(x[n], z[n] = k) from sites in the data plate, and the global log term."""
+        """(N, K) log p(x[n], z[n] = k) from sites in the data plate, and the global log term.
+
+        The (N, K) tensor is always newly allocated here (the latent site and the observed site
+        are summed into it), so a caller under ``torch.no_grad`` may overwrite it in place.
+        """
         trace = poutine.trace(self._enum_model).get_trace(x)
         trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
         ndim = self.max_plate_nesting + 1  # enumeration dim, then the plates
         data_axis = ndim + self.data_dim
-        local = 0.0
+        local, owned = None, False
         global_term = torch.zeros(())
         for site in trace.nodes.values():
             if site["type"] != "sample" or site_is_subsample(site):
@@ -109,8 +113,20 @@ class Enumerated:
             other = [a for a in range(1, ndim) if a != data_axis]
             if other:
                 log_prob = log_prob.sum(other, keepdim=True)
-            local = local + log_prob.reshape(log_prob.shape[0], log_prob.shape[data_axis])
-        local = local.expand(self.num_values, local.shape[-1])  # (K, N)
+            log_prob = log_prob.reshape(log_prob.shape[0], log_prob.shape[data_axis])
+            if local is None:
+                local, owned = log_prob, False
+            elif (
+                owned
+                and not torch.is_grad_enabled()
+                and local.shape == torch.broadcast_shapes(local.shape, log_prob.shape)
+            ):
+                local.add_(log_prob)  # our own tensor: no new allocation in the hot loop
+            else:
+                local, owned = local + log_prob, True
+        shape = (self.num_values, local.shape[-1])  # (K, N)
+        if not owned or local.shape != shape:
+            local = local.expand(shape).clone(memory_format=torch.contiguous_format)
         return local.T, global_term
 
 

@@ -44,13 +44,17 @@ class ProductBernoulli(dist.TorchDistribution):
     arg_constraints = {"logits": constraints.real}
     support = constraints.independent(constraints.boolean, 1)
 
-    def __init__(self, logits: torch.Tensor, validate_args=None):
+    def __init__(self, logits: torch.Tensor, batch_shape=None, validate_args=None):
+        # Plates expand a distribution to their full batch shape (K, N) when z is enumerated;
+        # keep the logits unexpanded (K, 1, D) so no (K, N, D) tensor is ever materialized.
         self.logits = logits  # (..., D)
-        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
+        batch_shape = logits.shape[:-1] if batch_shape is None else torch.Size(batch_shape)
+        super().__init__(batch_shape, logits.shape[-1:], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
-        return ProductBernoulli(self.logits.expand(batch_shape + self.event_shape))
+        torch.broadcast_shapes(self.logits.shape[:-1], batch_shape)  # raises if incompatible
+        return ProductBernoulli(self.logits, batch_shape, validate_args=False)
 
     def sample(self, sample_shape=()):
         shape = self._extended_shape(sample_shape)
@@ -60,8 +64,14 @@ class ProductBernoulli(dist.TorchDistribution):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        # einsum over broadcast batch dims is dispatched to a matrix product
-        return torch.einsum("...d,...d->...", value, self.logits) - F.softplus(self.logits).sum(-1)
+        bias = -F.softplus(self.logits).sum(-1)  # (..., 1) when enumerated
+        if value.dim() == 2 and self.logits.dim() == 3 and self.logits.shape[1] == 1:
+            # the enumerated case, (N, D) data against (K, 1, D) logits: one GEMM with the bias
+            # added as it is written, then viewed as (K, N)
+            log_prob = torch.addmm(bias.T, value, self.logits.squeeze(1).T).T  # (K, N)
+        else:  # einsum over broadcast batch dims is dispatched to a matrix product as well
+            log_prob = torch.einsum("...d,...d->...", value, self.logits) + bias
+        return log_prob.expand(torch.broadcast_shapes(log_prob.shape, self.batch_shape))
 
 
 class BernoulliMixture(Mixture):
