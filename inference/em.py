@@ -45,7 +45,7 @@ def fit(
     guide: Optional[Callable],
     data: torch.Tensor,
     *,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     max_iter: int = 500,
     n_init: int = 1,
     init: Union[str, torch.Tensor] = "kmeans++",
@@ -60,6 +60,8 @@ def fit(
 ) -> FitResult:
     """Fit ``model`` to ``data`` by EM, keeping the best of ``n_init`` restarts.
 
+    tol: stop when the mean objective (nats per data point) changes by less; scikit-learn's
+        mixtures use 1e-3.
     init: "kmeans++" (default), "random" (random hard assignments), "params" (start from the
         parameters as they are, as scikit-learn's ``*_init`` arguments do), or an (N, K) tensor
         of initial responsibilities.
@@ -129,7 +131,11 @@ def _run(state, tol, max_iter, callback, progress, restart, n_init) -> FitResult
                 drop = history[-1]["objective"] - objective
                 # a fall within the rounding error of the objective means there is nothing left
                 converged = drop < max(tol, state.rounding(objective))
-                stop_reason = f"objective fell by {drop:.3g} at iteration {step}; kept the previous"
+                stop_reason = (
+                    f"objective fell by {drop:.3g} at iteration {step}"
+                    + (" (rounding): converged" if converged else "")
+                    + "; kept the previous parameters"
+                )
                 break
             record = {
                 "step": step,

@@ -5,7 +5,7 @@ Metrics shared by every model, all in nats per data point where they are densiti
   model's discrete latent (mixtures). Models with continuous latents need an importance-sampled
   estimate, which this function refuses with a message naming the continuous site.
 - ``clustering_accuracy``: accuracy after the best one-to-one matching of clusters to labels
-  (Hungarian algorithm; clusters beyond the number of labels count as errors).
+  (Hungarian algorithm), or after mapping each cluster to its majority label.
 - ``nmi`` (arithmetic normalization, as scikit-learn's default) and ``ari``.
 - ``bic`` and ``aic`` from a total log-likelihood and a number of free parameters.
 """
@@ -56,9 +56,18 @@ def _contingency(labels_true, labels_pred) -> np.ndarray:
     return table  # (classes, clusters)
 
 
-def clustering_accuracy(labels_true, labels_pred) -> float:
-    """Fraction of points whose cluster maps to their label under the best one-to-one matching."""
-    table = _contingency(labels_true, labels_pred)
+def clustering_accuracy(labels_true, labels_pred, mapping: str = "hungarian") -> float:
+    """Fraction of points whose cluster maps to their label.
+
+    mapping="hungarian": the best one-to-one matching of clusters to labels (clusters beyond
+    the number of labels count as errors); "majority": every cluster maps to its most common
+    label, the usual score when there are more clusters than labels.
+    """
+    table = _contingency(labels_true, labels_pred)  # (labels, clusters)
+    if mapping == "majority":
+        return float(table.max(0).sum() / table.sum())
+    if mapping != "hungarian":
+        raise ValueError(f"mapping must be 'hungarian' or 'majority', not {mapping!r}")
     rows, cols = linear_sum_assignment(-table)
     return float(table[rows, cols].sum() / table.sum())
 

@@ -49,3 +49,14 @@ def test_label_errors():
 def test_information_criteria():
     assert evaluate.bic(-100.0, 5, 50) == pytest.approx(200 + 5 * np.log(50))
     assert evaluate.aic(-100.0, 5) == pytest.approx(210.0)
+
+
+def test_majority_mapping_for_more_clusters_than_labels():
+    truth = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    pred = np.array([5, 5, 6, 7, 7, 6, 8, 9])  # 6 clusters for 3 labels
+    # cluster 5 -> 0 (2 right), 6 -> 0 or 1 (1), 7 -> 1 (2), 8 -> 2 (1), 9 -> 2 (1): 7 of 8
+    assert evaluate.clustering_accuracy(truth, pred, "majority") == pytest.approx(7 / 8)
+    # one-to-one can use only three of the six clusters
+    assert evaluate.clustering_accuracy(truth, pred) == pytest.approx(5 / 8)
+    with pytest.raises(ValueError, match="mapping"):
+        evaluate.clustering_accuracy(truth, pred, "greedy")

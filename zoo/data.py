@@ -130,7 +130,7 @@ def binarize(
         raw = np.random.PCG64(seed).random_raw(x.numel())
         u = (raw >> np.uint64(11)).astype(np.float64) * 2.0**-53
         p = x.detach().cpu().double().numpy().reshape(-1)
-        return torch.from_numpy((u < p).reshape(tuple(x.shape))).to(x.dtype)
+        return torch.from_numpy((u < p).reshape(tuple(x.shape))).to(x.device, x.dtype)
     raise ValueError(f"unknown binarization {method!r}; choose one of {BINARIZATIONS}")
 
 
