@@ -43,7 +43,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -444,8 +444,3 @@ def _check_sha256(data: bytes, expected: str, what) -> None:
     actual = _sha256(data)
     if actual != expected:
         raise DataError(f"{what}: SHA-256 {actual} does not match the expected {expected}")
-
-
-def available(names: Sequence[str] = NAMES):
-    """Names whose data is here without a download."""
-    return [n for n in names if n != "mnist" or (cache_dir() / "mnist.npz").exists()]
