@@ -29,7 +29,7 @@ import torch
 from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
-from inference.enumeration import Enumerated, validation_off
+from inference.enumeration import Enumerated, posterior_, validation_off
 from inference.result import FitResult
 
 
@@ -202,17 +202,12 @@ class _State:
         with pyro.validation_enabled(validate):
             for x in self.chunks():
                 local, glob = self.enum.log_joint(x)  # (n, K), ()
-                # logsumexp and the posterior from one exp: this is the hot loop
-                shift = local.max(-1, keepdim=True).values.nan_to_num(0.0, 0.0, 0.0)  # (n, 1)
-                resp = local.sub_(shift).exp_()  # (n, K), unnormalized, in log_joint's own tensor
-                norm = resp.sum(-1, keepdim=True)  # (n, 1)
-                log_px = norm.log() + shift  # (n, 1)
+                log_px, resp = posterior_(local)  # (n,), (n, K)
                 total += log_px.double().sum().item()
                 if global_term is None:
                     global_term = glob.double().item()
                 if not keep_stats:
                     continue
-                resp = resp.div_(norm)
                 if self.closed is not None:
                     stats = _add(stats, self.closed.sufficient_statistics(x, resp))
                 else:

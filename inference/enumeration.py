@@ -16,6 +16,7 @@ that broadcasts to (K, N); their sum is log p(x[n], z[n] = k). Sites outside the
 model it runs.
 """
 
+import math
 from typing import Dict, Tuple
 
 import pyro
@@ -128,6 +129,23 @@ class Enumerated:
         if not owned or local.shape != shape:
             local = local.expand(shape).clone(memory_format=torch.contiguous_format)
         return local.T, global_term
+
+
+def posterior_(log_joint: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """log p(x[n]) (N,) and p(z[n] = k | x[n]) (N, K) from log p(x[n], z[n] = k), in place.
+
+    Overwrites ``log_joint`` (call under ``torch.no_grad``, on a tensor you own). One exp per
+    entry, as the E-step's hot loop needs. Entries more than ~86 nats below their row's maximum
+    are clamped first: exp of them would be subnormal, which is many times slower on x86 CPUs,
+    and their posterior (< 1e-37) is zero to float32 precision anyway.
+    """
+    peak = log_joint.max(-1, keepdim=True).values  # (N, 1)
+    shift = peak.nan_to_num(0.0, 0.0, 0.0)  # a row of -inf stays -inf below, not NaN
+    floor = math.log(torch.finfo(log_joint.dtype).tiny) + 1.0  # exp(floor) = e * tiny: normal
+    post = log_joint.sub_(shift).clamp_(min=floor).exp_()  # (N, K), unnormalized
+    norm = post.sum(-1, keepdim=True)  # (N, 1)
+    log_px = torch.where(peak == -math.inf, peak, norm.log() + shift).squeeze(-1)  # (N,)
+    return log_px, post.div_(norm)
 
 
 def validation_off():

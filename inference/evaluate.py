@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from inference.enumeration import Enumerated, validation_off
+from inference.enumeration import Enumerated, posterior_, validation_off
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def log_likelihood(
     with validation_off():
         return torch.cat(
             [
-                enum.log_joint(x[i : i + chunk_size])[0].logsumexp(-1)
+                posterior_(enum.log_joint(x[i : i + chunk_size])[0])[0]
                 for i in range(0, len(x), chunk_size)
             ]
         )

@@ -160,3 +160,19 @@ def test_callback_sees_every_iteration():
         result = em.fit(poisson_mixture, empty_guide, x, max_iter=4, callback=seen.append)
     assert [r["step"] for r in seen] == [1, 2, 3, 4] == [r["step"] for r in result.history]
     assert all(r["time"] >= 0 for r in seen)
+
+
+def test_posterior_matches_softmax_and_keeps_impossible_rows():
+    from inference.enumeration import posterior_
+
+    g = torch.Generator().manual_seed(0)
+    log_joint = torch.randn(50, 7, generator=g) * 200 - 300  # rows spanning hundreds of nats
+    log_joint[3] = -float("inf")  # a point no component can produce
+    log_joint[4, :3] = -float("inf")  # impossible components
+    expected_lp = log_joint.logsumexp(-1)
+    expected_post = log_joint.softmax(-1)
+    log_px, post = posterior_(log_joint.clone())
+    assert log_px[3] == -float("inf")
+    keep = torch.arange(50) != 3
+    torch.testing.assert_close(log_px[keep], expected_lp[keep], atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(post[keep], expected_post[keep], atol=1e-30, rtol=1e-5)
