@@ -68,7 +68,7 @@ class Enumerated:
                 f"{len(latents)}: {latents}"
             )
         site = trace.nodes[latents[0]]
-        if self.data_plate not in [f.name for f in site["cond_indep_stack"]]:
+        if not in_plate(site, self.data_plate):
             raise ValueError(f"latent site {latents[0]!r} must be inside the data plate")
         if guide is not None:
             guide_trace = poutine.trace(guide).get_trace(example)
@@ -104,17 +104,10 @@ class Enumerated:
         for site in trace.nodes.values():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
-            log_prob = site["log_prob"]
-            if self.data_plate not in [f.name for f in site["cond_indep_stack"]]:
-                global_term = global_term + log_prob.sum()
+            if not in_plate(site, self.data_plate):
+                global_term = global_term + site["log_prob"].sum()
                 continue
-            if log_prob.dim() > ndim:
-                raise ValueError(f"site {site['name']!r} has more batch dims than plates")
-            log_prob = log_prob.reshape((1,) * (ndim - log_prob.dim()) + tuple(log_prob.shape))
-            other = [a for a in range(1, ndim) if a != data_axis]
-            if other:
-                log_prob = log_prob.sum(other, keepdim=True)
-            log_prob = log_prob.reshape(log_prob.shape[0], log_prob.shape[data_axis])
+            log_prob = local_log_prob(site, ndim, data_axis)
             if local is None:
                 local, owned = log_prob, False
             elif (
@@ -129,6 +122,26 @@ class Enumerated:
         if not owned or local.shape != shape:
             local = local.expand(shape).clone(memory_format=torch.contiguous_format)
         return local.T, global_term
+
+
+def in_plate(site, plate: str) -> bool:
+    return any(frame.name == plate for frame in site["cond_indep_stack"])
+
+
+def local_log_prob(site, ndim: int, data_axis: int) -> torch.Tensor:
+    """A site's log-probability summed over every dim but the leading one and the data dim.
+
+    ``ndim`` counts the leading dim (enumeration or particles) and the plates; the result has
+    shape (L, N) with L the leading size (or 1) and N the data size (or 1).
+    """
+    log_prob = site["log_prob"]
+    if log_prob.dim() > ndim:
+        raise ValueError(f"site {site['name']!r} has more batch dims than plates")
+    log_prob = log_prob.reshape((1,) * (ndim - log_prob.dim()) + tuple(log_prob.shape))
+    other = [a for a in range(1, ndim) if a != data_axis]
+    if other:
+        log_prob = log_prob.sum(other, keepdim=True)
+    return log_prob.reshape(log_prob.shape[0], log_prob.shape[data_axis])
 
 
 def posterior_(log_joint: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

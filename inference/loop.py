@@ -1,0 +1,339 @@
+"""
+The training loop the SVI and reparameterized-ELBO drivers share; drivers only define a step.
+
+    result = loop.run(step, data, state={"model": net, "optim": opt}, batch_size=128,
+                      num_epochs=10, validate=lambda: elbo_on_valid(), checkpoint="run/ckpt.pt")
+
+It owns:
+- minibatches: a fresh permutation per epoch from its own seeded generator; under
+  torch.distributed each rank takes its slice of every global batch;
+- a per-batch ``transform`` hook (dynamic binarization resamples pixels here, per epoch);
+- validation after each epoch and early stopping (``patience`` epochs without improvement,
+  keeping the best state);
+- a checkpoint written atomically after every epoch: the ``state`` objects' state dicts, all
+  random number generator states, the position in the epoch and the history; ``resume=True``
+  continues from it exactly (bit for bit on CPU), and it loads with ``weights_only=True``;
+- SIGINT/SIGTERM: the loop finishes the current step, saves a checkpoint at that position, and
+  raises KeyboardInterrupt (SIGINT) or SystemExit (SIGTERM);
+- a NaN guard: a non-finite loss stops the run with an error naming the epoch and step, before
+  anything is saved, so the last good checkpoint stays intact;
+- a progress bar (``progress=True``) and a ``callback(record)`` after every epoch.
+"""
+
+import functools
+import math
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import numpy as np
+import pyro
+import torch
+import torch.distributed as tdist
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from tqdm.auto import tqdm
+
+from inference.io import save_torch
+from inference.result import FitResult
+
+Batch = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def run(
+    step: Callable[[Batch], float],
+    data: Batch,
+    *,
+    state: Dict[str, object],
+    batch_size: int = 128,
+    num_epochs: int = 10,
+    seed: int = 0,
+    validate: Optional[Callable[[], float]] = None,
+    patience: Optional[int] = None,
+    transform: Optional[Callable[[Batch, torch.Generator], Batch]] = None,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    resume: bool = False,
+    callback: Optional[Callable[[dict], None]] = None,
+    progress: bool = False,
+    max_steps: Optional[int] = None,
+) -> FitResult:
+    """Run ``step(batch) -> loss per data point`` over minibatches of ``data`` for some epochs.
+
+    state: objects with ``state_dict()``/``load_state_dict()`` (modules, torch or Pyro
+        optimizers) to checkpoint and restore. Pyro's param store is always included: create
+        the parameters (``parameters(model, guide, x)``) before resuming.
+    validate: returns the objective on held-out data (higher is better) after each epoch.
+    max_steps: stop after this many steps in total (for tests and smoke runs).
+    """
+    tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
+    num_data = len(tensors[0])
+    if num_data == 0:
+        raise ValueError("data is empty")
+    if any(len(t) != num_data for t in tensors):
+        raise ValueError(f"data tensors differ in length: {[len(t) for t in tensors]}")
+    if batch_size < 1 or num_epochs < 1:
+        raise ValueError("need batch_size >= 1 and num_epochs >= 1")
+    rank, world = (tdist.get_rank(), tdist.get_world_size()) if _distributed() else (0, 1)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(num_data / batch_size)
+    position = {"epoch": 0, "step": 0, "perm": None}
+    history, best = [], {"objective": -math.inf, "state": None, "epoch": 0}
+    path = Path(checkpoint) if checkpoint is not None else None
+
+    if resume:
+        if path is None or not path.exists():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        _restore(saved, state, generator)
+        position, history = saved["position"], saved["history"]
+        best.update(objective=saved["best_objective"], epoch=saved["best_epoch"])
+
+    def save():
+        if path is not None and rank == 0:
+            save_torch(path, _snapshot(state, generator, position, history, best))
+
+    interrupted = _SignalCatcher()
+    total_steps = num_epochs * steps_per_epoch
+    done_steps = position["epoch"] * steps_per_epoch + position["step"]
+    bar = tqdm(
+        total=total_steps,
+        initial=done_steps,
+        disable=not progress or rank != 0,
+        desc="train",
+        leave=False,
+    )
+    start = time.perf_counter() - (history[-1]["time"] if history else 0.0)
+    stop_reason, converged = f"finished {num_epochs} epochs", True
+    with interrupted, bar:
+        while position["epoch"] < num_epochs:
+            if position["perm"] is None:
+                position["perm"] = torch.randperm(num_data, generator=generator)
+            losses = []
+            while position["step"] < steps_per_epoch:
+                i = position["step"] * batch_size
+                idx = position["perm"][i : i + batch_size]
+                idx = idx.tensor_split(world)[rank] if world > 1 else idx
+                batch = tuple(t[idx.to(t.device)] for t in tensors)
+                batch = batch[0] if len(batch) == 1 else batch
+                if transform is not None:
+                    batch = transform(batch, generator)
+                loss = float(step(batch))
+                if not math.isfinite(loss):
+                    where = f"epoch {position['epoch'] + 1}, step {position['step'] + 1}"
+                    kept = f"; the last good checkpoint {path} is intact" if path else ""
+                    raise FloatingPointError(f"the loss is {loss} at {where}{kept}")
+                losses.append(loss)
+                position["step"] += 1
+                done_steps += 1
+                bar.update(1)
+                bar.set_postfix(epoch=position["epoch"] + 1, loss=f"{loss:.4g}")
+                if interrupted.signum is not None:
+                    save()
+                    interrupted.reraise()
+                if max_steps is not None and done_steps >= max_steps:
+                    break
+            record = {
+                "step": position["epoch"] + 1,
+                "epoch": position["epoch"] + 1,
+                "loss": sum(losses) / max(1, len(losses)),
+                "time": time.perf_counter() - start,
+            }
+            record["objective"] = -record["loss"]
+            if validate is not None:
+                record["valid_objective"] = float(validate())
+            history.append(record)
+            position.update(epoch=position["epoch"] + 1, step=0, perm=None)
+            if validate is not None and record["valid_objective"] > best["objective"]:
+                best.update(
+                    objective=record["valid_objective"],
+                    epoch=record["epoch"],
+                    state=_copy_state(state),
+                )
+            save()
+            if callback is not None:
+                callback(dict(record))
+            if max_steps is not None and done_steps >= max_steps:
+                stop_reason, converged = f"reached max_steps={max_steps}", False
+                break
+            if patience is not None and record["epoch"] - best["epoch"] >= patience:
+                stop_reason = f"early stopping: no better validation for {patience} epochs"
+                break
+    if best["state"] is not None and best["epoch"] != history[-1]["epoch"]:
+        _load_state(state, best["state"])  # end on the best validated parameters
+        stop_reason += f"; kept epoch {best['epoch']}"
+    objective = best["objective"] if validate is not None else history[-1]["objective"]
+    return FitResult(
+        objective=objective,
+        params={},
+        history=history,
+        converged=converged,
+        stop_reason=stop_reason,
+        extra={"best_epoch": best["epoch"]},
+    )
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+def _snapshot(state, generator, position, history, best):
+    np_state = np.random.get_state()
+    rng = {
+        "torch": torch.get_rng_state(),
+        "batches": generator.get_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    store = pyro.get_param_store()
+    return {
+        "state": {name: obj.state_dict() for name, obj in state.items()},
+        "pyro_params": {name: p.detach().clone() for name, p in store._params.items()},
+        "rng": rng,
+        "position": dict(position),
+        "history": list(history),
+        "best_objective": best["objective"],
+        "best_epoch": best["epoch"],
+    }
+
+
+def _restore(saved, state, generator):
+    missing = set(state) - set(saved["state"])
+    if missing:
+        raise KeyError(f"the checkpoint has no state for {sorted(missing)}")
+    _load_state(state, saved["state"])
+    store = pyro.get_param_store()
+    unknown = sorted(set(saved["pyro_params"]) - set(store._params))
+    if unknown:
+        raise KeyError(
+            f"the checkpoint holds parameters {unknown[:5]} that this model does not have: "
+            "resume with the same model (and the same Pyro names) that wrote it"
+        )
+    with torch.no_grad():
+        for name, value in saved["pyro_params"].items():
+            store._params[name].copy_(value)
+    rng = saved["rng"]
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["batches"])
+    random.setstate(rng["python"])
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _copy_state(state):
+    return {name: _clone(obj.state_dict()) for name, obj in state.items()}
+
+
+def _clone(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_clone(v) for v in tree)
+    return tree
+
+
+def _load_state(state, saved):
+    for name, obj in state.items():
+        obj.load_state_dict(saved[name])
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def parameters(model, guide, *args, **kwargs):
+    """Create every parameter the model and guide read (by running them once) and return
+    their unconstrained leaf tensors, in a fixed order."""
+    with poutine.trace(param_only=True) as capture:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+    return [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+
+
+def _distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def average_gradients(params, weight: float) -> None:
+    """Average gradients over torch.distributed ranks, each weighted by its share of the batch.
+
+    With ``weight`` the number of data points a rank saw, the result equals the gradient of
+    the mean loss over the whole global batch, even when the shards differ in size (what
+    DistributedDataParallel does for equal shards). No-op without torch.distributed.
+    """
+    if not _distributed():
+        return
+    total = torch.tensor(float(weight))
+    tdist.all_reduce(total, op=tdist.ReduceOp.SUM)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(weight)
+            tdist.all_reduce(p.grad, op=tdist.ReduceOp.SUM)
+            p.grad.div_(total.to(p.grad.device))
+
+
+class ScaleDataPlate(Messenger):
+    """Scale every site inside the plate named ``plate`` by ``num_data / plate size``.
+
+    A model run on a minibatch of B points makes its data plate of size B; scaling the sites
+    inside it by N / B makes the objective unbiased for the whole data set, while sites outside
+    the plate (global latent variables, priors) are counted once, as they should be. A plain
+    ``poutine.scale`` would scale those too. The factor is read from the plate at run time, so
+    a last, smaller batch (and a JIT-compiled ELBO, which traces once per shape) is right.
+    """
+
+    def __init__(self, plate: str, num_data: int):
+        super().__init__()
+        self.plate, self.num_data = plate, num_data
+
+    def _process_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        for frame in msg["cond_indep_stack"]:
+            if frame.name == self.plate:
+                msg["scale"] = (self.num_data / frame.size) * msg["scale"]
+                return
+
+
+def scale_data(fn, plate: str, num_data: int):
+    """``fn`` (a model or guide) with its data plate scaled to ``num_data`` points."""
+
+    @functools.wraps(fn)
+    def scaled(*args, **kwargs):
+        with ScaleDataPlate(plate, num_data):
+            return fn(*args, **kwargs)
+
+    return scaled
+
+
+class _SignalCatcher:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        return False
+
+    def reraise(self):
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt("interrupted; a checkpoint was saved")
+        raise SystemExit(128 + self.signum)

@@ -1,0 +1,35 @@
+"""Small network blocks the deep models share."""
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def mlp(sizes: Sequence[int], activation=nn.Softplus) -> nn.Sequential:
+    """Linear layers of the given sizes with ``activation`` between them (none after the last)."""
+    if len(sizes) < 2:
+        raise ValueError(f"an MLP needs at least an input and an output size, got {list(sizes)}")
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class GaussianEncoder(nn.Module):
+    """x -> (loc, scale) of a diagonal Gaussian: the inference network of a VAE."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int):
+        super().__init__()
+        self.body = mlp([in_dim, *hidden], activation=nn.Softplus) if hidden else nn.Identity()
+        width = hidden[-1] if hidden else in_dim
+        self.activation = nn.Softplus() if hidden else nn.Identity()
+        self.loc = nn.Linear(width, out_dim)
+        self.scale = nn.Linear(width, out_dim)
+
+    def forward(self, x: torch.Tensor):  # (N, X) -> (N, Z), (N, Z)
+        h = self.activation(self.body(x))
+        # softplus keeps the scale positive; the floor keeps log q finite early in training
+        return self.loc(h), nn.functional.softplus(self.scale(h)) + 1e-4
