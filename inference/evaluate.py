@@ -70,6 +70,22 @@ def log_likelihood(
     return torch.cat(out)
 
 
+@torch.no_grad()
+def elbo(
+    model, guide, x, *, num_samples: int = 1, batch_size: int = 500, data_plate: str = "data"
+) -> torch.Tensor:
+    """The ELBO per data point, E_q[log p(x, z) - log q(z | x)], from ``num_samples`` draws of
+    the guide, shape (N,). Pyro's ``poutine.scale`` factors (a beta on the KL) are left out:
+    this is the bound on log p(x) of the unscaled model."""
+    particles = Particles(model, guide, x[: min(len(x), 4)], data_plate)
+    return torch.cat(
+        [
+            particles.log_weights(x[i : i + batch_size], num_samples)[0].mean(0)
+            for i in range(0, len(x), batch_size)
+        ]
+    )
+
+
 def _enumerable(model, example) -> bool:
     """Whether every latent site of the model is discrete with enumerable support."""
     from pyro import poutine

@@ -19,8 +19,6 @@ supplies the rest.
 
 from typing import Callable, Optional
 
-import pyro
-import pyro.infer
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
@@ -28,6 +26,7 @@ from pyro.poutine.util import site_is_subsample
 from inference import loop
 from inference.particles import Particles, iwae_bound
 from inference.result import FitResult
+from inference.svi import make_loss
 
 
 def check_reparameterizable(guide, example) -> None:
@@ -48,14 +47,23 @@ class Objective:
     whole data set of ``num_data`` points, from a minibatch."""
 
     def __init__(
-        self, model, guide, example, num_data, num_particles=1, analytic_kl=True, data_plate="data"
+        self,
+        model,
+        guide,
+        example,
+        num_data,
+        num_particles=1,
+        analytic_kl=True,
+        data_plate="data",
+        jit=False,
     ):
         self.num_data, self.num_particles = num_data, num_particles
         self.model = loop.scale_data(model, data_plate, num_data)
         self.guide = loop.scale_data(guide, data_plate, num_data)
         if num_particles == 1:
-            elbo = pyro.infer.TraceMeanField_ELBO if analytic_kl else pyro.infer.Trace_ELBO
-            self.elbo = elbo()
+            # the model and guide above are made once, so a JIT ELBO compiles once per shape
+            name = ("Jit" if jit else "") + ("TraceMeanField_ELBO" if analytic_kl else "Trace_ELBO")
+            self.elbo = make_loss(name)
         else:
             self.particles = Particles(model, guide, example, data_plate)
 
@@ -74,6 +82,7 @@ def fit(
     *,
     num_particles: int = 1,
     analytic_kl: bool = True,
+    jit: bool = False,
     lr: float = 1e-3,
     optimizer: Optional[Callable] = None,
     batch_size: int = 128,
@@ -85,6 +94,7 @@ def fit(
     """Fit by maximizing the reparameterized ELBO or IWAE bound with a torch optimizer.
 
     optimizer: a callable ``params -> torch.optim.Optimizer`` (default Adam with ``lr``).
+    jit: compile the K = 1 objective with torch.jit (Pyro's Jit ELBOs; static models only).
     loop_options go to ``inference.loop.run`` (seed, patience, transform, checkpoint, resume,
     callback, progress, max_steps).
     """
@@ -96,7 +106,9 @@ def fit(
     check_reparameterizable(guide, example)
     params = loop.parameters(model, guide, example)
     opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
-    objective = Objective(model, guide, example, len(data), num_particles, analytic_kl, data_plate)
+    objective = Objective(
+        model, guide, example, len(data), num_particles, analytic_kl, data_plate, jit
+    )
 
     def step(batch):
         opt.zero_grad()

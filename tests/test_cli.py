@@ -88,3 +88,78 @@ def test_fit_bmm_on_mnist(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["empty_components"] == 0
     assert -260 < metrics["test_log_likelihood"] < -150  # 5 components on 1000 digits
+
+
+DEEP = [
+    ["--inference", "reparam", "--binarize", "threshold"],
+    ["--inference", "reparam", "--iwae", "3", "--binarize", "dynamic"],
+    ["--inference", "svi", "--loss", "JitTraceMeanField_ELBO", "--binarize", "dynamic"],
+]
+
+
+@pytest.mark.parametrize("flags", DEEP, ids=[" ".join(f[1:4]) for f in DEEP])
+def test_fit_vae_on_digits(tmp_path, flags):
+    out = tmp_path / "vae"
+    argv = [
+        "fit",
+        "vae",
+        "--data",
+        "digits",
+        "--epochs",
+        "2",
+        "--z-dim",
+        "2",
+        "--hidden",
+        "16",
+        "--eval-samples",
+        "20",
+        "--out",
+        str(out),
+        "--quiet",
+        *flags,
+    ]
+    assert cli.main(argv) == 0
+    for name in (
+        "config.json",
+        "params.pt",
+        "checkpoint.pt",
+        "metrics.json",
+        "learning_curve.png",
+        "samples.png",
+        "reconstructions.png",
+        "latent_space.png",
+    ):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2
+    # importance sampling tightens the bound: log p(x) estimate >= ELBO, up to noise
+    assert metrics["test_log_likelihood"] > metrics["test_elbo"] - 0.5
+    assert cli.main(["evaluate", str(out), "--num-samples", "10"]) == 0
+    assert cli.main(["sample", str(out), "--num-samples", "8"]) == 0
+
+
+def test_vae_resume_from_the_cli(tmp_path):
+    out = tmp_path / "vae"
+    base = [
+        "fit",
+        "vae",
+        "--data",
+        "digits",
+        "--binarize",
+        "threshold",
+        "--z-dim",
+        "2",
+        "--hidden",
+        "16",
+        "--eval-samples",
+        "5",
+        "--quiet",
+    ]
+    assert cli.main([*base, "--epochs", "2", "--out", str(out)]) == 0
+    assert cli.main([*base, "--epochs", "4", "--resume", str(out)]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        cli.main([*base, "--resume", str(tmp_path / "elsewhere")])
+    with pytest.raises(SystemExit, match="needs --inference reparam"):
+        cli.main([*base, "--inference", "svi", "--iwae", "5", "--out", str(tmp_path / "x")])

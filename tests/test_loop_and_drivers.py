@@ -304,3 +304,28 @@ def test_distributed_matches_single_process(tmp_path):
     distributed = torch.load(tmp_path / "rank0.pt", weights_only=True)
     for name, value in single.items():
         torch.testing.assert_close(distributed[name], value, atol=1e-5, rtol=1e-5)
+
+
+def test_svi_fits_the_gmm_by_map_like_em():
+    """The mixtures also fit through SVI: TraceEnum_ELBO with the empty guide is exact MAP."""
+    from inference import em
+    from zoo import data
+    from zoo.gmm import GaussianMixture
+
+    x, _ = data.make_gaussian_mixture(300, seed=3)
+    by_em = GaussianMixture(num_components=3, dim=2)
+    em.fit(by_em.model, by_em.guide, x, tol=1e-8, n_init=3)
+    gmm = GaussianMixture(num_components=3, dim=2)
+    gmm.set_params(locs=by_em.locs.detach() + 0.3)  # start near, not at, the EM optimum
+    result = svi.fit(
+        gmm.model,
+        gmm.guide,
+        x,
+        loss="TraceEnum_ELBO",
+        max_plate_nesting=1,
+        lr=0.02,
+        batch_size=300,
+        num_epochs=600,
+    )
+    assert result.objective == pytest.approx(by_em.log_likelihood(x).mean().item(), abs=0.01)
+    torch.testing.assert_close(gmm.locs.detach(), by_em.locs.detach(), atol=0.05, rtol=0)

@@ -31,11 +31,12 @@ matplotlib.use("Agg")  # the CLI only writes files; set before pyplot is importe
 import pyro  # noqa: E402
 import torch  # noqa: E402
 
-from inference import em, evaluate  # noqa: E402
+from inference import em, evaluate, reparam, svi  # noqa: E402
 from inference.io import save_json, save_torch  # noqa: E402
 from zoo import data, plots  # noqa: E402
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
 from zoo.gmm import GaussianMixture, GMMConfig  # noqa: E402
+from zoo.vae import VAE, VAEConfig  # noqa: E402
 
 
 @dataclass
@@ -48,8 +49,12 @@ class Entry:
     inferences: Tuple[str, ...]
     config_from_args: Callable
 
+    @property
+    def deep(self) -> bool:  # fitted by the SVI / reparameterized drivers, epoch by epoch
+        return "em" not in self.inferences
 
-def _gmm_config(args, dim):
+
+def _gmm_config(args, dim, binary):
     return GMMConfig(
         num_components=args.components or 2,
         dim=dim,
@@ -59,13 +64,23 @@ def _gmm_config(args, dim):
     )
 
 
-def _bmm_config(args, dim):
+def _bmm_config(args, dim, binary):
     return BMMConfig(
         num_components=args.components or 10,
         dim=dim,
         weight_concentration=args.weight_concentration,
         beta_a=args.beta_prior[0],
         beta_b=args.beta_prior[1],
+    )
+
+
+def _vae_config(args, dim, binary):
+    return VAEConfig(
+        x_dim=dim,
+        z_dim=args.z_dim,
+        hidden=tuple(args.hidden),
+        likelihood="bernoulli" if binary else "gaussian",
+        beta=args.beta,
     )
 
 
@@ -88,6 +103,15 @@ MODELS = {
         ("em",),
         _bmm_config,
     ),
+    "vae": Entry(
+        "variational autoencoder (beta knob, Bernoulli or Gaussian decoder)",
+        VAE,
+        VAEConfig,
+        "mnist",
+        "dynamic",
+        ("reparam", "svi"),
+        _vae_config,
+    ),
 }
 
 
@@ -109,22 +133,31 @@ def cmd_list(args) -> int:
 
 def cmd_fit(args) -> int:
     entry = MODELS[args.model]
-    if args.inference not in entry.inferences:
+    inference = args.inference or entry.inferences[0]
+    if inference not in entry.inferences:
         raise SystemExit(
             f"zoo: model {args.model!r} supports --inference "
-            f"{'|'.join(entry.inferences)}, not {args.inference!r}"
+            f"{'|'.join(entry.inferences)}, not {inference!r}"
         )
+    args.inference = inference
+    resume = args.resume is not None
+    if isinstance(args.resume, str):
+        args.out = args.resume
     out = Path(args.out or f"runs/{args.model}-{args.data or entry.default_data}")
-    if (out / "params.pt").exists() and not args.overwrite:
+    if resume and not (out / "checkpoint.pt").exists():
+        raise SystemExit(f"zoo: nothing to resume: {out / 'checkpoint.pt'} does not exist")
+    if (out / "params.pt").exists() and not (args.overwrite or resume):
         raise SystemExit(f"zoo: {out} already holds a run; pass --overwrite or another --out")
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     device = _device(args.device)
     data_name = args.data or entry.default_data
     binarize = entry.default_binarize if args.binarize == "default" else _none(args.binarize)
+    if entry.deep:
+        return _fit_deep(args, entry, out, device, data_name, binarize, resume)
     x, _ = _load(data_name, "train", binarize, args.max_data)
     x = x.to(device)
-    model = entry.model_class(entry.config_from_args(args, x.shape[1])).to(device)
+    model = entry.model_class(entry.config_from_args(args, x.shape[1], True)).to(device)
 
     started = time.time()
     with warnings.catch_warnings(record=True) as caught:
@@ -176,8 +209,157 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
+    """Fit a deep model with the SVI or reparameterized driver; write the run directory."""
+    if args.iwae > 1 and args.inference != "reparam":
+        raise SystemExit("zoo: --iwae K needs --inference reparam")
+    # dynamic binarization: train on intensities and draw fresh pixels for every batch;
+    # validate and test on one fixed (static) draw so that numbers are comparable
+    held_out_binarize = "static" if binarize == "dynamic" else binarize
+    x, _ = _load(data_name, "train", None if binarize == "dynamic" else binarize, args.max_data)
+    x_valid = _load_optional(data_name, "valid", held_out_binarize, args.max_data)
+    binary = binarize is not None
+    model = entry.model_class(entry.config_from_args(args, x.shape[1], binary)).to(device)
+    config = {
+        "model": args.model,
+        "model_config": dataclasses.asdict(model.config),
+        "data": data_name,
+        "binarize": binarize,
+        "held_out_binarize": held_out_binarize,
+        "max_data": args.max_data,
+        "inference": args.inference,
+        "options": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "iwae": args.iwae,
+            "loss": args.loss,
+            "patience": args.patience,
+            "seed": args.seed,
+            "device": str(device),
+        },
+        "command": "zoo " + " ".join(shlex.quote(a) for a in args.argv),
+    }
+    if resume:
+        saved = json.loads((out / "config.json").read_text())
+        if saved["model_config"] != json.loads(json.dumps(config["model_config"])):
+            raise SystemExit(f"zoo: --resume with a different model than {out} holds")
+    save_json(out / "config.json", config)  # first, so that an interrupted run can resume
+
+    def dynamic(batch, generator):  # a fresh Bernoulli draw of every pixel, every epoch
+        u = torch.rand(batch.shape, generator=generator).to(batch.device)
+        return (u < batch).to(batch.dtype)
+
+    options = dict(
+        batch_size=args.batch_size,
+        num_epochs=args.epochs,
+        seed=args.seed,
+        patience=args.patience,
+        checkpoint=out / "checkpoint.pt",
+        resume=resume,
+        progress=not args.quiet,
+        transform=dynamic if binarize == "dynamic" else None,
+        valid_data=None if x_valid is None else x_valid.to(device),
+        max_steps=args.max_steps,
+        lr=args.lr,
+    )
+    started = time.time()
+    x = x.to(device)
+    if args.inference == "reparam":
+        result = reparam.fit(model.model, model.guide, x, num_particles=args.iwae, **options)
+    else:
+        result = svi.fit(model.model, model.guide, x, loss=args.loss, **options)
+    seconds = time.time() - started
+    save_torch(out / "params.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    save_json(out / "history.json", result.history)
+    metrics = _deep_metrics(model, config, args.eval_samples, device)
+    metrics.update(
+        fit_seconds=seconds,
+        epochs=result.num_steps,
+        stop_reason=result.stop_reason,
+        objective=result.objective,
+    )
+    save_json(out / "metrics.json", metrics)
+    _deep_plots(model, config, result.history, out, device)
+    _print_metrics(out, metrics)
+    return 0
+
+
+def _load_optional(name, split, binarize, max_data):
+    try:
+        return _load(name, split, binarize, max_data)[0]
+    except ValueError:  # the data set has no such split
+        return None
+
+
+@torch.no_grad()
+def _deep_metrics(model, config, num_samples, device) -> dict:
+    """Test ELBO and importance-sampled log-likelihood (K = num_samples), nats per data point."""
+    x, _ = _load(config["data"], "test", config["held_out_binarize"], None)
+    x = x.to(device)
+    model.eval()
+    elbo = evaluate.elbo(model.model, model.guide, x, num_samples=1)
+    log_px = evaluate.log_likelihood(model.model, model.guide, x, num_samples=num_samples)
+    return {
+        "test_elbo": elbo.mean().item(),
+        "test_log_likelihood": log_px.mean().item(),
+        "log_likelihood_samples": num_samples,
+        "test_binarization": config["held_out_binarize"],
+        "num_test": len(x),
+        "units": "nats per data point",
+    }
+
+
+@torch.no_grad()
+def _deep_plots(model, config, history, out: Path, device) -> None:
+    fig = plots.curve(
+        history,
+        "objective",
+        xkey="epoch",
+        ylabel="ELBO per data point (nats)",
+        title=f"{config['model']} on {config['data']}: training objective",
+    )
+    if history and "valid_objective" in history[0]:
+        axis = fig.axes[0]
+        axis.plot(
+            [r["epoch"] for r in history],
+            [r["valid_objective"] for r in history],
+            label="validation",
+        )
+        axis.legend(["training", "validation"])
+    plots.save(fig, out / "learning_curve.png")
+    side = int(round(model.config.x_dim**0.5))
+    if side * side != model.config.x_dim:
+        return  # not square images: no image plots
+    plots.save(
+        plots.image_grid(model.sample(64), num_cols=8, title="samples (decoder means)"),
+        out / "samples.png",
+    )
+    x, y = _load(config["data"], "test", config["held_out_binarize"], None)
+    x = x[:10].to(device)
+    pairs = torch.cat([x, model.reconstruct(x)])
+    plots.save(
+        plots.image_grid(pairs, num_cols=10, title="inputs (top), reconstructions"),
+        out / "reconstructions.png",
+    )
+    x, y = _load(config["data"], "test", config["held_out_binarize"], None)
+    loc, _ = model.encode(x[:2000].to(device))
+    plots.save(
+        plots.latent_space(loc.cpu(), None if y is None else y[:2000]), out / "latent_space.png"
+    )
+
+
 def cmd_evaluate(args) -> int:
     model, config = _restore(Path(args.run))
+    if MODELS[config["model"]].deep:
+        device = torch.device(config["options"]["device"] if torch.cuda.is_available() else "cpu")
+        metrics = _deep_metrics(model.to(device), config, args.num_samples, device)
+        old = Path(args.run) / "metrics.json"
+        if old.exists():
+            metrics = {**json.loads(old.read_text()), **metrics}
+        save_json(old, metrics)
+        _print_metrics(Path(args.run), metrics)
+        return 0
     x, _ = _load(config["data"], "train", config["binarize"], config["max_data"])
     metrics = _metrics(model, config, x)
     old = Path(args.run) / "metrics.json"
@@ -192,6 +374,14 @@ def cmd_sample(args) -> int:
     run = Path(args.run)
     model, config = _restore(run)
     pyro.set_rng_seed(args.seed)
+    if MODELS[config["model"]].deep:
+        x = model.sample(args.num_samples)
+        save_torch(run / "samples.pt", {"x": x.cpu()})
+        plots.save(
+            plots.image_grid(x, title=f"samples from {config['model']}"), run / "samples.png"
+        )
+        print(f"wrote {run / 'samples.png'} and {run / 'samples.pt'}")
+        return 0
     x, z = model.sample(args.num_samples)
     save_torch(run / "samples.pt", {"x": x.cpu(), "z": z.cpu()})
     if x.shape[1] == 2 and isinstance(model, GaussianMixture):
@@ -244,6 +434,7 @@ def _restore(run: Path):
     config = json.loads((run / "config.json").read_text())
     entry = MODELS[config["model"]]
     model = entry.model_class(entry.config_class(**config["model_config"]))
+    pyro.clear_param_store()
     state = torch.load(run / "params.pt", weights_only=True, map_location="cpu")
     model.load_state_dict(state)
     return model, config
@@ -339,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit a model and write a run directory")
     fit.add_argument("model", choices=sorted(MODELS))
     fit.add_argument("--data", choices=data.NAMES, help="data set (default: the model's own)")
-    fit.add_argument("--inference", default="em", help="em (the mixtures' driver)")
+    fit.add_argument("--inference", help="em (mixtures), reparam or svi (deep models)")
     fit.add_argument("--out", help="run directory (default: runs/MODEL-DATA)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing run")
     fit.add_argument("--components", "-k", type=_positive_int, help="number of mixture components")
@@ -372,11 +563,51 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--n-init", type=_positive_int, default=1, help="restarts; the best is kept")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    deep = fit.add_argument_group("deep models (vae)")
+    deep.add_argument("--epochs", type=_positive_int, default=10)
+    deep.add_argument("--batch-size", type=_positive_int, default=128)
+    deep.add_argument("--lr", type=float, default=1e-3)
+    deep.add_argument("--z-dim", type=_positive_int, default=50)
+    deep.add_argument("--hidden", type=_positive_int, nargs="+", default=[200, 200])
+    deep.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
+    deep.add_argument(
+        "--iwae",
+        type=_positive_int,
+        default=1,
+        help="importance-weighted bound with K particles (reparam)",
+    )
+    deep.add_argument(
+        "--loss",
+        default="TraceMeanField_ELBO",
+        choices=sorted(svi.LOSSES),
+        help="Pyro ELBO for --inference svi",
+    )
+    deep.add_argument("--patience", type=_positive_int, help="early stopping on validation")
+    deep.add_argument("--max-steps", type=_positive_int, help="stop after N steps (smoke runs)")
+    deep.add_argument(
+        "--eval-samples",
+        type=_positive_int,
+        default=100,
+        help="importance samples for the test log-likelihood after fitting",
+    )
+    deep.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="RUN",
+        help="continue the run in --out (or in RUN) from its checkpoint",
+    )
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=cmd_fit)
 
     ev = sub.add_parser("evaluate", help="recompute a run's metrics")
     ev.add_argument("run")
+    ev.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=5000,
+        help="importance samples per data point (deep models)",
+    )
     ev.set_defaults(func=cmd_evaluate)
 
     sample = sub.add_parser("sample", help="draw samples from a fitted model")

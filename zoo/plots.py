@@ -110,6 +110,31 @@ def curve(
     return fig
 
 
+def latent_space(
+    z: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    title: str = "latent space (posterior means)",
+):
+    """Posterior means in 2-D: the latent itself when Z = 2, else its first two principal axes."""
+    z = z.detach().cpu().float()
+    axes = ("z1", "z2")
+    if z.shape[1] > 2:
+        centred = z - z.mean(0)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        z, axes = centred @ v[:2].T, ("principal axis 1", "principal axis 2")
+    fig, ax = plt.subplots(figsize=(6, 5))
+    if labels is None:
+        ax.scatter(z[:, 0], z[:, 1], s=4, color="0.4", alpha=0.6)
+    else:
+        points = ax.scatter(z[:, 0], z[:, 1], s=4, c=labels.numpy(), cmap="tab10", alpha=0.7)
+        fig.colorbar(points, ax=ax, label="label")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig, path) -> None:
     """Write ``fig`` as PNG and free its memory."""
     fig.savefig(path, dpi=100)
