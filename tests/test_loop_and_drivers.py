@@ -180,12 +180,17 @@ def params_of(vae):
     return {k: v.detach().clone() for k, v in vae.state_dict().items()}
 
 
-def test_resume_continues_exactly(tmp_path):
-    x = binary_batch()
+def uninterrupted(x):
+    """The parameters after three epochs without a break: what every resumed run must match."""
     pyro.clear_param_store()
     straight = small_vae()
     fit_vae(x, straight)
-    expected = params_of(straight)
+    return params_of(straight)
+
+
+def test_resume_continues_exactly(tmp_path):
+    x = binary_batch()
+    expected = uninterrupted(x)
 
     ckpt = tmp_path / "ckpt.pt"
 
@@ -208,10 +213,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_sigint_mid_epoch_saves_and_resumes_exactly(tmp_path):
     x = binary_batch()
-    pyro.clear_param_store()
-    straight = small_vae()
-    fit_vae(x, straight)
-    expected = params_of(straight)
+    expected = uninterrupted(x)
 
     ckpt = tmp_path / "ckpt.pt"
     calls = []
