@@ -17,14 +17,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from inference.enumeration import Enumerated, posterior_, validation_off
-from inference.particles import Particles
+from inference.particles import Particles, as_args, num_rows, rows
 
 
 @torch.no_grad()
 def log_likelihood(
     model: Callable,
     guide: Optional[Callable],
-    x: torch.Tensor,
+    x,
     *,
     num_samples: int = 1000,
     batch_size: int = 500,
@@ -40,16 +40,17 @@ def log_likelihood(
     MNIST images fits in memory. The estimate is a stochastic lower bound in expectation that
     tightens as K grows.
     """
-    if not isinstance(x, torch.Tensor) or len(x) == 0:
-        raise ValueError("x must be a non-empty tensor")
-    example = x[: min(len(x), 4)]
+    if not isinstance(x, (torch.Tensor, tuple, list)) or num_rows(x) == 0:
+        raise ValueError("x must be a non-empty tensor (or a tuple of the model's arguments)")
+    n = num_rows(x)
+    example = rows(x, 0, 4)
     if _enumerable(model, example):
         enum = Enumerated(model, guide, example, data_plate)
         with validation_off():
             return torch.cat(
                 [
                     posterior_(enum.log_joint(x[i : i + batch_size])[0])[0]
-                    for i in range(0, len(x), batch_size)
+                    for i in range(0, n, batch_size)
                 ]
             )
     if guide is None:
@@ -60,9 +61,9 @@ def log_likelihood(
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     particles = Particles(model, guide, example, data_plate)
     out = []
-    for i in range(0, len(x), batch_size):
-        chunk = x[i : i + batch_size]
-        running = torch.full((len(chunk),), -math.inf, device=x.device)
+    for i in range(0, n, batch_size):
+        chunk = rows(x, i, i + batch_size)
+        running = torch.full((num_rows(chunk),), -math.inf, device=as_args(x)[0].device)
         for k in range(0, num_samples, particle_batch):
             log_w, _ = particles.log_weights(chunk, min(particle_batch, num_samples - k))
             running = torch.logaddexp(running, log_w.logsumexp(0))
@@ -76,12 +77,13 @@ def elbo(
 ) -> torch.Tensor:
     """The ELBO per data point, E_q[log p(x, z) - log q(z | x)], from ``num_samples`` draws of
     the guide, shape (N,). Pyro's ``poutine.scale`` factors (a beta on the KL) are left out:
-    this is the bound on log p(x) of the unscaled model."""
-    particles = Particles(model, guide, x[: min(len(x), 4)], data_plate)
+    this is the bound on log p(x) of the unscaled model. x: a tensor, or the tuple of the
+    model's arguments (data, condition, ...)."""
+    particles = Particles(model, guide, rows(x, 0, 4), data_plate)
     return torch.cat(
         [
-            particles.log_weights(x[i : i + batch_size], num_samples)[0].mean(0)
-            for i in range(0, len(x), batch_size)
+            particles.log_weights(rows(x, i, i + batch_size), num_samples)[0].mean(0)
+            for i in range(0, num_rows(x), batch_size)
         ]
     )
 
@@ -91,7 +93,7 @@ def _enumerable(model, example) -> bool:
     from pyro import poutine
     from pyro.poutine.util import site_is_subsample
 
-    trace = poutine.trace(model).get_trace(example)
+    trace = poutine.trace(model).get_trace(*as_args(example))
     latents = [
         s
         for s in trace.nodes.values()

@@ -22,9 +22,11 @@ class Particles:
     """Per-data-point log importance weights of ``guide`` as a proposal for ``model``."""
 
     def __init__(self, model, guide, example, data_plate: str = "data"):
+        """example: the model's arguments for a few data points (a tensor or a tuple)."""
         self.model, self.guide, self.data_plate = model, guide, data_plate
-        guide_trace = poutine.trace(guide).get_trace(example)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(example)
+        example = as_args(example)
+        guide_trace = poutine.trace(guide).get_trace(*example)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*example)
         dims = []
         for trace in (guide_trace, model_trace):
             for site in trace.nodes.values():
@@ -71,13 +73,14 @@ class Particles:
 
             return run
 
-        guide_trace = poutine.trace(vectorized(self.guide)).get_trace(x)
+        args = as_args(x)
+        guide_trace = poutine.trace(vectorized(self.guide)).get_trace(*args)
         model_trace = poutine.trace(
             poutine.replay(vectorized(self.model), trace=guide_trace)
-        ).get_trace(x)
+        ).get_trace(*args)
         ndim = self.max_plate_nesting + 1
         data_axis = ndim + self.data_dim
-        local, global_term = 0.0, torch.zeros(num_particles, device=x.device)
+        local, global_term = 0.0, torch.zeros(num_particles, device=args[0].device)
         for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
             for site in trace.nodes.values():
                 if site["type"] != "sample" or site_is_subsample(site):
@@ -102,6 +105,22 @@ def _log_prob(site, scaled: bool) -> torch.Tensor:
     if scaled and site["scale"] is not None:
         log_prob = log_prob * site["scale"]
     return log_prob
+
+
+def as_args(data) -> tuple:
+    """A model's positional arguments: a tensor stands for (tensor,)."""
+    return (data,) if isinstance(data, torch.Tensor) else tuple(data)
+
+
+def rows(data, start: int, stop: int):
+    """The same rows of a tensor or of every tensor in a tuple (None stays None)."""
+    if isinstance(data, torch.Tensor):
+        return data[start:stop]
+    return tuple(None if t is None else t[start:stop] for t in data)
+
+
+def num_rows(data) -> int:
+    return len(as_args(data)[0])
 
 
 def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:

@@ -24,14 +24,14 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from inference import loop
-from inference.particles import Particles, iwae_bound
+from inference.particles import Particles, as_args, iwae_bound, num_rows, rows
 from inference.result import FitResult
 from inference.svi import make_loss
 
 
 def check_reparameterizable(guide, example) -> None:
     """Raise a ValueError naming the first guide site that cannot be reparameterized."""
-    trace = poutine.trace(guide).get_trace(example)
+    trace = poutine.trace(guide).get_trace(*as_args(example))
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
             if not getattr(site["fn"], "has_rsample", False):
@@ -68,8 +68,10 @@ class Objective:
             self.particles = Particles(model, guide, example, data_plate)
 
     def __call__(self, x) -> torch.Tensor:
+        """x: the model's arguments for a minibatch, a tensor or a tuple of tensors."""
         if self.num_particles == 1:
-            return self.elbo.differentiable_loss(self.model, self.guide, x) / self.num_data
+            loss = self.elbo.differentiable_loss(self.model, self.guide, *as_args(x))
+            return loss / self.num_data
         log_w, global_term = self.particles.log_weights(x, self.num_particles, scaled=True)
         bound = iwae_bound(log_w).mean() + global_term.mean() / self.num_data
         return -bound
@@ -78,7 +80,7 @@ class Objective:
 def fit(
     model: Callable,
     guide: Callable,
-    data: torch.Tensor,
+    data,
     *,
     num_particles: int = 1,
     analytic_kl: bool = True,
@@ -87,7 +89,7 @@ def fit(
     optimizer: Optional[Callable] = None,
     batch_size: int = 128,
     num_epochs: int = 10,
-    valid_data: Optional[torch.Tensor] = None,
+    valid_data=None,
     data_plate: str = "data",
     **loop_options,
 ) -> FitResult:
@@ -100,37 +102,38 @@ def fit(
     """
     if num_particles < 1:
         raise ValueError(f"num_particles must be at least 1, got {num_particles}")
-    if not isinstance(data, torch.Tensor):
-        raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
-    example = data[: min(len(data), 2)]
+    if not isinstance(data, (torch.Tensor, tuple, list)):
+        raise TypeError(f"data must be a tensor or a tuple of tensors, not {type(data).__name__}")
+    num_data = num_rows(data)
+    example = rows(data, 0, 2)
     check_reparameterizable(guide, example)
-    params = loop.parameters(model, guide, example)
+    params = loop.parameters(model, guide, *as_args(example))
     opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
     objective = Objective(
-        model, guide, example, len(data), num_particles, analytic_kl, data_plate, jit
+        model, guide, example, num_data, num_particles, analytic_kl, data_plate, jit
     )
 
     def step(batch):
         opt.zero_grad()
         loss = objective(batch)
         loss.backward()
-        loop.average_gradients(params, weight=len(batch))
+        loop.average_gradients(params, weight=num_rows(batch))
         opt.step()
         return loss.item()
 
     validate = None
     if valid_data is not None:
         evaluator = Objective(
-            model, guide, example, len(valid_data), num_particles, analytic_kl, data_plate
+            model, guide, example, num_rows(valid_data), num_particles, analytic_kl, data_plate
         )
 
         @torch.no_grad()
         def validate():
             total = 0.0
-            for i in range(0, len(valid_data), 1024):
-                chunk = valid_data[i : i + 1024]
-                total -= evaluator(chunk).item() * len(chunk)
-            return total / len(valid_data)
+            for i in range(0, num_rows(valid_data), 1024):
+                chunk = rows(valid_data, i, i + 1024)
+                total -= evaluator(chunk).item() * num_rows(chunk)
+            return total / num_rows(valid_data)
 
     return loop.run(
         step,
