@@ -163,3 +163,41 @@ def test_vae_resume_from_the_cli(tmp_path):
         cli.main([*base, "--resume", str(tmp_path / "elsewhere")])
     with pytest.raises(SystemExit, match="needs --inference reparam"):
         cli.main([*base, "--inference", "svi", "--iwae", "5", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("condition", ["label", "quadrants"])
+def test_fit_cvae_on_digits(tmp_path, condition):
+    out = tmp_path / condition
+    argv = [
+        "fit",
+        "cvae",
+        "--data",
+        "digits",
+        "--binarize",
+        "threshold",
+        "--condition",
+        condition,
+        "--given",
+        "2",
+        "--epochs",
+        "2",
+        "--z-dim",
+        "2",
+        "--hidden",
+        "16",
+        "--eval-samples",
+        "10",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert cli.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    figures = ["digits.png", "style_transfer.png"] if condition == "label" else ["completions.png"]
+    for name in figures:
+        assert (out / name).exists(), name
+    if condition == "quadrants":
+        # both score the hidden pixels only: about 32 of 64 pixels, so < 32 * log 2 * 2 nats
+        assert 0 < metrics["test_cvae_nll"] < 45 and 0 < metrics["test_baseline_nll"] < 45
+    assert cli.main(["evaluate", str(out), "--num-samples", "5"]) == 0
+    assert cli.main(["sample", str(out)]) == 0

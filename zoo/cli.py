@@ -35,6 +35,7 @@ from inference import em, evaluate, reparam, svi  # noqa: E402
 from inference.io import save_json, save_torch  # noqa: E402
 from zoo import data, plots  # noqa: E402
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
+from zoo.cvae import CVAE, Baseline, CVAEConfig, one_hot, quadrant_task  # noqa: E402
 from zoo.gmm import GaussianMixture, GMMConfig  # noqa: E402
 from zoo.vae import VAE, VAEConfig  # noqa: E402
 
@@ -84,6 +85,13 @@ def _vae_config(args, dim, binary):
     )
 
 
+def _cvae_config(args, dim, binary):
+    if not binary:
+        raise SystemExit("zoo: the CVAE has a Bernoulli decoder: binarize the data")
+    y_dim = 10 if args.condition == "label" else dim
+    return CVAEConfig(x_dim=dim, y_dim=y_dim, z_dim=args.z_dim, hidden=tuple(args.hidden))
+
+
 MODELS = {
     "gmm": Entry(
         "Gaussian mixture (full or diagonal covariances)",
@@ -102,6 +110,15 @@ MODELS = {
         "static",
         ("em",),
         _bmm_config,
+    ),
+    "cvae": Entry(
+        "conditional VAE: a digit label, or the visible quadrants of an image",
+        CVAE,
+        CVAEConfig,
+        "mnist",
+        "static",
+        ("reparam", "svi"),
+        _cvae_config,
     ),
     "vae": Entry(
         "variational autoencoder (beta knob, Bernoulli or Gaussian decoder)",
@@ -216,8 +233,10 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
     # dynamic binarization: train on intensities and draw fresh pixels for every batch;
     # validate and test on one fixed (static) draw so that numbers are comparable
     held_out_binarize = "static" if binarize == "dynamic" else binarize
-    x, _ = _load(data_name, "train", None if binarize == "dynamic" else binarize, args.max_data)
-    x_valid = _load_optional(data_name, "valid", held_out_binarize, args.max_data)
+    if binarize == "dynamic" and args.model == "cvae":
+        raise SystemExit("zoo: the CVAE trains on a static or threshold binarization")
+    train_binarize = None if binarize == "dynamic" else binarize
+    x, _ = _load(data_name, "train", train_binarize, 1)
     binary = binarize is not None
     model = entry.model_class(entry.config_from_args(args, x.shape[1], binary)).to(device)
     config = {
@@ -237,9 +256,16 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
             "patience": args.patience,
             "seed": args.seed,
             "device": str(device),
+            "condition": args.condition if args.model == "cvae" else None,
+            "given": args.given,
         },
         "command": "zoo " + " ".join(shlex.quote(a) for a in args.argv),
     }
+    train = _model_args(config, "train", train_binarize, args.max_data, device)
+    try:
+        valid = _model_args(config, "valid", held_out_binarize, args.max_data, device)
+    except ValueError:  # the data set has no validation split
+        valid = None
     if resume:
         saved = json.loads((out / "config.json").read_text())
         if saved["model_config"] != json.loads(json.dumps(config["model_config"])):
@@ -259,20 +285,24 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         resume=resume,
         progress=not args.quiet,
         transform=dynamic if binarize == "dynamic" else None,
-        valid_data=None if x_valid is None else x_valid.to(device),
+        valid_data=None if valid is None else (valid[0] if len(valid) == 1 else valid),
         max_steps=args.max_steps,
         lr=args.lr,
     )
     started = time.time()
-    x = x.to(device)
+    data_args = train[0] if len(train) == 1 else train
     if args.inference == "reparam":
-        result = reparam.fit(model.model, model.guide, x, num_particles=args.iwae, **options)
+        result = reparam.fit(
+            model.model, model.guide, data_args, num_particles=args.iwae, **options
+        )
     else:
-        result = svi.fit(model.model, model.guide, x, loss=args.loss, **options)
+        result = svi.fit(model.model, model.guide, data_args, loss=args.loss, **options)
     seconds = time.time() - started
+    if config["options"]["condition"] == "quadrants":  # the deterministic network to beat
+        _fit_baseline(train, args, out, device)
     save_torch(out / "params.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     save_json(out / "history.json", result.history)
-    metrics = _deep_metrics(model, config, args.eval_samples, device)
+    metrics = _deep_metrics(model, config, args.eval_samples, device, out)
     metrics.update(
         fit_seconds=seconds,
         epochs=result.num_steps,
@@ -285,6 +315,43 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
     return 0
 
 
+_QUADRANT_SEEDS = {"train": 0, "valid": 1, "test": 2}
+
+
+def _model_args(config, split, binarize, max_data=None, device="cpu"):
+    """The model's positional arguments for a split: (x,), (x, label) or (x, visible, mask)."""
+    x, y = _load(config["data"], split, binarize, max_data)
+    condition = config["options"].get("condition")
+    if condition == "label":
+        if y is None:
+            raise SystemExit(f"zoo: {config['data']} has no labels for --condition label")
+        out = (x, one_hot(y, 10))
+    elif condition == "quadrants":
+        side = int(round(x.shape[1] ** 0.5))
+        visible, target, mask = quadrant_task(
+            x, config["options"]["given"], seed=_QUADRANT_SEEDS[split], side=side
+        )
+        out = (target, visible, mask)
+    else:
+        out = (x,)
+    return tuple(t.to(device) for t in out)
+
+
+def _fit_baseline(train, args, out: Path, device) -> None:
+    """Train the quadrant task's deterministic baseline for the same epochs and batch size."""
+    target, visible, mask = train
+    torch.manual_seed(args.seed)
+    baseline = Baseline(target.shape[1], tuple(args.hidden)).to(device)
+    optimizer = torch.optim.Adam(baseline.parameters(), lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.epochs):
+        for idx in torch.randperm(len(target), generator=generator).split(args.batch_size):
+            optimizer.zero_grad()
+            baseline.loss(target[idx], visible[idx], mask[idx]).mean().backward()
+            optimizer.step()
+    save_torch(out / "baseline.pt", {k: v.cpu() for k, v in baseline.state_dict().items()})
+
+
 def _load_optional(name, split, binarize, max_data):
     try:
         return _load(name, split, binarize, max_data)[0]
@@ -293,21 +360,35 @@ def _load_optional(name, split, binarize, max_data):
 
 
 @torch.no_grad()
-def _deep_metrics(model, config, num_samples, device) -> dict:
-    """Test ELBO and importance-sampled log-likelihood (K = num_samples), nats per data point."""
-    x, _ = _load(config["data"], "test", config["held_out_binarize"], None)
-    x = x.to(device)
+def _deep_metrics(model, config, num_samples, device, run: Optional[Path] = None) -> dict:
+    """Test ELBO and importance-sampled log-likelihood (K = num_samples), nats per data point;
+    for the CVAE these are of x given its condition, and in the quadrant task of the hidden
+    pixels only, beside the baseline's negative log-likelihood of the same pixels."""
+    test = _model_args(config, "test", config["held_out_binarize"], None, device)
+    data_args = test[0] if len(test) == 1 else test
     model.eval()
-    elbo = evaluate.elbo(model.model, model.guide, x, num_samples=1)
-    log_px = evaluate.log_likelihood(model.model, model.guide, x, num_samples=num_samples)
-    return {
+    elbo = evaluate.elbo(model.model, model.guide, data_args, num_samples=1)
+    log_px = evaluate.log_likelihood(model.model, model.guide, data_args, num_samples=num_samples)
+    metrics = {
         "test_elbo": elbo.mean().item(),
         "test_log_likelihood": log_px.mean().item(),
         "log_likelihood_samples": num_samples,
         "test_binarization": config["held_out_binarize"],
-        "num_test": len(x),
+        "num_test": len(test[0]),
         "units": "nats per data point",
     }
+    if config["options"].get("condition") == "quadrants" and run is not None:
+        baseline = _restore_baseline(run, test[0].shape[1], config).to(device)
+        metrics["test_baseline_nll"] = baseline.loss(*test).mean().item()
+        metrics["test_cvae_nll"] = -metrics["test_log_likelihood"]
+        metrics["quadrants_given"] = config["options"]["given"]
+    return metrics
+
+
+def _restore_baseline(run: Path, dim, config):
+    baseline = Baseline(dim, tuple(config["model_config"]["hidden"]))
+    baseline.load_state_dict(torch.load(run / "baseline.pt", weights_only=True))
+    return baseline
 
 
 @torch.no_grad()
@@ -331,6 +412,9 @@ def _deep_plots(model, config, history, out: Path, device) -> None:
     side = int(round(model.config.x_dim**0.5))
     if side * side != model.config.x_dim:
         return  # not square images: no image plots
+    if isinstance(model, CVAE):
+        _cvae_plots(model, config, out, device)
+        return
     plots.save(
         plots.image_grid(model.sample(64), num_cols=8, title="samples (decoder means)"),
         out / "samples.png",
@@ -349,11 +433,36 @@ def _deep_plots(model, config, history, out: Path, device) -> None:
     )
 
 
+@torch.no_grad()
+def _cvae_plots(model, config, out: Path, device) -> None:
+    test = _model_args(config, "test", config["held_out_binarize"], None, device)
+    if config["options"]["condition"] == "label":
+        labels = torch.arange(10, device=device).repeat_interleave(8)
+        images = model.generate(one_hot(labels, 10))
+        plots.save(
+            plots.image_grid(images, num_cols=8, title="one row per digit"), out / "digits.png"
+        )
+        x, y = test[0][:8], test[1][:8]
+        moved = model.style_transfer(x, y, torch.eye(10, device=device))  # (8, 10, X)
+        grid = torch.cat([x.unsqueeze(1), moved], 1).reshape(-1, x.shape[1])
+        title = "style transfer: each input, then its z decoded with every digit"
+        plots.save(plots.image_grid(grid, num_cols=11, title=title), out / "style_transfer.png")
+        return
+    target, visible, mask = (t[:8] for t in test)
+    shown = torch.where(mask.bool(), torch.full_like(target, 0.5), target)  # hidden: grey
+    completions = [torch.where(mask.bool(), model.generate(visible), target) for _ in range(3)]
+    baseline = _restore_baseline(out, target.shape[1], config).to(device)
+    predicted = torch.where(mask.bool(), torch.sigmoid(baseline(visible)), target)
+    rows = torch.cat([shown, target, predicted, *completions])
+    title = "rows: given, truth, baseline, three CVAE completions"
+    plots.save(plots.image_grid(rows, num_cols=8, title=title), out / "completions.png")
+
+
 def cmd_evaluate(args) -> int:
     model, config = _restore(Path(args.run))
     if MODELS[config["model"]].deep:
         device = torch.device(config["options"]["device"] if torch.cuda.is_available() else "cpu")
-        metrics = _deep_metrics(model.to(device), config, args.num_samples, device)
+        metrics = _deep_metrics(model.to(device), config, args.num_samples, device, Path(args.run))
         old = Path(args.run) / "metrics.json"
         if old.exists():
             metrics = {**json.loads(old.read_text()), **metrics}
@@ -374,6 +483,10 @@ def cmd_sample(args) -> int:
     run = Path(args.run)
     model, config = _restore(run)
     pyro.set_rng_seed(args.seed)
+    if isinstance(model, CVAE):
+        _cvae_plots(model, config, run, torch.device("cpu"))
+        print(f"wrote the CVAE's figures in {run}")
+        return 0
     if MODELS[config["model"]].deep:
         x = model.sample(args.num_samples)
         save_torch(run / "samples.pt", {"x": x.cpu()})
@@ -563,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--n-init", type=_positive_int, default=1, help="restarts; the best is kept")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    deep = fit.add_argument_group("deep models (vae)")
+    deep = fit.add_argument_group("deep models (vae, cvae)")
     deep.add_argument("--epochs", type=_positive_int, default=10)
     deep.add_argument("--batch-size", type=_positive_int, default=128)
     deep.add_argument("--lr", type=float, default=1e-3)
@@ -589,6 +702,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=100,
         help="importance samples for the test log-likelihood after fitting",
+    )
+    deep.add_argument(
+        "--condition",
+        choices=("label", "quadrants"),
+        default="label",
+        help="CVAE: condition on the digit label or on the visible quadrants",
+    )
+    deep.add_argument(
+        "--given",
+        type=int,
+        choices=(1, 2, 3),
+        default=1,
+        help="CVAE quadrant task: how many quadrants are visible",
     )
     deep.add_argument(
         "--resume",
