@@ -90,6 +90,9 @@ def test_fit_bmm_on_mnist(tmp_path):
     assert -260 < metrics["test_log_likelihood"] < -150  # 5 components on 1000 digits
 
 
+# two epochs of a tiny network: every command runs, in a second or two
+TINY_DEEP = ["--epochs", "2", "--z-dim", "2", "--hidden", "16", "--quiet"]
+
 DEEP = [
     ["--inference", "reparam", "--binarize", "threshold"],
     ["--inference", "reparam", "--iwae", "3", "--binarize", "dynamic"],
@@ -100,24 +103,8 @@ DEEP = [
 @pytest.mark.parametrize("flags", DEEP, ids=[" ".join(f[1:4]) for f in DEEP])
 def test_fit_vae_on_digits(tmp_path, flags):
     out = tmp_path / "vae"
-    argv = [
-        "fit",
-        "vae",
-        "--data",
-        "digits",
-        "--epochs",
-        "2",
-        "--z-dim",
-        "2",
-        "--hidden",
-        "16",
-        "--eval-samples",
-        "20",
-        "--out",
-        str(out),
-        "--quiet",
-        *flags,
-    ]
+    argv = ["fit", "vae", "--data", "digits", *TINY_DEEP, "--eval-samples", "20"]
+    argv += ["--out", str(out), *flags]
     assert cli.main(argv) == 0
     for name in (
         "config.json",
@@ -168,29 +155,8 @@ def test_vae_resume_from_the_cli(tmp_path):
 @pytest.mark.parametrize("condition", ["label", "quadrants"])
 def test_fit_cvae_on_digits(tmp_path, condition):
     out = tmp_path / condition
-    argv = [
-        "fit",
-        "cvae",
-        "--data",
-        "digits",
-        "--binarize",
-        "threshold",
-        "--condition",
-        condition,
-        "--given",
-        "2",
-        "--epochs",
-        "2",
-        "--z-dim",
-        "2",
-        "--hidden",
-        "16",
-        "--eval-samples",
-        "10",
-        "--out",
-        str(out),
-        "--quiet",
-    ]
+    argv = ["fit", "cvae", "--data", "digits", "--binarize", "threshold", *TINY_DEEP]
+    argv += ["--condition", condition, "--given", "2", "--eval-samples", "10", "--out", str(out)]
     assert cli.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     figures = ["digits.png", "style_transfer.png"] if condition == "label" else ["completions.png"]
