@@ -1,10 +1,21 @@
 """The probabilistic-programming model zoo: generative stories as Pyro model/guide pairs.
 
-from zoo import GaussianMixture, BernoulliMixture, data
+    from zoo import GaussianMixture, BernoulliMixture, VAE, CVAE, data
 """
 
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig
+from zoo.cvae import CVAE, CVAEConfig
 from zoo.gmm import GaussianMixture, GMMConfig
+from zoo.vae import VAE, VAEConfig
 
-__all__ = ["BernoulliMixture", "BMMConfig", "GaussianMixture", "GMMConfig"]
+__all__ = [
+    "BernoulliMixture",
+    "BMMConfig",
+    "CVAE",
+    "CVAEConfig",
+    "GaussianMixture",
+    "GMMConfig",
+    "VAE",
+    "VAEConfig",
+]
 __version__ = "0.1.0"
