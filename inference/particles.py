@@ -52,9 +52,6 @@ class Particles:
                     " weights need every latent variable to be local to a data point"
                 )
             self.latents.append(name)
-        self.reparameterized = {
-            n: bool(guide_trace.nodes[n]["fn"].has_rsample) for n in self.latents
-        }
 
     def log_weights(
         self, x, num_particles: int, scaled: bool = False
