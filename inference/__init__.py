@@ -1,8 +1,8 @@
 """Inference drivers and metrics. Knows nothing about any particular model.
 
-    from inference import em, svi, reparam, evaluate
-    result = em.fit(model, guide, x)                 # one enumerable discrete latent per point
-    result = svi.fit(model, guide, x, loss="TraceMeanField_ELBO")
-    result = reparam.fit(model, guide, x, num_particles=5)   # IWAE
-    log_px = evaluate.log_likelihood(model, guide, x, num_samples=5000)
+from inference import em, svi, reparam, evaluate
+result = em.fit(model, guide, x)                 # one enumerable discrete latent per point
+result = svi.fit(model, guide, x, loss="TraceMeanField_ELBO")
+result = reparam.fit(model, guide, x, num_particles=5)   # IWAE
+log_px = evaluate.log_likelihood(model, guide, x, num_samples=5000)
 """

@@ -1,6 +1,6 @@
 """The probabilistic-programming model zoo: generative stories as Pyro model/guide pairs.
 
-    from zoo import GaussianMixture, BernoulliMixture, VAE, CVAE, data
+from zoo import GaussianMixture, BernoulliMixture, VAE, CVAE, data
 """
 
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig
