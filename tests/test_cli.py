@@ -1,6 +1,7 @@
 """Every command of the CLI, with tiny flags (Pyro's tests/test_examples.py habit)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -167,3 +168,37 @@ def test_fit_cvae_on_digits(tmp_path, condition):
         assert 0 < metrics["test_cvae_nll"] < 45 and 0 < metrics["test_baseline_nll"] < 45
     assert cli.main(["evaluate", str(out), "--num-samples", "5"]) == 0
     assert cli.main(["sample", str(out)]) == 0
+
+
+def test_torchrun_two_processes(tmp_path):
+    """`zoo fit` under torchrun: two gloo ranks on CPU, rank 0 writes the run directory."""
+    out = tmp_path / "ddp"
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "zoo.cli",
+        "fit",
+        "vae",
+        "--data",
+        "digits",
+        "--binarize",
+        "threshold",
+        *TINY_DEEP,
+        "--eval-samples",
+        "5",
+        "--out",
+        str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and (out / "checkpoint.pt").exists()
+    svi_run = launch[:-2] + ["--inference", "svi", "--out", str(tmp_path / "svi")]
+    proc = subprocess.run(svi_run, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "only --inference reparam" in proc.stderr

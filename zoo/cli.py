@@ -16,6 +16,7 @@ history.json, metrics.json and PNG plots.
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -30,6 +31,7 @@ matplotlib.use("Agg")  # the CLI only writes files; set before pyplot is importe
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as tdist  # noqa: E402
 
 from inference import em, evaluate, reparam, svi  # noqa: E402
 from inference.io import save_json, save_torch  # noqa: E402
@@ -168,6 +170,12 @@ def cmd_fit(args) -> int:
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     device = _device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+        if not entry.deep or args.inference != "reparam":
+            raise SystemExit(
+                "zoo: under torchrun only --inference reparam averages gradients across ranks"
+            )
+        device = _init_distributed(device)
     data_name = args.data or entry.default_data
     binarize = entry.default_binarize if args.binarize == "default" else _none(args.binarize)
     if entry.deep:
@@ -270,7 +278,9 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         saved = json.loads((out / "config.json").read_text())
         if saved["model_config"] != json.loads(json.dumps(config["model_config"])):
             raise SystemExit(f"zoo: --resume with a different model than {out} holds")
-    save_json(out / "config.json", config)  # first, so that an interrupted run can resume
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    if rank == 0:
+        save_json(out / "config.json", config)  # first, so that an interrupted run can resume
 
     def dynamic(batch, generator):  # a fresh Bernoulli draw of every pixel, every epoch
         u = torch.rand(batch.shape, generator=generator).to(batch.device)
@@ -298,6 +308,8 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
     else:
         result = svi.fit(model.model, model.guide, data_args, loss=args.loss, **options)
     seconds = time.time() - started
+    if rank != 0:  # every rank holds the same parameters; rank 0 writes the run directory
+        return 0
     if config["options"]["condition"] == "quadrants":  # the deterministic network to beat
         _fit_baseline(train, args, out, device)
     save_torch(out / "params.pt", {k: v.cpu() for k, v in model.state_dict().items()})
@@ -520,6 +532,16 @@ def cmd_data_fetch(args) -> int:
 
 
 # ----------------------------------------------------------------------------------- helpers
+
+
+def _init_distributed(device: torch.device) -> torch.device:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); this rank's device."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def _none(value):
@@ -766,6 +788,9 @@ def main(argv=None) -> int:
     except (data.DataError, ValueError, TypeError, FloatingPointError) as err:
         print(f"zoo: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
 
 
 if __name__ == "__main__":
