@@ -283,8 +283,7 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         save_json(out / "config.json", config)  # first, so that an interrupted run can resume
 
     def dynamic(batch, generator):  # a fresh Bernoulli draw of every pixel, every epoch
-        u = torch.rand(batch.shape, generator=generator).to(batch.device)
-        return (u < batch).to(batch.dtype)
+        return data.binarize(batch, "dynamic", generator=generator)
 
     options = dict(
         batch_size=args.batch_size,
@@ -362,13 +361,6 @@ def _fit_baseline(train, args, out: Path, device) -> None:
             baseline.loss(target[idx], visible[idx], mask[idx]).mean().backward()
             optimizer.step()
     save_torch(out / "baseline.pt", {k: v.cpu() for k, v in baseline.state_dict().items()})
-
-
-def _load_optional(name, split, binarize, max_data):
-    try:
-        return _load(name, split, binarize, max_data)[0]
-    except ValueError:  # the data set has no such split
-        return None
 
 
 @torch.no_grad()

@@ -121,7 +121,9 @@ def binarize(
     if method == "threshold":
         return (x > 0.5).to(x.dtype)
     if method == "dynamic":
-        return torch.bernoulli(x, generator=generator)
+        # uniforms from a CPU generator, moved to x's device: works for CUDA data as well
+        u = torch.rand(x.shape, generator=generator).to(x.device)
+        return (u < x).to(x.dtype)
     if method == "static":
         if seed is None:
             raise ValueError("static binarization needs a seed")
