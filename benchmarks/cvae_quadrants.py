@@ -12,14 +12,13 @@ Pyro's table (examples/cvae README): baseline 100.4 / 61.9 / 25.4, CVAE 71.8 / 5
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from zoo import cli  # noqa: E402
+import _zoo_runs  # noqa: E402
 
 PYRO = {1: (100.4, 71.8), 2: (61.9, 51.0), 3: (25.4, 24.2)}  # (baseline, CVAE)
 
@@ -57,9 +56,7 @@ def main(argv=None):
             "--overwrite",
             "--quiet",
         ]
-        if cli.main(command) != 0:
-            raise SystemExit(f"run failed: zoo {' '.join(command)}")
-        m = json.loads((run / "metrics.json").read_text())
+        m = _zoo_runs.fit(command, run)
         rows.append(
             {
                 "given": given,
@@ -74,10 +71,7 @@ def main(argv=None):
             }
         )
         print(rows[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"cvae_quadrants-e{args.epochs}"
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
         f"# CVAE on the quadrant task, {args.epochs} epochs\n",
         "NLL of the hidden pixels per test image (nats), statically binarized MNIST; CVAE by "
@@ -90,10 +84,7 @@ def main(argv=None):
             f"| {r['given']} | {r['baseline_nll']:.1f} | {r['cvae_nll']:.1f} | "
             f"{r['pyro_baseline']} | {r['pyro_cvae']} | {r['fit_seconds']:.0f} |"
         )
-    lines.append("\nCommands:\n")
-    lines += [f"    {r['command']}" for r in rows]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / (name + '.md')}")
+    _zoo_runs.save(args.out, name, rows, lines)
 
 
 if __name__ == "__main__":

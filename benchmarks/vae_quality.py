@@ -12,14 +12,13 @@ Goals (issue 3): VAE at most 88, IWAE with K=5 at most 87.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from zoo import cli  # noqa: E402
+import _zoo_runs  # noqa: E402
 
 PUBLISHED = {1: 86.76, 5: 85.54}
 
@@ -59,9 +58,7 @@ def main(argv=None):
             "--overwrite",
             "--quiet",
         ]
-        if cli.main(command) != 0:
-            raise SystemExit(f"run failed: zoo {' '.join(command)}")
-        metrics = json.loads((run / "metrics.json").read_text())
+        metrics = _zoo_runs.fit(command, run)
         rows.append(
             {
                 "K": k,
@@ -75,10 +72,7 @@ def main(argv=None):
             }
         )
         print(rows[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"vae_quality-e{args.epochs}"
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
         f"# VAE quality, {args.epochs} epochs\n",
         "Dynamically binarized MNIST (training), fixed static draw of the test set; 784-200-200-50;"
@@ -92,10 +86,7 @@ def main(argv=None):
             f"| {bound} | {r['epochs']} | {r['test_nll']:.2f} | {r['test_neg_elbo']:.2f}"
             f" | {r['fit_seconds']:.0f} | {r['published_nll']} (3280 epochs) |"
         )
-    lines.append("\nCommands:\n")
-    lines += [f"    {r['command']}" for r in rows]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / (name + '.md')}")
+    _zoo_runs.save(args.out, name, rows, lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""What the quality benchmarks share: run a `zoo` command line, read its metrics, save a table."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from zoo import cli  # noqa: E402
+
+
+def fit(command, run: Path) -> dict:
+    """Run `zoo <command>` (which writes to ``run``) and return its metrics.json."""
+    if cli.main(command) != 0:
+        raise SystemExit(f"run failed: zoo {' '.join(command)}")
+    return json.loads((Path(run) / "metrics.json").read_text())
+
+
+def save(out, name: str, rows, lines) -> None:
+    """Write ``rows`` as JSON and the Markdown ``lines`` plus the commands that made them."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [*lines, "\nCommands:\n", *(f"    {r['command']}" for r in rows)]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / (name + '.md')}")
