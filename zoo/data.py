@@ -12,7 +12,8 @@ Names and splits:
   faithful       Old Faithful eruptions (272 x 2, shipped with the package); train 218 / test 54.
   gmm-synthetic  a 3-component 2-D Gaussian mixture with known parameters (`make_gaussian_mixture`).
   bmm-synthetic  a 4-component Bernoulli mixture on 16 binary pixels (`make_bernoulli_mixture`).
-Every set also has split="all".
+Every set also has split="all". ``partial_labels(y, 100, seed)`` keeps a class-balanced subset of
+the labels (-1 elsewhere) for semi-supervised learning.
 
 Binarizations (`binarize=`): None (pixel intensities), "static" (one Bernoulli draw per pixel from a
 portable PCG64 stream with a fixed seed per split: identical on every machine and every numpy
@@ -104,6 +105,38 @@ def fetch(name: str) -> Path:
     if name in NAMES:
         return Path(__file__)  # generated on the fly
     raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(NAMES)}")
+
+
+def partial_labels(y: torch.Tensor, num_labelled: int, seed: int = 0) -> torch.Tensor:
+    """Keep a class-balanced random subset of ``num_labelled`` labels; the rest become -1.
+
+    The semi-supervised setting of Kingma et al. (2014): with 10 classes and 100 labels, ten
+    images of each class keep their label, drawn by ``seed``, and every other image is used
+    unlabelled. ``num_labelled`` must be a multiple of the number of classes that no class
+    is too small for. Returns a copy of ``y`` (N,) with -1 for "unknown".
+    """
+    if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dim() != 1:
+        raise ValueError("y must be a 1-D integer tensor of class labels")
+    if (y < 0).any():
+        raise ValueError("y must hold every label (no -1) before a subset is drawn")
+    classes = torch.unique(y)
+    if num_labelled < len(classes) or num_labelled % len(classes):
+        raise ValueError(
+            f"num_labelled must be a positive multiple of the {len(classes)} classes,"
+            f" got {num_labelled}"
+        )
+    per_class = num_labelled // len(classes)
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in classes.tolist():
+        members = torch.nonzero(y == c).squeeze(-1)
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has {len(members)} examples, fewer than {per_class}")
+        keep.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    out = torch.full_like(y, -1)
+    idx = torch.cat(keep)
+    out[idx] = y[idx]
+    return out
 
 
 def binarize(

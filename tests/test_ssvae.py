@@ -1,0 +1,177 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+
+from inference import svi
+from zoo import data
+from zoo.nets import mlp
+from zoo.ssvae import SSVAE, SSVAEConfig
+
+
+def small_model(alpha=46.0, enumerate=True):
+    torch.manual_seed(0)
+    return SSVAE(SSVAEConfig(x_dim=12, z_dim=3, hidden=(8,), alpha=alpha, enumerate=enumerate))
+
+
+def explicit_loss(model, x, y, z):
+    """Minus the M2 objective written out by hand from the networks:
+    labelled rows   L(x, y) + alpha * log q(y | x);
+    unlabelled rows sum_k q(k | x) [L(x, k) - log q(k | x)],
+    with L(x, k) = log p(x | k, z_k) + log p(k) + log p(z_k) - log q(z_k | x, k) at the given
+    draws z: (C, N, Z), one per class (the guide's draws under enumeration)."""
+    c = model.config.num_classes
+    log_q_y = torch.log_softmax(model.classifier(x), -1)  # (N, C)
+    total = torch.zeros(len(x))
+    for n in range(len(x)):
+        terms = []
+        for k in range(c):
+            y_k = torch.nn.functional.one_hot(torch.tensor(k), c).float()
+            z_k = z[k, n]
+            loc, scale = model.encoder(x[n], y_k)
+            log_px = dist.Bernoulli(logits=model.decoder(torch.cat([z_k, y_k]))).log_prob(x[n])
+            value = (
+                log_px.sum()
+                + math.log(1.0 / c)
+                + dist.Normal(0.0, 1.0).log_prob(z_k).sum()
+                - dist.Normal(loc, scale).log_prob(z_k).sum()
+            )
+            terms.append(value)
+        if y[n] >= 0:
+            total[n] = terms[y[n]] + model.config.alpha * log_q_y[n, y[n]]
+        else:
+            q = log_q_y[n].exp()
+            total[n] = sum(q[k] * (terms[k] - log_q_y[n, k]) for k in range(c))
+    return -total.sum()
+
+
+def enumerated_loss_and_draws(model, x, y):
+    """TraceEnum_ELBO's loss, and the z the guide drew for each enumerated class."""
+    draws = {}
+
+    def recording_guide(x, y):
+        trace = poutine.trace(model.guide).get_trace(x, y)
+        draws["z"] = trace.nodes["z"]["value"]
+
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss(model.model, recording_guide, x, y)
+    return loss, draws["z"]
+
+
+@pytest.mark.parametrize("labels", [[-1, -1, -1, -1, -1], [2, -1, 0, -1, 9]])
+def test_enumerated_loss_equals_the_explicit_sum_over_labels(labels):
+    model = small_model()
+    x = torch.bernoulli(torch.rand(5, 12, generator=torch.Generator().manual_seed(1)))
+    y = torch.tensor(labels)
+    with torch.no_grad():
+        loss, z = enumerated_loss_and_draws(model, x, y)
+        assert z.shape == (10, 5, 3)  # one draw per class and image
+        expected = explicit_loss(model, x, y, z).item()
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_sampled_y_is_unbiased_for_the_enumerated_objective():
+    model = small_model(enumerate=False)
+    x = torch.bernoulli(torch.rand(3, 12, generator=torch.Generator().manual_seed(2)))
+    y = torch.tensor([-1, 4, -1])
+    with torch.no_grad():
+        exact = TraceEnum_ELBO(max_plate_nesting=1, num_particles=4000, vectorize_particles=True)
+        model.config.enumerate = True
+        enumerated = exact.loss(model.model, model.guide, x, y)
+        model.config.enumerate = False
+        sampled = Trace_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=1)
+        estimate = sampled.loss(model.model, model.guide, x, y)
+    # both are Monte Carlo in z; the sampled-y estimate adds the variance of y: 0.5 % is
+    # several standard errors at these particle counts (seed fixed in conftest)
+    assert estimate == pytest.approx(enumerated, rel=5e-3)
+
+
+def test_beats_a_classifier_trained_on_the_labelled_subset_alone():
+    """sklearn digits, 50 labels (5 per class): M2 uses the 1387 unlabelled images too."""
+    x, y = data.load("digits", "train", "threshold")
+    x_test, y_test = data.load("digits", "test", "threshold")
+    labels = data.partial_labels(y, 50, seed=0)
+    known = labels >= 0
+    torch.manual_seed(0)
+    plain = mlp([64, 256, 10])
+    optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    for _ in range(300):  # full-batch training to convergence on the 50 labelled images
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(plain(x[known]), y[known]).backward()
+        optimizer.step()
+    plain_accuracy = (plain(x_test).argmax(-1) == y_test).float().mean().item()
+
+    model = SSVAE(SSVAEConfig(x_dim=64, z_dim=10, hidden=(256,)))
+    svi.fit(
+        model.model,
+        model.guide,
+        (x, labels),
+        loss="TraceEnum_ELBO",
+        max_plate_nesting=1,
+        lr=3e-3,
+        batch_size=100,
+        num_epochs=40,
+    )
+    accuracy = model.accuracy(x_test, y_test)
+    # measured with this seed: plain 0.775, M2 0.86 (3 seeds at 60 epochs: +4.5 to +8.6 points)
+    assert accuracy > plain_accuracy + 0.03, (accuracy, plain_accuracy)
+
+
+def test_generation_analogies_and_errors():
+    model = small_model()
+    x = torch.bernoulli(torch.rand(4, 12))
+    assert model.generate(torch.tensor([0, 3])).shape == (2, 12)
+    out = model.analogies(x)
+    assert out.shape == (4, 10, 12) and torch.all((out >= 0) & (out <= 1))
+    assert model.classify(x).shape == (4,)
+    with pytest.raises(ValueError, match="-1 \\(unknown\\) .. 9"):
+        model.model(x, torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match="integer tensor of shape \\(4,\\)"):
+        model.guide(x, torch.zeros(4))
+    with pytest.raises(ValueError, match="shape \\(N, 12\\)"):
+        model.guide(torch.zeros(4, 5))
+
+
+def test_partial_labels_are_balanced_reproducible_and_checked():
+    y = torch.arange(10).repeat(30)
+    a, b = data.partial_labels(y, 100, seed=3), data.partial_labels(y, 100, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, data.partial_labels(y, 100, seed=4))
+    kept = a[a >= 0]
+    assert len(kept) == 100 and torch.equal(torch.bincount(kept), torch.full((10,), 10))
+    assert torch.equal(a[a >= 0], y[a >= 0])
+    with pytest.raises(ValueError, match="multiple of the 10 classes"):
+        data.partial_labels(y, 105)
+    with pytest.raises(ValueError, match="fewer than 40"):
+        data.partial_labels(y, 400)
+
+
+def test_ssvae_resumes_exactly_under_the_svi_driver(tmp_path):
+    x, y = data.load("digits", "train", "threshold")
+    x, labels = x[:200], data.partial_labels(y, 50, seed=0)[:200]
+
+    def run(epochs, resume):
+        pyro.clear_param_store()
+        model = SSVAE(SSVAEConfig(x_dim=64, z_dim=4, hidden=(16,)))
+        if not resume:
+            torch.manual_seed(0)
+            model = SSVAE(SSVAEConfig(x_dim=64, z_dim=4, hidden=(16,)))
+        result = svi.fit(
+            model.model,
+            model.guide,
+            (x, labels),
+            loss="TraceEnum_ELBO",
+            max_plate_nesting=1,
+            batch_size=50,
+            num_epochs=epochs,
+            checkpoint=tmp_path / "ckpt.pt",
+            resume=resume,
+        )
+        return result.history[-1]["loss"]
+
+    straight = run(4, False)
+    (tmp_path / "ckpt.pt").unlink()
+    run(2, False)
+    assert run(4, True) == straight
