@@ -17,7 +17,9 @@ It owns:
   raises KeyboardInterrupt (SIGINT) or SystemExit (SIGTERM);
 - a NaN guard: a non-finite loss stops the run with an error naming the epoch and step, before
   anything is saved, so the last good checkpoint stays intact;
-- a progress bar (``progress=True``) and a ``callback(record)`` after every epoch.
+- a progress bar (``progress=True``), a ``callback(record)`` after every epoch and a
+  ``schedule(epoch)`` before every epoch, also the first one after a resume (for annealing such
+  as a KL warm-up, whose value must follow the epoch, not the number of calls).
 """
 
 import functools
@@ -58,6 +60,7 @@ def run(
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     resume: bool = False,
     callback: Optional[Callable[[dict], None]] = None,
+    schedule: Optional[Callable[[int], None]] = None,
     progress: bool = False,
     max_steps: Optional[int] = None,
 ) -> FitResult:
@@ -67,6 +70,7 @@ def run(
         optimizers) to checkpoint and restore. Pyro's param store is always included: create
         the parameters (``parameters(model, guide, x)``) before resuming.
     validate: returns the objective on held-out data (higher is better) after each epoch.
+    schedule: called with the 0-based epoch before it runs (and when a resume re-enters it).
     max_steps: stop after this many steps in total (for tests and smoke runs).
     """
     tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
@@ -112,6 +116,8 @@ def run(
         while position["epoch"] < num_epochs:
             if position["perm"] is None:
                 position["perm"] = torch.randperm(num_data, generator=generator)
+            if schedule is not None:
+                schedule(position["epoch"])  # 0-based epoch about to run (or to continue)
             losses = []
             while position["step"] < steps_per_epoch:
                 i = position["step"] * batch_size

@@ -90,6 +90,7 @@ def fit(
     batch_size: int = 128,
     num_epochs: int = 10,
     valid_data=None,
+    validate: Optional[Callable[[], float]] = None,
     data_plate: str = "data",
     **loop_options,
 ) -> FitResult:
@@ -97,8 +98,9 @@ def fit(
 
     optimizer: a callable ``params -> torch.optim.Optimizer`` (default Adam with ``lr``).
     jit: compile the K = 1 objective with torch.jit (Pyro's Jit ELBOs; static models only).
+    validate: a held-out score to early-stop on instead of the bound on ``valid_data``.
     loop_options go to ``inference.loop.run`` (seed, patience, transform, checkpoint, resume,
-    callback, progress, max_steps).
+    callback, schedule, progress, max_steps).
     """
     if num_particles < 1:
         raise ValueError(f"num_particles must be at least 1, got {num_particles}")
@@ -121,8 +123,7 @@ def fit(
         opt.step()
         return loss.item()
 
-    validate = None
-    if valid_data is not None:
+    if validate is None and valid_data is not None:
         evaluator = Objective(
             model, guide, example, num_rows(valid_data), num_particles, analytic_kl, data_plate
         )

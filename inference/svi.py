@@ -93,13 +93,16 @@ def fit(
     batch_size: int = 128,
     num_epochs: int = 10,
     valid_data=None,
+    validate: Optional[Callable[[], float]] = None,
     data_plate: str = "data",
     **loop_options,
 ) -> FitResult:
     """Fit by SVI. ``data`` is a tensor or a tuple of tensors passed as the model's arguments.
 
+    validate: a held-out score to early-stop on instead of the ELBO on ``valid_data`` (higher
+    is better), e.g. a classifier's validation accuracy.
     loop_options go to ``inference.loop.run``: seed, patience, transform, checkpoint, resume,
-    callback, progress, max_steps. The objective and history are ELBO per data point.
+    callback, schedule, progress, max_steps. The objective and history are ELBO per data point.
     """
     tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
     num_data = len(tensors[0])
@@ -116,8 +119,7 @@ def fit(
         args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
         return svi.step(*args) / num_data  # -ELBO of the whole data set, per data point
 
-    validate = None
-    if valid_data is not None:
+    if validate is None and valid_data is not None:
         evaluator = make_loss(
             loss.replace("Jit", "") if isinstance(loss, str) else loss,
             num_particles,

@@ -202,3 +202,39 @@ def test_torchrun_two_processes(tmp_path):
     svi_run = launch[:-2] + ["--inference", "svi", "--out", str(tmp_path / "svi")]
     proc = subprocess.run(svi_run, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "only --inference reparam" in proc.stderr
+
+
+@requires_mnist
+def test_fit_ssvae_on_mnist_with_few_labels(tmp_path):
+    out = tmp_path / "ssvae"
+    argv = ["fit", "ssvae", "--labels", "100", "--max-data", "2000", "--epochs", "2"]
+    argv += ["--hidden", "64", "--z-dim", "8", "--eval-samples", "5", "--patience", "3"]
+    assert cli.main([*argv, "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["options"]["labels"] == 100 and config["options"]["loss"] == "TraceEnum_ELBO"
+    history = json.loads((out / "history.json").read_text())
+    # early stopping watches the classifier's validation accuracy
+    assert all(0.0 <= r["valid_objective"] <= 1.0 for r in history)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["num_test"] == 10000
+    assert metrics["test_log_likelihood"] > metrics["test_elbo"] - 1.0
+    for name in ("digits.png", "analogies.png", "learning_curve.png"):
+        assert (out / name).exists(), name
+    assert cli.main([*argv, "--labels", "105", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+
+
+def test_fit_hvae_resumes_its_warmup_exactly(tmp_path):
+    base = ["fit", "hvae", "--data", "digits", "--binarize", "threshold", "--layers", "2"]
+    base += ["--warmup", "4", "--eval-samples", "5", "--quiet", "--batch-size", "64"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cli.main([*base, "--epochs", "4", "--out", str(straight)]) == 0
+    assert cli.main([*base, "--epochs", "2", "--out", str(split)]) == 0
+    assert cli.main([*base, "--epochs", "4", "--resume", str(split)]) == 0
+    a = json.loads((straight / "history.json").read_text())
+    b = json.loads((split / "history.json").read_text())
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # same KL weights, same draws
+    metrics = json.loads((split / "metrics.json").read_text())
+    assert metrics["latent_units"] == {"z1": 64, "z2": 32}
+    assert 0 <= metrics["active_units"]["z2"] <= 32
+    for name in ("layer_samples.png", "active_units.png"):
+        assert (split / name).exists(), name

@@ -1,11 +1,13 @@
 """The probabilistic-programming model zoo: generative stories as Pyro model/guide pairs.
 
-from zoo import GaussianMixture, BernoulliMixture, VAE, CVAE, data
+from zoo import GaussianMixture, BernoulliMixture, VAE, CVAE, SSVAE, HVAE, data
 """
 
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig
 from zoo.cvae import CVAE, CVAEConfig
 from zoo.gmm import GaussianMixture, GMMConfig
+from zoo.hvae import HVAE, HVAEConfig
+from zoo.ssvae import SSVAE, SSVAEConfig
 from zoo.vae import VAE, VAEConfig
 
 __all__ = [
@@ -15,6 +17,10 @@ __all__ = [
     "CVAEConfig",
     "GaussianMixture",
     "GMMConfig",
+    "HVAE",
+    "HVAEConfig",
+    "SSVAE",
+    "SSVAEConfig",
     "VAE",
     "VAEConfig",
 ]

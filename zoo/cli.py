@@ -4,6 +4,8 @@ The ``zoo`` command: the one place that ties models to drivers.
     zoo list
     zoo fit gmm --data faithful --out runs/gmm-faithful
     zoo fit bmm --data mnist --components 100 --out runs/bmm-mnist
+    zoo fit ssvae --labels 100 --epochs 50
+    zoo fit hvae --layers 2 --epochs 100 --warmup 20
     zoo evaluate runs/bmm-mnist
     zoo sample runs/bmm-mnist --num-samples 100
     zoo data fetch mnist
@@ -39,6 +41,8 @@ from zoo import data, plots  # noqa: E402
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
 from zoo.cvae import CVAE, Baseline, CVAEConfig, one_hot, quadrant_task  # noqa: E402
 from zoo.gmm import GaussianMixture, GMMConfig  # noqa: E402
+from zoo.hvae import HVAE, HVAEConfig  # noqa: E402
+from zoo.ssvae import SSVAE, SSVAEConfig  # noqa: E402
 from zoo.vae import VAE, VAEConfig  # noqa: E402
 
 
@@ -94,6 +98,24 @@ def _cvae_config(args, dim, binary):
     return CVAEConfig(x_dim=dim, y_dim=y_dim, z_dim=args.z_dim, hidden=tuple(args.hidden))
 
 
+def _ssvae_config(args, dim, binary):
+    if not binary:
+        raise SystemExit("zoo: the SSVAE has a Bernoulli decoder: binarize the data")
+    return SSVAEConfig(
+        x_dim=dim,
+        z_dim=args.z_dim,
+        hidden=tuple(args.hidden),
+        alpha=args.alpha,
+        enumerate=not args.sample_y,
+    )
+
+
+def _hvae_config(args, dim, binary):
+    if not binary:
+        raise SystemExit("zoo: the ladder VAE has a Bernoulli decoder: binarize the data")
+    return HVAEConfig.with_layers(args.layers, x_dim=dim)
+
+
 MODELS = {
     "gmm": Entry(
         "Gaussian mixture (full or diagonal covariances)",
@@ -130,6 +152,24 @@ MODELS = {
         "dynamic",
         ("reparam", "svi"),
         _vae_config,
+    ),
+    "ssvae": Entry(
+        "semi-supervised VAE (Kingma et al. 2014, M2): a classifier from few labels",
+        SSVAE,
+        SSVAEConfig,
+        "mnist",
+        "dynamic",
+        ("svi",),
+        _ssvae_config,
+    ),
+    "hvae": Entry(
+        "hierarchical ladder VAE (Sonderby et al. 2016) with L stochastic layers",
+        HVAE,
+        HVAEConfig,
+        "mnist",
+        "dynamic",
+        ("reparam", "svi"),
+        _hvae_config,
     ),
 }
 
@@ -243,6 +283,11 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
     held_out_binarize = "static" if binarize == "dynamic" else binarize
     if binarize == "dynamic" and args.model == "cvae":
         raise SystemExit("zoo: the CVAE trains on a static or threshold binarization")
+    if args.model == "ssvae" and args.iwae > 1:
+        raise SystemExit("zoo: the SSVAE is fitted by SVI; --iwae does not apply")
+    loss = args.loss or ("TraceEnum_ELBO" if args.model == "ssvae" else "TraceMeanField_ELBO")
+    if args.model == "ssvae" and args.sample_y and args.loss is None:
+        loss = "Trace_ELBO"  # y is sampled: the score-function estimator of Pyro's tutorial
     train_binarize = None if binarize == "dynamic" else binarize
     x, _ = _load(data_name, "train", train_binarize, 1)
     binary = binarize is not None
@@ -260,12 +305,15 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
             "batch_size": args.batch_size,
             "lr": args.lr,
             "iwae": args.iwae,
-            "loss": args.loss,
+            "loss": loss,
             "patience": args.patience,
             "seed": args.seed,
             "device": str(device),
             "condition": args.condition if args.model == "cvae" else None,
             "given": args.given,
+            "labels": args.labels if args.model == "ssvae" else None,
+            "label_seed": args.label_seed if args.model == "ssvae" else None,
+            "warmup": _warmup_epochs(args) if args.model == "hvae" else None,
         },
         "command": "zoo " + " ".join(shlex.quote(a) for a in args.argv),
     }
@@ -283,7 +331,9 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         save_json(out / "config.json", config)  # first, so that an interrupted run can resume
 
     def dynamic(batch, generator):  # a fresh Bernoulli draw of every pixel, every epoch
-        return data.binarize(batch, "dynamic", generator=generator)
+        if isinstance(batch, torch.Tensor):
+            return data.binarize(batch, "dynamic", generator=generator)
+        return (data.binarize(batch[0], "dynamic", generator=generator), *batch[1:])
 
     options = dict(
         batch_size=args.batch_size,
@@ -298,6 +348,11 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         max_steps=args.max_steps,
         lr=args.lr,
     )
+    if isinstance(model, HVAE):
+        options["schedule"] = model.warmup(config["options"]["warmup"])
+    if isinstance(model, SSVAE) and valid is not None:
+        x_valid, y_valid = valid
+        options["validate"] = lambda: model.accuracy(x_valid, y_valid)  # early stop on this
     started = time.time()
     data_args = train[0] if len(train) == 1 else train
     if args.inference == "reparam":
@@ -305,7 +360,12 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
             model.model, model.guide, data_args, num_particles=args.iwae, **options
         )
     else:
-        result = svi.fit(model.model, model.guide, data_args, loss=args.loss, **options)
+        nesting = 1 if isinstance(model, SSVAE) else None  # y is enumerated left of the plate
+        result = svi.fit(
+            model.model, model.guide, data_args, loss=loss, max_plate_nesting=nesting, **options
+        )
+    if isinstance(model, HVAE):
+        model.kl_weight = 1.0  # whatever the warm-up reached, evaluate the true bound
     seconds = time.time() - started
     if rank != 0:  # every rank holds the same parameters; rank 0 writes the run directory
         return 0
@@ -333,7 +393,13 @@ def _model_args(config, split, binarize, max_data=None, device="cpu"):
     """The model's positional arguments for a split: (x,), (x, label) or (x, visible, mask)."""
     x, y = _load(config["data"], split, binarize, max_data)
     condition = config["options"].get("condition")
-    if condition == "label":
+    if config["model"] == "ssvae":
+        if y is None:
+            raise SystemExit(f"zoo: {config['data']} has no labels for the SSVAE")
+        if split == "train":  # a class-balanced labelled subset; every other label is unknown
+            y = data.partial_labels(y, config["options"]["labels"], config["options"]["label_seed"])
+        out = (x, y)
+    elif condition == "label":
         if y is None:
             raise SystemExit(f"zoo: {config['data']} has no labels for --condition label")
         out = (x, one_hot(y, 10))
@@ -369,6 +435,8 @@ def _deep_metrics(model, config, num_samples, device, run: Optional[Path] = None
     for the CVAE these are of x given its condition, and in the quadrant task of the hidden
     pixels only, beside the baseline's negative log-likelihood of the same pixels."""
     test = _model_args(config, "test", config["held_out_binarize"], None, device)
+    if isinstance(model, SSVAE):
+        return _ssvae_metrics(model, test, num_samples)
     data_args = test[0] if len(test) == 1 else test
     model.eval()
     elbo = evaluate.elbo(model.model, model.guide, data_args, num_samples=1)
@@ -381,12 +449,42 @@ def _deep_metrics(model, config, num_samples, device, run: Optional[Path] = None
         "num_test": len(test[0]),
         "units": "nats per data point",
     }
+    if isinstance(model, HVAE):
+        units = model.active_units(test[0][:5000])
+        metrics["active_units"] = {f"z{i + 1}": n for i, n in enumerate(units)}
+        metrics["latent_units"] = {f"z{i + 1}": n for i, n in enumerate(model.config.z_dims)}
     if config["options"].get("condition") == "quadrants" and run is not None:
         baseline = _restore_baseline(run, test[0].shape[1], config).to(device)
         metrics["test_baseline_nll"] = baseline.loss(*test).mean().item()
         metrics["test_cvae_nll"] = -metrics["test_log_likelihood"]
         metrics["quadrants_given"] = config["options"]["given"]
     return metrics
+
+
+@torch.no_grad()
+def _ssvae_metrics(model, test, num_samples) -> dict:
+    """Test accuracy of q(y | x), and the bounds on log p(x) with the test labels hidden."""
+    x, y = test
+    log_px = evaluate.log_likelihood(model.model, model.guide, x, num_samples=num_samples)
+    sampled, model.config.enumerate = not model.config.enumerate, True  # the ELBO exact in y
+    try:
+        elbo = svi.make_loss("TraceEnum_ELBO", max_plate_nesting=1)
+        test_elbo = svi.elbo_per_datum(model.model, model.guide, x, elbo)
+    finally:
+        model.config.enumerate = not sampled
+    return {
+        "test_accuracy": model.accuracy(x, y),
+        "test_elbo": test_elbo,
+        "test_log_likelihood": log_px.mean().item(),
+        "log_likelihood_samples": num_samples,
+        "num_test": len(x),
+        "units": "nats per data point (labels hidden; y and z importance-sampled)",
+    }
+
+
+def _warmup_epochs(args) -> int:
+    """KL warm-up length: --warmup, or a fifth of the epochs."""
+    return args.warmup if args.warmup is not None else max(1, args.epochs // 5)
 
 
 def _restore_baseline(run: Path, dim, config):
@@ -418,6 +516,12 @@ def _deep_plots(model, config, history, out: Path, device) -> None:
         return  # not square images: no image plots
     if isinstance(model, CVAE):
         _cvae_plots(model, config, out, device)
+        return
+    if isinstance(model, SSVAE):
+        _ssvae_plots(model, config, out, device)
+        return
+    if isinstance(model, HVAE):
+        _hvae_plots(model, config, out, device)
         return
     plots.save(
         plots.image_grid(model.sample(64), num_cols=8, title="samples (decoder means)"),
@@ -462,6 +566,32 @@ def _cvae_plots(model, config, out: Path, device) -> None:
     plots.save(plots.image_grid(rows, num_cols=8, title=title), out / "completions.png")
 
 
+@torch.no_grad()
+def _ssvae_plots(model, config, out: Path, device) -> None:
+    labels = torch.arange(10, device=device).repeat_interleave(8)
+    images = model.generate(labels)
+    title = "samples per label: one row per digit, z from the prior"
+    plots.save(plots.image_grid(images, num_cols=8, title=title), out / "digits.png")
+    x, _ = _load(config["data"], "test", config["held_out_binarize"], None)
+    x = x[:8].to(device)
+    grid = torch.cat([x.unsqueeze(1), model.analogies(x)], 1).reshape(-1, x.shape[1])
+    title = "analogies: each test image, then its style z decoded as every digit"
+    plots.save(plots.image_grid(grid, num_cols=11, title=title), out / "analogies.png")
+
+
+@torch.no_grad()
+def _hvae_plots(model, config, out: Path, device) -> None:
+    layers = model.num_layers
+    rows = [model.sample(10, random_layers=k) for k in range(1, layers + 1)]
+    title = "row k: the top k layers drawn at random, the layers below at their means"
+    plots.save(
+        plots.image_grid(torch.cat(rows), num_cols=10, title=title), out / "layer_samples.png"
+    )
+    x, _ = _load(config["data"], "test", config["held_out_binarize"], None)
+    units = model.active_units(x[:5000].to(device))
+    plots.save(plots.active_units(units, model.config.z_dims), out / "active_units.png")
+
+
 def cmd_evaluate(args) -> int:
     model, config = _restore(Path(args.run))
     if MODELS[config["model"]].deep:
@@ -487,9 +617,10 @@ def cmd_sample(args) -> int:
     run = Path(args.run)
     model, config = _restore(run)
     pyro.set_rng_seed(args.seed)
-    if isinstance(model, CVAE):
-        _cvae_plots(model, config, run, torch.device("cpu"))
-        print(f"wrote the CVAE's figures in {run}")
+    if isinstance(model, (CVAE, SSVAE)):
+        plot = _cvae_plots if isinstance(model, CVAE) else _ssvae_plots
+        plot(model, config, run, torch.device("cpu"))
+        print(f"wrote the {config['model'].upper()}'s figures in {run}")
         return 0
     if MODELS[config["model"]].deep:
         x = model.sample(args.num_samples)
@@ -690,7 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--n-init", type=_positive_int, default=1, help="restarts; the best is kept")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    deep = fit.add_argument_group("deep models (vae, cvae)")
+    deep = fit.add_argument_group("deep models (vae, cvae, ssvae, hvae)")
     deep.add_argument("--epochs", type=_positive_int, default=10)
     deep.add_argument("--batch-size", type=_positive_int, default=128)
     deep.add_argument("--lr", type=float, default=1e-3)
@@ -705,9 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deep.add_argument(
         "--loss",
-        default="TraceMeanField_ELBO",
         choices=sorted(svi.LOSSES),
-        help="Pyro ELBO for --inference svi",
+        help="Pyro ELBO for --inference svi (default TraceEnum_ELBO for the SSVAE,"
+        " TraceMeanField_ELBO otherwise)",
     )
     deep.add_argument("--patience", type=_positive_int, help="early stopping on validation")
     deep.add_argument("--max-steps", type=_positive_int, help="stop after N steps (smoke runs)")
@@ -729,6 +860,32 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(1, 2, 3),
         default=1,
         help="CVAE quadrant task: how many quadrants are visible",
+    )
+    deep.add_argument(
+        "--labels",
+        type=_positive_int,
+        default=100,
+        help="SSVAE: labelled training images (class-balanced; a multiple of 10)",
+    )
+    deep.add_argument("--label-seed", type=int, default=0, help="SSVAE: which labelled subset")
+    deep.add_argument(
+        "--alpha",
+        type=float,
+        default=46.0,
+        help="SSVAE: weight of the classification term on labelled data (0 = none)",
+    )
+    deep.add_argument(
+        "--sample-y",
+        action="store_true",
+        help="SSVAE: sample y in the guide (Trace_ELBO) instead of enumerating it",
+    )
+    deep.add_argument(
+        "--layers", type=_positive_int, default=2, help="ladder VAE: stochastic layers (1-5)"
+    )
+    deep.add_argument(
+        "--warmup",
+        type=int,
+        help="ladder VAE: KL warm-up epochs, 0 to 1 linearly (default: a fifth of --epochs)",
     )
     deep.add_argument(
         "--resume",

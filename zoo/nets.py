@@ -21,11 +21,11 @@ def mlp(sizes: Sequence[int], activation=nn.Softplus) -> nn.Sequential:
 class GaussianEncoder(nn.Module):
     """x -> (loc, scale) of a diagonal Gaussian: the inference network of a VAE."""
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int):
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, activation=nn.Softplus):
         super().__init__()
-        self.body = mlp([in_dim, *hidden], activation=nn.Softplus) if hidden else nn.Identity()
+        self.body = mlp([in_dim, *hidden], activation=activation) if hidden else nn.Identity()
         width = hidden[-1] if hidden else in_dim
-        self.activation = nn.Softplus() if hidden else nn.Identity()
+        self.activation = activation() if hidden else nn.Identity()
         self.loc = nn.Linear(width, out_dim)
         self.scale = nn.Linear(width, out_dim)
 

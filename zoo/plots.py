@@ -135,6 +135,22 @@ def latent_space(
     return fig
 
 
+def active_units(active: Sequence[int], sizes: Sequence[int], title: str = "active units"):
+    """Bars of active units per stochastic layer (bottom z1 first) against the layer's size;
+    the gap is posterior collapse."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(sizes) + 3, 3.5))
+    names = [f"z{i + 1}" for i in range(len(sizes))]
+    ax.bar(names, sizes, color="0.85", label="units")
+    ax.bar(names, active, color="tab:blue", label="active (Cov_x E_q[u|x] > 0.01)")
+    for i, (a, n) in enumerate(zip(active, sizes)):
+        ax.text(i, a, f"{a}/{n}", ha="center", va="bottom")
+    ax.set_ylabel("units")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def save(fig, path) -> None:
     """Write ``fig`` as PNG and free its memory."""
     fig.savefig(path, dpi=100)
