@@ -380,6 +380,8 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         stop_reason=result.stop_reason,
         objective=result.objective,
     )
+    if isinstance(model, SSVAE) and "validate" in options:  # early stopping watched accuracy
+        metrics.update(best_valid_accuracy=result.objective, objective=result.curve()[-1])
     save_json(out / "metrics.json", metrics)
     _deep_plots(model, config, result.history, out, device)
     _print_metrics(out, metrics)
