@@ -44,7 +44,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from zoo.nets import GaussianEncoder, mlp
+from zoo.nets import GaussianEncoder, check_rows, mlp
 
 _PAPER_Z = (64, 32, 16, 8, 4)
 _PAPER_HIDDEN = (512, 256, 128, 64, 32)
@@ -199,11 +199,7 @@ class HVAE(nn.Module):
         return [int((m.var(0) > threshold).sum()) for m in means]
 
     def _check(self, x) -> int:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[-1] != self.config.x_dim:
-            raise ValueError(f"x must have shape (N, {self.config.x_dim}), got {tuple(x.shape)}")
-        return x.shape[0]
+        return check_rows(x, self.config.x_dim)
 
 
 def precision_weighted(estimate, prior):

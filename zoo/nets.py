@@ -33,3 +33,12 @@ class GaussianEncoder(nn.Module):
         h = self.activation(self.body(x))
         # softplus keeps the scale positive; the floor keeps log q finite early in training
         return self.loc(h), nn.functional.softplus(self.scale(h)) + 1e-4
+
+
+def check_rows(x, dim: int) -> int:
+    """Raise a clear error unless ``x`` is a float tensor of shape (N, dim); return N."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[-1] != dim:
+        raise ValueError(f"x must have shape (N, {dim}), got {tuple(x.shape)}")
+    return x.shape[0]

@@ -35,7 +35,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from zoo.nets import mlp
+from zoo.nets import check_rows, mlp
 
 _POINT_MASS = -3.0e4  # logit of the classes a labelled row cannot take: exp() is exactly 0
 
@@ -190,10 +190,7 @@ class SSVAE(nn.Module):
         return labelled, y_onehot
 
     def _check(self, x) -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[-1] != self.config.x_dim:
-            raise ValueError(f"x must have shape (N, {self.config.x_dim}), got {tuple(x.shape)}")
+        check_rows(x, self.config.x_dim)
 
 
 def _concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from zoo.nets import GaussianEncoder, mlp
+from zoo.nets import GaussianEncoder, check_rows, mlp
 
 
 @dataclass
@@ -110,8 +110,4 @@ class VAE(nn.Module):
         return self.decode(z) if mean else self.likelihood(z).sample()
 
     def _check(self, x) -> int:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[-1] != self.config.x_dim:
-            raise ValueError(f"x must have shape (N, {self.config.x_dim}), got {tuple(x.shape)}")
-        return x.shape[0]
+        return check_rows(x, self.config.x_dim)
