@@ -364,8 +364,6 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         result = svi.fit(
             model.model, model.guide, data_args, loss=loss, max_plate_nesting=nesting, **options
         )
-    if isinstance(model, HVAE):
-        model.kl_weight = 1.0  # whatever the warm-up reached, evaluate the true bound
     seconds = time.time() - started
     if rank != 0:  # every rank holds the same parameters; rank 0 writes the run directory
         return 0
@@ -383,7 +381,7 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
     if isinstance(model, SSVAE) and "validate" in options:  # early stopping watched accuracy
         metrics.update(best_valid_accuracy=result.objective, objective=result.curve()[-1])
     save_json(out / "metrics.json", metrics)
-    _deep_plots(model, config, result.history, out, device)
+    _deep_plots(model, config, result.history, out, device, metrics)
     _print_metrics(out, metrics)
     return 0
 
@@ -468,12 +466,12 @@ def _ssvae_metrics(model, test, num_samples) -> dict:
     """Test accuracy of q(y | x), and the bounds on log p(x) with the test labels hidden."""
     x, y = test
     log_px = evaluate.log_likelihood(model.model, model.guide, x, num_samples=num_samples)
-    sampled, model.config.enumerate = not model.config.enumerate, True  # the ELBO exact in y
+    enumerated, model.config.enumerate = model.config.enumerate, True  # the ELBO exact in y
     try:
         elbo = svi.make_loss("TraceEnum_ELBO", max_plate_nesting=1)
         test_elbo = svi.elbo_per_datum(model.model, model.guide, x, elbo)
     finally:
-        model.config.enumerate = not sampled
+        model.config.enumerate = enumerated
     return {
         "test_accuracy": model.accuracy(x, y),
         "test_elbo": test_elbo,
@@ -496,7 +494,7 @@ def _restore_baseline(run: Path, dim, config):
 
 
 @torch.no_grad()
-def _deep_plots(model, config, history, out: Path, device) -> None:
+def _deep_plots(model, config, history, out: Path, device, metrics: dict) -> None:
     fig = plots.curve(
         history,
         "objective",
@@ -523,7 +521,7 @@ def _deep_plots(model, config, history, out: Path, device) -> None:
         _ssvae_plots(model, config, out, device)
         return
     if isinstance(model, HVAE):
-        _hvae_plots(model, config, out, device)
+        _hvae_plots(model, out, metrics)
         return
     plots.save(
         plots.image_grid(model.sample(64), num_cols=8, title="samples (decoder means)"),
@@ -582,15 +580,15 @@ def _ssvae_plots(model, config, out: Path, device) -> None:
 
 
 @torch.no_grad()
-def _hvae_plots(model, config, out: Path, device) -> None:
+def _hvae_plots(model, out: Path, metrics: dict) -> None:
+    """Samples layer by layer, and the active units ``_deep_metrics`` counted on test data."""
     layers = model.num_layers
     rows = [model.sample(10, random_layers=k) for k in range(1, layers + 1)]
     title = "row k: the top k layers drawn at random, the layers below at their means"
     plots.save(
         plots.image_grid(torch.cat(rows), num_cols=10, title=title), out / "layer_samples.png"
     )
-    x, _ = _load(config["data"], "test", config["held_out_binarize"], None)
-    units = model.active_units(x[:5000].to(device))
+    units = [metrics["active_units"][f"z{i + 1}"] for i in range(layers)]
     plots.save(plots.active_units(units, model.config.z_dims), out / "active_units.png")
 
 
