@@ -16,7 +16,8 @@ statistics in float64. The objective never decreases: if an M-step lowered it (p
 rounding, or by a covariance floor), the driver restores the previous parameters and stops.
 Initialization follows scikit-learn: hard responsibilities from k-means++ seeding and a few Lloyd
 iterations, then one M-step. Drivers do not print; pass ``progress=True`` for a progress bar, or
-a ``callback(record)`` that is called after every iteration.
+a ``callback(record)`` that is called after every iteration (returning True stops the fit there,
+unconverged, with the parameters of that iteration).
 """
 
 import math
@@ -144,8 +145,9 @@ def _run(state, tol, max_iter, callback, progress, restart, n_init) -> FitResult
                 "time": time.perf_counter() - start,
             }
             history.append(record)
-            if callback is not None:
-                callback(dict(record, restart=restart))
+            if callback is not None and callback(dict(record, restart=restart)) is True:
+                stop_reason = f"stopped by the callback at iteration {step}"
+                break
             bar.update(1)
             bar.set_postfix(objective=f"{objective:.6g}")
             change = math.inf if len(history) < 2 else objective - history[-2]["objective"]

@@ -7,10 +7,12 @@ Metrics shared by every model, all in nats per data point where they are densiti
   (Hungarian algorithm), or after mapping each cluster to its majority label.
 - ``nmi`` (arithmetic normalization, as scikit-learn's default) and ``ari``.
 - ``bic`` and ``aic`` from a total log-likelihood and a number of free parameters.
+- ``gradient_variance`` of a stochastic gradient estimator at fixed parameters, with
+  ``elbo_gradient`` for one draw of any Pyro ELBO's gradient.
 """
 
 import math
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -174,3 +176,31 @@ def bic(total_log_likelihood: float, num_parameters: int, num_data: int) -> floa
 def aic(total_log_likelihood: float, num_parameters: int) -> float:
     """Akaike information criterion, -2 log L + 2 p (lower is better)."""
     return -2.0 * total_log_likelihood + 2.0 * num_parameters
+
+
+def gradient_variance(gradient: Callable[[], Sequence[torch.Tensor]], num_draws: int = 100):
+    """Variance of a stochastic gradient estimator at fixed parameters.
+
+    ``gradient()`` returns one draw of the gradient (a list of tensors, e.g. from
+    ``elbo_gradient``). Returns ``(mean variance per coordinate, squared norm of the mean)``
+    over ``num_draws`` draws: the first is what makes an estimator noisy, the second puts it on
+    the scale of the signal.
+    """
+    if num_draws < 2:
+        raise ValueError(f"need at least 2 draws to estimate a variance, got {num_draws}")
+    draws = torch.stack(
+        [torch.cat([g.reshape(-1) for g in gradient()]).double() for _ in range(num_draws)]
+    )  # (draws, P)
+    return draws.var(0).mean().item(), draws.mean(0).pow(2).sum().item()
+
+
+def elbo_gradient(elbo, model, guide, *args) -> List[torch.Tensor]:
+    """One draw of the gradient of ``elbo``'s loss with respect to every parameter the model
+    and guide read (Pyro's ``loss_and_grads``, so score-function terms are included)."""
+    from inference.loop import parameters
+
+    params = parameters(model, guide, *args)
+    for p in params:
+        p.grad = None
+    elbo.loss_and_grads(model, guide, *args)
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]

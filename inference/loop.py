@@ -17,7 +17,8 @@ It owns:
   raises KeyboardInterrupt (SIGINT) or SystemExit (SIGTERM);
 - a NaN guard: a non-finite loss stops the run with an error naming the epoch and step, before
   anything is saved, so the last good checkpoint stays intact;
-- a progress bar (``progress=True``), a ``callback(record)`` after every epoch and a
+- a progress bar (``progress=True``), a ``callback(record)`` after every epoch (returning True
+  stops the run there, e.g. when a time budget is spent) and a
   ``schedule(epoch)`` before every epoch, also the first one after a resume (for annealing such
   as a KL warm-up, whose value must follow the epoch, not the number of calls).
 """
@@ -160,8 +161,12 @@ def run(
                     state=_copy_state(state),
                 )
             save()
-            if callback is not None:
-                callback(dict(record))
+            if callback is not None and callback(dict(record)) is True:
+                stop_reason, converged = (
+                    f"stopped by the callback after epoch {record['epoch']}",
+                    False,
+                )
+                break
             if max_steps is not None and done_steps >= max_steps:
                 stop_reason, converged = f"reached max_steps={max_steps}", False
                 break

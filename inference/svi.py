@@ -22,6 +22,7 @@ import pyro.infer
 import pyro.optim
 import torch
 from pyro.infer import SVI
+from pyro.poutine.messenger import Messenger
 
 from inference import loop
 from inference.result import FitResult
@@ -138,6 +139,34 @@ def fit(
         validate=validate,
         **loop_options,
     )
+
+
+class _NoReparam(Messenger):
+    def _pyro_sample(self, msg):
+        if not msg["is_observed"] and getattr(msg["fn"], "has_rsample", False):
+            _no_rsample(msg["fn"])  # in place: the guide built it for this call only
+
+
+def _no_rsample(fn) -> None:
+    try:
+        fn.has_rsample_(False)
+    except AttributeError:  # a wrapper (Independent, masked, ...) that asks its base
+        _no_rsample(fn.base_dist)
+    if fn.has_rsample:
+        raise TypeError(f"cannot switch off reparameterized sampling of {type(fn).__name__}")
+
+
+def score_function(guide: Callable) -> Callable:
+    """``guide`` with every latent site marked non-reparameterizable: Pyro's ELBOs then
+    estimate its gradient by the score function (REINFORCE; with TraceGraph_ELBO, plus its
+    Rao-Blackwellization and baselines) instead of differentiating through the sample. The
+    high-variance contrast to the reparameterization trick; the objective is unchanged."""
+
+    def guide_without_reparam(*args, **kwargs):
+        with _NoReparam():
+            return guide(*args, **kwargs)
+
+    return guide_without_reparam
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ The ``zoo`` command: the one place that ties models to drivers.
     zoo fit bmm --data mnist --components 100 --out runs/bmm-mnist
     zoo fit ssvae --labels 100 --epochs 50
     zoo fit hvae --layers 2 --epochs 100 --warmup 20
+    zoo compare gmm --data faithful --inference em,svi,nuts,sklearn --seeds 3
     zoo evaluate runs/bmm-mnist
     zoo sample runs/bmm-mnist --num-samples 100
     zoo data fetch mnist
@@ -37,7 +38,7 @@ import torch.distributed as tdist  # noqa: E402
 
 from inference import em, evaluate, reparam, svi  # noqa: E402
 from inference.io import save_json, save_torch  # noqa: E402
-from zoo import data, plots  # noqa: E402
+from zoo import comparisons, data, plots  # noqa: E402
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
 from zoo.cvae import CVAE, Baseline, CVAEConfig, one_hot, quadrant_task  # noqa: E402
 from zoo.gmm import GaussianMixture, GMMConfig  # noqa: E402
@@ -592,6 +593,55 @@ def _hvae_plots(model, out: Path, metrics: dict) -> None:
     plots.save(plots.active_units(units, model.config.z_dims), out / "active_units.png")
 
 
+def cmd_compare(args) -> int:
+    out = Path(
+        args.out or f"runs/compare-{args.model}-{args.data or comparisons.DATA[args.model][0]}"
+    )
+    if (out / "table.md").exists() and not args.overwrite:
+        raise SystemExit(
+            f"zoo: {out} already holds a comparison; pass --overwrite or another --out"
+        )
+    methods = [m.strip() for m in args.inference.split(",")] if args.inference else None
+    options = {
+        name: getattr(args, name)
+        for name in _COMPARE_OPTIONS
+        if getattr(args, name, None) is not None
+    }
+    table = comparisons.compare(
+        args.model,
+        data=args.data,
+        methods=methods,
+        seeds=range(args.seeds),
+        budget=args.budget,
+        out=out,
+        command="zoo " + " ".join(shlex.quote(a) for a in args.argv),
+        progress=not args.quiet,
+        **options,
+    )
+    print(table.read_text().split("\nNotes:")[0].split("\n###")[0].rstrip())
+    print(f"\nreport: {out} (table.md, table.csv, log_likelihood_vs_time.png, rows.json)")
+    return 0
+
+
+_COMPARE_OPTIONS = (
+    "components",
+    "epochs",
+    "max_data",
+    "heldout",
+    "num_samples",
+    "labels",
+    "chains",
+    "warmup",
+    "samples",
+    "svi_steps",
+    "batch_size",
+    "lr",
+    "tol",
+    "max_iter",
+    "gradient_draws",
+)
+
+
 def cmd_evaluate(args) -> int:
     model, config = _restore(Path(args.run))
     if MODELS[config["model"]].deep:
@@ -896,6 +946,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=cmd_fit)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="fit one model with several inference methods and seeds; write a table and a plot",
+    )
+    cmp.add_argument("model", choices=sorted(comparisons.METHODS))
+    cmp.add_argument("--data", help="data set (default: the model's first; see zoo.comparisons)")
+    cmp.add_argument(
+        "--inference",
+        help="comma-separated methods (default: all for the model): gmm em,svi,nuts,sklearn;"
+        " bmm em,svi; vae trace,meanfield,iwae5,iwae50,tracegraph;"
+        " ssvae sampled,enumerated,classifier",
+    )
+    cmp.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 per method")
+    cmp.add_argument("--budget", type=float, help="seconds of fitting per method and seed")
+    cmp.add_argument("--out", help="report directory (default: runs/compare-MODEL-DATA)")
+    cmp.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+    knobs = cmp.add_argument_group("settings (defaults in zoo.comparisons.Setup)")
+    for flag, kind, text in (
+        ("--components", _positive_int, "mixture components"),
+        ("--max-iter", _positive_int, "EM and scikit-learn iterations"),
+        ("--tol", float, "EM and scikit-learn tolerance"),
+        ("--svi-steps", _positive_int, "SVI epochs on a mixture"),
+        ("--chains", _positive_int, "NUTS chains"),
+        ("--warmup", _positive_int, "NUTS warm-up steps per chain"),
+        ("--samples", _positive_int, "NUTS draws per chain"),
+        ("--epochs", _positive_int, "deep models: epochs"),
+        ("--batch-size", _positive_int, "deep models: minibatch size"),
+        ("--lr", float, "deep models: Adam learning rate"),
+        ("--max-data", _positive_int, "use only the first N training rows"),
+        ("--heldout", _positive_int, "score the first N test rows"),
+        ("--num-samples", _positive_int, "K of the importance-sampled held-out log-likelihood"),
+        ("--labels", _positive_int, "SSVAE: labelled training rows"),
+        ("--gradient-draws", _positive_int, "VAE: draws per gradient-variance estimate"),
+    ):
+        knobs.add_argument(flag, type=kind, help=text)
+    cmp.set_defaults(func=cmd_compare)
 
     ev = sub.add_parser("evaluate", help="recompute a run's metrics")
     ev.add_argument("run")

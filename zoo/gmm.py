@@ -15,6 +15,8 @@ Reference: Bishop (2006), Pattern Recognition and Machine Learning, sec. 9.2.
 import math
 from dataclasses import dataclass
 
+import numpy as np
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
@@ -152,3 +154,109 @@ def _cholesky(cov: torch.Tensor) -> torch.Tensor:
             " onto too few points: increase reg_covar or use fewer components"
         )
     return chol
+
+
+def bayesian_model(
+    x: torch.Tensor,
+    num_components: int,
+    weight_concentration: float = 1.0,
+    enumerate: bool = False,
+):
+    """The Bayesian Gaussian mixture (full covariances), for MCMC:
+
+        weights ~ Dirichlet(weight_concentration)             (K,)
+        locs[k] ~ Normal(mean(x), 2 sd(x))                    (K, D), weakly informative
+        sd[k]   ~ HalfNormal(2 sd(x)),  corr[k] ~ LKJ(D, 2)    scale_tril[k] = diag(sd[k]) corr[k]
+        z[n]    ~ Categorical(weights)                        summed out exactly
+        x[n]    ~ MultivariateNormal(locs[z[n]], scale_tril[z[n]])
+
+    The priors are scaled to the data (an empirical-Bayes choice), so the posterior is
+    equivariant under affine rescaling of each coordinate: fitting standardized data and
+    mapping the draws back with ``unstandardize`` gives the same posterior, and samplers adapt
+    better on the standardized scale.
+
+    The assignments z are summed out: with ``enumerate=True`` as an explicit ``z`` site that
+    Pyro enumerates in parallel (NUTS with ``max_plate_nesting=1``), otherwise inside
+    ``MixtureSameFamily``: the same sum (the tests check the two log densities agree), done in
+    one logsumexp, which is faster under NUTS.
+    """
+    num_data, dim = x.shape
+    mean, sd = x.mean(0), x.std(0)
+    weights = pyro.sample(
+        "weights",
+        dist.Dirichlet(x.new_full((num_components,), float(weight_concentration))),
+    )
+    with pyro.plate("components", num_components):
+        locs = pyro.sample("locs", dist.Normal(mean, 2 * sd).to_event(1))  # (K, D)
+        scales = pyro.sample("scales", dist.HalfNormal(2 * sd).to_event(1))  # (K, D)
+        corr = pyro.sample("corr", dist.LKJCholesky(dim, x.new_tensor(2.0)))  # (K, D, D)
+    scale_tril = scales.unsqueeze(-1) * corr  # (K, D, D)
+    with pyro.plate("data", num_data):
+        if enumerate:
+            z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.MultivariateNormal(locs[z], scale_tril=scale_tril[z]), obs=x)
+        else:
+            components = dist.MultivariateNormal(locs, scale_tril=scale_tril)
+            pyro.sample("x", dist.MixtureSameFamily(dist.Categorical(weights), components), obs=x)
+
+
+def unstandardize(draws: dict, mean: torch.Tensor, sd: torch.Tensor) -> dict:
+    """Map draws of ``bayesian_model`` fitted to (x - mean) / sd back to the scale of x."""
+    out = dict(draws)
+    out["locs"] = mean + sd * draws["locs"]
+    out["scales"] = sd * draws["scales"]
+    return out
+
+
+def posterior_log_predictive(draws: dict, x: torch.Tensor) -> torch.Tensor:
+    """log (1/S) sum_s p(x[n] | theta_s) for S posterior draws of ``bayesian_model``, (N,)."""
+    weights, locs = draws["weights"], draws["locs"]  # (S, K), (S, K, D)
+    scale_tril = draws["scales"].unsqueeze(-1) * draws["corr"]  # (S, K, D, D)
+    component = dist.MultivariateNormal(locs, scale_tril=scale_tril)
+    log_px = component.log_prob(x[:, None, None, :]) + weights.log()  # (N, S, K)
+    return log_px.logsumexp(-1).logsumexp(-1) - math.log(len(weights))
+
+
+COMPONENT_SITES = ("weights", "locs", "scales", "corr")
+
+
+def relabel(draws: dict, num_iters: int = 5) -> tuple:
+    """Undo label switching in draws of ``bayesian_model`` (arrays with leading dims
+    (chains, draws) and the component axis next).
+
+    The components of a mixture are exchangeable, so the posterior has K! symmetric modes and a
+    sampler may visit several (within a chain, or one per chain). Each draw is permuted to the
+    labelling whose locations are nearest (squared distance in units of the posterior spread)
+    to a reference: first the first draw, then the mean of the relabelled locations, iterated
+    up to ``num_iters`` times (a pivotal relabelling in the spirit of Stephens 2000). Returns
+    ``(relabelled draws, permuted)``, permuted a boolean array (chains, draws) marking the draws
+    whose labels were changed.
+    """
+    import itertools
+
+    locs = np.asarray(draws["locs"], dtype=np.float64)  # (C, S, K, D)
+    num_components = locs.shape[2]
+    if num_components > 6:
+        raise ValueError(f"relabel tries all K! labellings: at most K = 6, got {num_components}")
+    perms = np.array(list(itertools.permutations(range(num_components))))  # (K!, K)
+    spread = locs.reshape(-1, locs.shape[-1]).std(0) + 1e-12  # (D,)
+    scaled = locs / spread
+    permuted = np.take_along_axis(
+        scaled[:, :, None], perms[None, None, :, :, None], axis=3
+    )  # (C, S, P, K, D): every draw under every labelling
+    reference, choice = scaled[0, 0], None  # the pivot: the first draw of the first chain
+    for _ in range(num_iters):
+        new = ((permuted - reference) ** 2).sum((-1, -2)).argmin(-1)  # (C, S)
+        if choice is not None and (new == choice).all():
+            break
+        choice = new
+        reference = np.take_along_axis(scaled, perms[choice][..., None], axis=2).mean((0, 1))
+    order = perms[choice]  # (C, S, K)
+    out = {}
+    for name, value in draws.items():
+        value = np.asarray(value)
+        if name in COMPONENT_SITES:
+            index = order.reshape(order.shape + (1,) * (value.ndim - 3))
+            value = np.take_along_axis(value, index, axis=2)
+        out[name] = value
+    return out, (order != np.arange(num_components)).any(-1)

@@ -1,0 +1,707 @@
+"""
+Which inference methods the zoo compares on which model, and how each is fitted and scored.
+``inference.compare`` runs them (every method with every seed, on the same split) and writes the
+report; like ``zoo/cli.py``, this module ties models to drivers.
+
+    from zoo import comparisons
+    table = comparisons.compare("gmm", data="faithful", seeds=(0, 1, 2),
+                                out="runs/compare-gmm-faithful")
+    # zoo compare gmm --data faithful --inference em,svi,nuts,sklearn --seeds 3
+
+Methods (the first data set is the default):
+  gmm    faithful, gmm-synthetic
+         em         closed-form EM (k-means++ start)
+         svi        SVI with TraceEnum_ELBO: the same maximum-likelihood objective, z summed out,
+                    Adam on the unconstrained parameters from EM's starting point
+         nuts       NUTS on the Bayesian GMM (``gmm.bayesian_model``), chains run one after the
+                    other; arviz InferenceData, summary (r_hat, ESS), trace and posterior plots,
+                    label switching detected and undone (``gmm.relabel``)
+         sklearn    scikit-learn's GaussianMixture with the same tolerance: the reference row
+  bmm    mnist, digits, bmm-synthetic:  em, svi
+  vae    mnist, digits
+         trace      Trace_ELBO, Monte Carlo KL          meanfield  TraceMeanField_ELBO, analytic KL
+         iwae5      importance-weighted bound, K = 5    iwae50     K = 50
+         tracegraph TraceGraph_ELBO with the guide's reparameterization switched off: the
+                    score-function estimator, the high-variance contrast
+         plus the variance of each estimator's gradient at fixed parameters
+  ssvae  mnist, digits (``labels`` of the training rows kept)
+         sampled    y sampled from q(y | x), Trace_ELBO, no classification term
+         enumerated y summed out (TraceEnum_ELBO), no classification term
+         classifier y summed out plus alpha * log q(y | x) on the labelled rows (M2 as published)
+
+Held-out log-likelihood: exact for the mixtures, the posterior predictive for NUTS, and an
+importance-sampled estimate with the guide as proposal (K stated) for the deep models. Curves:
+the held-out figure at geometrically spaced steps, evaluation time excluded from the clock.
+"""
+
+import dataclasses
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pyro
+import torch
+
+from inference import compare as runner
+from inference import em, evaluate, reparam, svi
+from inference.io import save_json
+from zoo import data
+from zoo import gmm as gmm_module
+from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig
+from zoo.gmm import GaussianMixture, GMMConfig
+from zoo.ssvae import SSVAE, SSVAEConfig
+from zoo.vae import VAE, VAEConfig
+
+METHODS = {
+    "gmm": ("em", "svi", "nuts", "sklearn"),
+    "bmm": ("em", "svi"),
+    "vae": ("trace", "meanfield", "iwae5", "iwae50", "tracegraph"),
+    "ssvae": ("sampled", "enumerated", "classifier"),
+}
+DATA = {
+    "gmm": ("faithful", "gmm-synthetic"),
+    "bmm": ("mnist", "digits", "bmm-synthetic"),
+    "vae": ("mnist", "digits"),
+    "ssvae": ("mnist", "digits"),
+}
+_BINARY = {"mnist": "static", "digits": "static", "bmm-synthetic": None}
+
+
+@dataclass
+class Setup:
+    """Everything a comparison needs beyond the method names; defaults suit the default data."""
+
+    model: str
+    data: str
+    components: int = 2  # mixtures
+    max_iter: int = 500  # EM / scikit-learn iterations
+    tol: float = 1e-6  # EM / scikit-learn tolerance on the mean log-likelihood
+    svi_steps: int = 1000  # SVI on a mixture: full-batch steps (or epochs of minibatches)
+    svi_lr: float = 0.05
+    chains: int = 2  # NUTS
+    warmup: int = 150
+    samples: int = 150
+    epochs: int = 10  # deep models
+    batch_size: int = 128
+    lr: float = 1e-3
+    max_data: Optional[int] = None  # training rows kept (the first ones)
+    heldout: int = 1000  # held-out rows scored (the first of the test split)
+    num_samples: int = 100  # K of the importance-sampled held-out log-likelihood
+    labels: int = 100  # ssvae: labelled training rows
+    gradient_draws: int = 100  # vae: draws of each gradient estimator
+    z_dim: int = 50
+    hidden: tuple = (200, 200)
+    out: Optional[Path] = None  # where methods put their own artefacts (NUTS posteriors)
+    train: tuple = field(default=None, repr=False)
+    test: tuple = field(default=None, repr=False)
+
+
+def compare(
+    model: str,
+    data: Optional[str] = None,
+    methods: Optional[Sequence[str]] = None,
+    seeds: Sequence[int] = (0,),
+    budget: Optional[float] = None,
+    out="runs/compare",
+    command: Optional[str] = None,
+    progress: bool = True,
+    **options,
+) -> Path:
+    """Fit ``model`` on ``data`` with every method and seed; write the report into ``out``.
+
+    options: fields of ``Setup`` (components, epochs, max_data, num_samples, chains, ...).
+    Returns the path of the Markdown table.
+    """
+    if model not in METHODS:
+        raise ValueError(f"no comparison for model {model!r}; choose one of {', '.join(METHODS)}")
+    data_name = data or DATA[model][0]
+    if data_name not in DATA[model]:
+        raise ValueError(
+            f"model {model!r} is compared on {', '.join(DATA[model])}, not {data_name!r}"
+        )
+    methods = list(methods or METHODS[model])
+    unknown = [m for m in methods if m not in METHODS[model]]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {', '.join(unknown)} for {model!r}; choose from"
+            f" {', '.join(METHODS[model])}"
+        )
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"a method is named twice: {methods}")
+    names = {f.name for f in dataclasses.fields(Setup)} - {"model", "data", "out", "train", "test"}
+    bad = sorted(set(options) - names)
+    if bad:
+        raise TypeError(
+            f"unknown option(s) {', '.join(bad)}; choose from {', '.join(sorted(names))}"
+        )
+    out = Path(out)
+    setup = Setup(model=model, data=data_name, out=out, **options)
+    setup.train, setup.test = _split(setup)
+    built = [BUILDERS[model][name](setup) for name in methods]
+    rows = runner.run(built, seeds=seeds, budget=budget, progress=progress)
+    extra = []
+    if model == "vae":
+        extra += _gradient_variance_section(setup, methods, out)
+    for row in rows:
+        extra += row.pop("details", [])
+    title = f"{model} on {data_name}: " + ", ".join(methods)
+    command = command or _command(model, data_name, methods, seeds, budget, options)
+    return runner.report(rows, out, command=command, title=title, extra_markdown=extra)
+
+
+def _command(model, data_name, methods, seeds, budget, options) -> str:
+    words = ["zoo compare", model, "--data", data_name, "--inference", ",".join(methods)]
+    words += ["--seeds", str(len(seeds))]
+    if budget is not None:
+        words += ["--budget", f"{budget:g}"]
+    for key, value in options.items():
+        words += [f"--{key.replace('_', '-')}", str(value)]
+    return " ".join(words)
+
+
+def _split(setup: Setup):
+    binarize = _BINARY.get(setup.data) if setup.model != "gmm" else None
+    x, y = data.load(setup.data, "train", binarize)
+    if setup.max_data is not None:
+        x, y = x[: setup.max_data], None if y is None else y[: setup.max_data]
+    x_test, y_test = data.load(setup.data, "test", binarize)
+    x_test = x_test[: setup.heldout]
+    y_test = None if y_test is None else y_test[: setup.heldout]
+    return (x, y), (x_test, y_test)
+
+
+class _Curve:
+    """Scores the held-out set at geometrically spaced steps, off the clock."""
+
+    def __init__(self, recorder, score, growth: float = 1.25):
+        self.recorder, self.score, self.growth, self.next = recorder, score, growth, 1
+
+    def __call__(self, record) -> bool:
+        if record["step"] >= self.next:
+            self.next = max(record["step"] + 1, math.ceil(record["step"] * self.growth))
+            with self.recorder.paused():
+                self.recorder.point(self.score())
+        return self.recorder.out_of_time()  # True stops the driver
+
+
+# ------------------------------------------------------------------------------------ mixtures
+
+
+def _mixture(setup: Setup, x):
+    if setup.model == "gmm":
+        return GaussianMixture(GMMConfig(num_components=setup.components, dim=x.shape[1]))
+    return BernoulliMixture(BMMConfig(num_components=setup.components, dim=x.shape[1]))
+
+
+def _mixture_figures(model, setup, objective, iterations, recorder) -> Dict:
+    x_test, y_test = setup.test
+    with recorder.paused():
+        heldout = model.log_likelihood(x_test).mean().item()
+        recorder.point(heldout)
+        figures = {
+            "objective": objective,
+            "heldout_log_likelihood": heldout,
+            "heldout_method": "exact",
+            "iterations": iterations,
+            "locs": model.locs.detach().tolist() if setup.model == "gmm" else None,
+        }
+        if y_test is not None:
+            figures["accuracy"] = evaluate.clustering_accuracy(
+                y_test, model.predict(x_test), mapping="majority"
+            )
+    return figures
+
+
+def _em_method(setup: Setup) -> runner.Method:
+    def run(seed, recorder):
+        x = setup.train[0]
+        model = _mixture(setup, x)
+        curve = _Curve(recorder, lambda: model.log_likelihood(setup.test[0]).mean().item())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", em.ConvergenceWarning)
+            result = em.fit(
+                model.model,
+                model.guide,
+                x,
+                tol=setup.tol,
+                max_iter=setup.max_iter,
+                seed=seed,
+                callback=curve,
+            )
+        return _mixture_figures(model, setup, result.objective, result.num_steps, recorder)
+
+    return runner.Method("em", run, f"closed-form EM, tol {setup.tol:g}")
+
+
+def _svi_mixture_method(setup: Setup) -> runner.Method:
+    def run(seed, recorder):
+        x = setup.train[0]
+        model = _mixture(setup, x)
+        # EM's start (k-means++ labels, one closed-form M-step), so that only the optimizer differs
+        labels = em.kmeans(x, setup.components, generator=torch.Generator().manual_seed(seed))
+        resp = torch.nn.functional.one_hot(labels, setup.components).to(x)
+        model.m_step(model.sufficient_statistics(x, resp))
+        curve = _Curve(recorder, lambda: model.log_likelihood(setup.test[0]).mean().item())
+        batch = min(len(x), 1000)
+        result = svi.fit(
+            model.model,
+            model.guide,
+            x,
+            loss="TraceEnum_ELBO",
+            max_plate_nesting=1,
+            lr=setup.svi_lr,
+            batch_size=batch,
+            num_epochs=setup.svi_steps,
+            seed=seed,
+            callback=curve,
+        )
+        return _mixture_figures(model, setup, result.objective, result.num_steps, recorder)
+
+    return runner.Method("svi", run, "SVI, TraceEnum_ELBO (MAP), Adam")
+
+
+def _sklearn_method(setup: Setup) -> runner.Method:
+    from sklearn.mixture import GaussianMixture as Reference
+
+    def run(seed, recorder):
+        (x, _), (x_test, y_test) = setup.train, setup.test
+        reference = Reference(
+            setup.components,
+            tol=setup.tol,
+            max_iter=setup.max_iter,
+            reg_covar=GMMConfig.reg_covar,
+            random_state=seed,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its ConvergenceWarning; iterations are reported
+            reference.fit(x.double().numpy())
+        with recorder.paused():
+            heldout = float(reference.score(x_test.double().numpy()))
+            recorder.point(heldout)
+        figures = {
+            "objective": float(reference.score(x.double().numpy())),
+            "heldout_log_likelihood": heldout,
+            "heldout_method": "exact",
+            "iterations": reference.n_iter_,
+            "locs": reference.means_.tolist(),
+        }
+        if y_test is not None:
+            figures["accuracy"] = evaluate.clustering_accuracy(
+                y_test, reference.predict(x_test.double().numpy()), mapping="majority"
+            )
+        return figures
+
+    return runner.Method("sklearn", run, "scikit-learn GaussianMixture (reference)")
+
+
+def _nuts_method(setup: Setup) -> runner.Method:
+    def run(seed, recorder):
+        (x, _), (x_test, _) = setup.train, setup.test
+        posterior = sample_gmm_posterior(
+            x, setup.components, setup.chains, setup.warmup, setup.samples, seed, recorder
+        )
+        draws = posterior["draws"]  # relabelled, (chains, samples, ...), original scale
+        # the curve: the posterior predictive from the draws available at each moment
+        with recorder.paused():
+            flat = {k: torch.as_tensor(v).flatten(0, 1) for k, v in draws.items()}
+            times = posterior["sample_times"]
+            for count in np.unique(np.geomspace(1, len(times), 15).astype(int)):
+                recorder.point(
+                    gmm_module.posterior_log_predictive(_first(flat, count), x_test).mean().item(),
+                    elapsed=times[count - 1],
+                )
+            heldout = gmm_module.posterior_log_predictive(flat, x_test).mean().item()
+            train_lppd = gmm_module.posterior_log_predictive(flat, x).mean().item()
+            details = _write_nuts(posterior, setup.out, seed)
+        return {
+            "objective": train_lppd,
+            "heldout_log_likelihood": heldout,
+            "heldout_method": "posterior predictive",
+            "iterations": setup.chains * (setup.warmup + setup.samples),
+            "locs": flat["locs"].mean(0).tolist(),
+            "r_hat_max": posterior["r_hat_max"],
+            "r_hat_max_before_relabelling": posterior["r_hat_max_raw"],
+            "ess_bulk_min": posterior["ess_bulk_min"],
+            "relabelled_fraction": posterior["relabelled_fraction"],
+            "divergences": posterior["divergences"],
+            "notes": (
+                f"{setup.chains} chains x ({setup.warmup} warm-up + {setup.samples} draws);"
+                " objective = mean log posterior predictive of the training data"
+            ),
+            "details": details,
+        }
+
+    return runner.Method("nuts", run, "NUTS on the Bayesian GMM")
+
+
+def _first(flat: Dict, count: int) -> Dict:
+    """The first ``count`` draws in the order they were made (chain 0's, then chain 1's, ...)."""
+    return {k: v[:count] for k, v in flat.items()}
+
+
+def sample_gmm_posterior(
+    x: torch.Tensor,
+    num_components: int,
+    chains: int = 2,
+    warmup: int = 150,
+    samples: int = 150,
+    seed: int = 0,
+    recorder: Optional[runner.Recorder] = None,
+    progress: bool = False,
+) -> Dict:
+    """NUTS on ``gmm.bayesian_model`` fitted to standardized ``x``, chains one after the other.
+
+    Returns the draws mapped back to the scale of x and relabelled (arrays (chains, samples,
+    ...)), the raw draws, an arviz InferenceData of the relabelled draws, r_hat and bulk ESS
+    (worst over the component parameters, before and after relabelling), the fraction of
+    relabelled draws, the number of divergent transitions, and the wall-clock time at which
+    each draw was made (``recorder``'s clock if given, else seconds from the start).
+    """
+    import arviz as az
+    from pyro.infer import MCMC, NUTS
+
+    if chains < 1 or warmup < 1 or samples < 2:
+        raise ValueError("NUTS needs chains >= 1, warmup >= 1 and samples >= 2")
+    mean, sd = x.mean(0), x.std(0)
+    standardized = (x - mean) / sd
+    clock = recorder.elapsed if recorder is not None else _stopwatch()
+    times, divergent, raw = [], [], []
+    for chain in range(chains):
+        pyro.set_rng_seed(1000 * seed + chain)
+
+        def hook(kernel, params, stage, i):
+            if stage == "Sample":
+                times.append(clock())
+
+        kernel = NUTS(
+            partial(gmm_module.bayesian_model, num_components=num_components),
+            jit_compile=True,  # about twice as fast here; the model's shapes never change
+            ignore_jit_warnings=True,
+        )
+        mcmc = MCMC(
+            kernel,
+            num_samples=samples,
+            warmup_steps=warmup,
+            hook_fn=hook,
+            disable_progbar=not progress,
+        )
+        mcmc.run(standardized)
+        draws = gmm_module.unstandardize(mcmc.get_samples(), mean, sd)
+        raw.append({k: v.detach().numpy() for k, v in draws.items()})
+        flags = np.zeros(samples, dtype=bool)
+        flags[mcmc.diagnostics()["divergences"]["chain 0"]] = True
+        divergent.append(flags)
+    raw = {k: np.stack([r[k] for r in raw]) for k in raw[0]}  # (chains, samples, ...)
+    draws, permuted = gmm_module.relabel(raw)
+    names = ("weights", "locs", "scales")
+    dims = {"weights": ["component"], "locs": ["component", "coordinate"]}
+    dims["scales"] = dims["locs"]
+    dims["corr"] = ["component", "row", "column"]
+    idata = az.from_dict(
+        posterior=draws,
+        sample_stats={"diverging": np.stack(divergent)},
+        observed_data={"x": x.numpy()},
+        dims=dims,
+    )
+    idata_raw = az.from_dict(posterior={k: raw[k] for k in names}, dims=dims)
+    summary = az.summary(idata, var_names=list(names))
+    summary_raw = az.summary(idata_raw, var_names=list(names))
+    return {
+        "draws": draws,
+        "raw": raw,
+        "idata": idata,
+        "summary": summary,
+        "r_hat_max": float(summary["r_hat"].max()),
+        "r_hat_max_raw": float(summary_raw["r_hat"].max()),
+        "ess_bulk_min": float(summary["ess_bulk"].min()),
+        "relabelled_fraction": float(permuted.mean()),
+        "divergences": int(np.stack(divergent).sum()),
+        "sample_times": times,
+    }
+
+
+def _stopwatch():
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start
+
+
+def _write_nuts(posterior: Dict, out: Optional[Path], seed: int) -> List[str]:
+    """The InferenceData file, the summary and the trace and posterior plots of one seed."""
+    import arviz as az
+    import matplotlib.pyplot as plt
+
+    summary = posterior["summary"]
+    lines = [
+        f"### NUTS, seed {seed}",
+        "",
+        f"Worst r_hat {posterior['r_hat_max']:.3f} after relabelling"
+        f" ({posterior['r_hat_max_raw']:.3f} before); smallest bulk ESS"
+        f" {posterior['ess_bulk_min']:.0f}; {posterior['divergences']} divergent transitions.",
+        _label_switching_sentence(posterior["relabelled_fraction"]),
+        "",
+        *_markdown_table(summary),
+        "",
+    ]
+    if out is None:
+        return lines
+    folder = Path(out) / f"nuts-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    posterior["idata"].to_netcdf(str(folder / "posterior.nc"))
+    summary.to_csv(folder / "summary.csv")
+    var_names = ["weights", "locs", "scales"]
+    with warnings.catch_warnings():  # arviz 0.23 calls matplotlib APIs deprecated in 3.11
+        warnings.simplefilter("ignore", DeprecationWarning)
+        axes = az.plot_trace(posterior["idata"], var_names=var_names, compact=True)
+        axes.ravel()[0].figure.savefig(folder / "trace.png", dpi=90)
+        axes = az.plot_posterior(posterior["idata"], var_names=["locs"])
+        np.ravel(axes)[0].figure.savefig(folder / "posterior.png", dpi=90)
+    plt.close("all")
+    lines.insert(
+        -1,
+        f"Files: `nuts-seed{seed}/posterior.nc` (arviz InferenceData), `summary.csv`,"
+        " `trace.png`, `posterior.png`.\n",
+    )
+    return lines
+
+
+def _label_switching_sentence(fraction: float) -> str:
+    if fraction == 0:
+        return "No label switching: every draw kept its labels."
+    return (
+        f"Label switching detected: {100 * fraction:.1f}% of the draws were relabelled to the"
+        " pivot's labelling before the summary (see `zoo.gmm.relabel`)."
+    )
+
+
+def _markdown_table(frame) -> List[str]:
+    """A pandas frame (arviz's summary) as Markdown rows, without the optional ``tabulate``."""
+    lines = ["| | " + " | ".join(frame.columns) + " |", "|---" * (len(frame.columns) + 1) + "|"]
+    for name, row in frame.iterrows():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row) + " |")
+    return lines
+
+
+# ------------------------------------------------------------------------------ deep models
+
+
+def _vae(setup: Setup) -> VAE:
+    x = setup.train[0]
+    return VAE(VAEConfig(x_dim=x.shape[1], z_dim=setup.z_dim, hidden=tuple(setup.hidden)))
+
+
+def _deep_run(setup, seed, recorder, model, fit, score, extra=None) -> Dict:
+    """Fit with ``fit(callback)`` and score the held-out rows; shared by the VAE and SSVAE."""
+    curve = _Curve(recorder, score)
+    result = fit(curve)
+    with recorder.paused():
+        heldout = score()
+        recorder.point(heldout)
+    figures = {
+        "objective": result.curve()[-1],
+        "heldout_log_likelihood": heldout,
+        "heldout_method": f"importance sampling, K={setup.num_samples}",
+        "iterations": result.num_steps,
+    }
+    if extra is not None:
+        with recorder.paused():
+            figures.update(extra())
+    return figures
+
+
+def _vae_method(name: str, setup: Setup) -> runner.Method:
+    particles = {"iwae5": 5, "iwae50": 50}.get(name, 1)
+
+    def run(seed, recorder):
+        x, x_test = setup.train[0], setup.test[0]
+        model = _vae(setup)
+        options = dict(
+            batch_size=setup.batch_size,
+            num_epochs=setup.epochs,
+            lr=setup.lr,
+            seed=seed,
+        )
+
+        def fit(callback):
+            if particles > 1:
+                return reparam.fit(
+                    model.model,
+                    model.guide,
+                    x,
+                    num_particles=particles,
+                    callback=callback,
+                    **options,
+                )
+            guide = svi.score_function(model.guide) if name == "tracegraph" else model.guide
+            loss = _VAE_LOSSES[name]
+            return svi.fit(model.model, guide, x, loss=loss, callback=callback, **options)
+
+        def score():
+            return (
+                evaluate.log_likelihood(
+                    model.model, model.guide, x_test, num_samples=setup.num_samples
+                )
+                .mean()
+                .item()
+            )
+
+        return _deep_run(setup, seed, recorder, model, fit, score)
+
+    return runner.Method(name, run, _VAE_DESCRIPTIONS[name])
+
+
+_VAE_LOSSES = {
+    "trace": "Trace_ELBO",
+    "meanfield": "TraceMeanField_ELBO",
+    "tracegraph": "TraceGraph_ELBO",
+}
+_VAE_DESCRIPTIONS = {
+    "trace": "Trace_ELBO (Monte Carlo KL)",
+    "meanfield": "TraceMeanField_ELBO (analytic KL)",
+    "iwae5": "importance-weighted bound, K = 5",
+    "iwae50": "importance-weighted bound, K = 50",
+    "tracegraph": "TraceGraph_ELBO, score function (no reparameterization)",
+}
+
+
+def gradient_estimators(model: VAE, batch: torch.Tensor) -> Dict[str, callable]:
+    """One draw of each estimator's gradient of -bound per data point, at the current
+    parameters, on ``batch``: the functions ``evaluate.gradient_variance`` takes."""
+
+    def pyro_loss(loss, guide):
+        elbo = svi.make_loss(loss)
+        return lambda: [
+            g / len(batch) for g in evaluate.elbo_gradient(elbo, model.model, guide, batch)
+        ]
+
+    def iwae(k):
+        objective = reparam.Objective(model.model, model.guide, batch, len(batch), k)
+        params = [p for p in model.parameters()]
+
+        def draw():
+            grads = torch.autograd.grad(objective(batch), params, allow_unused=True)
+            return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+        return draw
+
+    return {
+        "trace": pyro_loss("Trace_ELBO", model.guide),
+        "meanfield": pyro_loss("TraceMeanField_ELBO", model.guide),
+        "iwae5": iwae(5),
+        "iwae50": iwae(50),
+        "tracegraph": pyro_loss("TraceGraph_ELBO", svi.score_function(model.guide)),
+    }
+
+
+def _gradient_variance_section(setup: Setup, methods, out: Path) -> List[str]:
+    """Every estimator's gradient variance at the same parameters (a VAE after one epoch of
+    Trace_ELBO, seed 0) on the same minibatch of training rows."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    x = setup.train[0]
+    model = _vae(setup)
+    svi.fit(
+        model.model,
+        model.guide,
+        x,
+        loss="Trace_ELBO",
+        lr=setup.lr,
+        batch_size=setup.batch_size,
+        num_epochs=1,
+        seed=0,
+    )
+    batch = x[: setup.batch_size]
+    estimators = gradient_estimators(model, batch)
+    figures = {}
+    for name in methods:
+        variance, signal = evaluate.gradient_variance(estimators[name], setup.gradient_draws)
+        figures[name] = {"variance": variance, "squared_norm_of_mean": signal}
+    save_json(out / "gradient_variance.json", figures)
+    base = figures.get("trace", {}).get("variance")
+    lines = [
+        "### Gradient variance at fixed parameters",
+        "",
+        f"A VAE after one epoch of Trace_ELBO (seed 0); {setup.gradient_draws} draws of each"
+        f" estimator's gradient of -bound per data point on the same {len(batch)} training rows."
+        " Mean variance per parameter coordinate, and the squared norm of the mean gradient.",
+        "",
+        "| estimator | variance per coordinate | vs trace | squared norm of mean |",
+        "|---|---|---|---|",
+    ]
+    for name, f in figures.items():
+        ratio = f"{f['variance'] / base:.3g}x" if base else "-"
+        lines.append(
+            f"| {name} | {f['variance']:.4g} | {ratio} | {f['squared_norm_of_mean']:.4g} |"
+        )
+    return lines + [""]
+
+
+def _ssvae_method(name: str, setup: Setup) -> runner.Method:
+    def run(seed, recorder):
+        (x, y), (x_test, y_test) = setup.train, setup.test
+        if y is None:
+            raise ValueError(f"the SSVAE needs labels; {setup.data!r} has none")
+        labels = data.partial_labels(y, setup.labels, seed=seed)
+        config = SSVAEConfig(
+            x_dim=x.shape[1],
+            num_classes=int(y.max()) + 1,
+            z_dim=setup.z_dim,
+            hidden=tuple(setup.hidden[:1]),
+            enumerate=name != "sampled",
+        )
+        if name != "classifier":
+            config.alpha = 0.0
+        model = SSVAE(config)
+        loss = "Trace_ELBO" if name == "sampled" else "TraceEnum_ELBO"
+
+        def fit(callback):
+            return svi.fit(
+                model.model,
+                model.guide,
+                (x, labels),
+                loss=loss,
+                max_plate_nesting=1,
+                lr=setup.lr,
+                batch_size=setup.batch_size,
+                num_epochs=setup.epochs,
+                seed=seed,
+                callback=callback,
+            )
+
+        def score():
+            return (
+                evaluate.log_likelihood(
+                    model.model, model.guide, x_test, num_samples=setup.num_samples
+                )
+                .mean()
+                .item()
+            )
+
+        def accuracy():
+            return {"accuracy": model.accuracy(x_test, y_test)}
+
+        return _deep_run(setup, seed, recorder, model, fit, score, accuracy)
+
+    descriptions = {
+        "sampled": "y sampled, Trace_ELBO, alpha = 0",
+        "enumerated": "y enumerated, TraceEnum_ELBO, alpha = 0",
+        "classifier": f"y enumerated, TraceEnum_ELBO, alpha = {SSVAEConfig.alpha:g}",
+    }
+    return runner.Method(name, run, descriptions[name])
+
+
+BUILDERS = {
+    "gmm": {
+        "em": _em_method,
+        "svi": _svi_mixture_method,
+        "nuts": _nuts_method,
+        "sklearn": _sklearn_method,
+    },
+    "bmm": {"em": _em_method, "svi": _svi_mixture_method},
+    "vae": {name: partial(_vae_method, name) for name in METHODS["vae"]},
+    "ssvae": {name: partial(_ssvae_method, name) for name in METHODS["ssvae"]},
+}
