@@ -1,0 +1,50 @@
+"""The tutorials run top to bottom from a fresh kernel in quick mode (``ZOO_QUICK=1``: less data,
+fewer epochs; every notebook still ends in its checks against known answers), are stored
+without outputs, and are all listed in tutorials/README.md."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="the tutorials need the dev extra")
+nbclient = pytest.importorskip("nbclient", reason="the tutorials need the dev extra")
+
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+NOTEBOOKS = sorted(TUTORIALS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_the_course_has_its_thirteen_notebooks_in_order():
+    numbers = [int(p.name[:2]) for p in NOTEBOOKS]
+    assert numbers == list(range(1, 14)), [p.name for p in NOTEBOOKS]
+
+
+def test_notebooks_are_stored_without_outputs():
+    for path in NOTEBOOKS:
+        notebook = nbformat.read(path, as_version=4)
+        for cell in notebook.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, (
+                    f"{path.name} holds outputs: clear them before committing"
+                )
+
+
+def test_readme_lists_every_notebook():
+    readme = (TUTORIALS / "README.md").read_text()
+    for path in NOTEBOOKS:
+        assert f"({path.name})" in readme, f"{path.name} missing from tutorials/README.md"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_QUICK", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},  # files a notebook writes go here
+    )
+    client.execute()  # raises CellExecutionError, naming the cell, on any error
