@@ -29,9 +29,26 @@ from inference.result import FitResult
 from inference.svi import make_loss
 
 
-def check_reparameterizable(guide, example) -> None:
-    """Raise a ValueError naming the first guide site that cannot be reparameterized."""
+def check_reparameterizable(guide, example, model=None) -> None:
+    """Raise a ValueError naming the first guide site that cannot be reparameterized, or (given
+    the model) the first latent site of the model that the guide does not sample: Pyro would
+    draw it from the prior, silently optimizing another objective."""
     trace = poutine.trace(guide).get_trace(*as_args(example))
+    if model is not None:
+        model_trace = poutine.trace(poutine.replay(model, trace=trace)).get_trace(*as_args(example))
+        for name, site in model_trace.nodes.items():
+            if (
+                site["type"] == "sample"
+                and not site["is_observed"]
+                and not site_is_subsample(site)
+                and name not in trace.nodes
+            ):
+                raise ValueError(
+                    f"model site {name!r} is latent but the guide does not sample it; the"
+                    " reparameterized driver needs a guide for every latent variable (a discrete"
+                    " one summed out by enumeration calls for em.fit or svi.fit with"
+                    " TraceEnum_ELBO)"
+                )
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
             if not getattr(site["fn"], "has_rsample", False):
@@ -108,7 +125,7 @@ def fit(
         raise TypeError(f"data must be a tensor or a tuple of tensors, not {type(data).__name__}")
     num_data = num_rows(data)
     example = rows(data, 0, 2)
-    check_reparameterizable(guide, example)
+    check_reparameterizable(guide, example, model)
     params = loop.parameters(model, guide, *as_args(example))
     opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
     objective = Objective(

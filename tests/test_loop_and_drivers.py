@@ -64,6 +64,21 @@ def test_non_reparameterizable_site_is_named():
         reparam.fit(model, guide, torch.randn(10))
 
 
+def test_a_model_latent_missing_from_the_guide_is_named():
+    """A latent the guide does not sample would be drawn from the prior inside the model: the
+    driver would optimize E_prior[log p(x | z)] instead of the ELBO, so it refuses."""
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample(
+                "z", dist.Categorical(torch.ones(2) / 2), infer={"enumerate": "parallel"}
+            )
+            pyro.sample("x", dist.Normal(z.float(), 1.0), obs=x)
+
+    with pytest.raises(ValueError, match="model site 'z' is latent but the guide does not"):
+        reparam.fit(model, lambda x: None, torch.randn(10))
+
+
 # ------------------------------------------------------------------------------------ SVI
 
 
