@@ -65,9 +65,9 @@ def main(argv=None):
     ]
     for labels in args.labels:
         accs = [r["test_accuracy"] for r in rows if r["labels"] == labels]
-        sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        sd = f" +- {statistics.stdev(accs):.2f}" if len(accs) > 1 else " (one draw)"
         lines.append(
-            f"| {labels} | {len(accs)} | {statistics.mean(accs):.2f} +- {sd:.2f}"
+            f"| {labels} | {len(accs)} | {statistics.mean(accs):.2f}{sd}"
             f" | {', '.join(f'{a:.2f}' for a in accs)} | {PYRO[labels]} | {KINGMA[labels]} |"
         )
     _zoo_runs.save(args.out, f"ssvae_accuracy-e{args.epochs}", rows, lines)
