@@ -502,8 +502,17 @@ def _vae(setup: Setup) -> VAE:
     return VAE(VAEConfig(x_dim=x.shape[1], z_dim=setup.z_dim, hidden=tuple(setup.hidden)))
 
 
-def _deep_run(setup, seed, recorder, model, fit, score, extra=None) -> Dict:
-    """Fit with ``fit(callback)`` and score the held-out rows; shared by the VAE and SSVAE."""
+def _deep_run(setup, recorder, model, fit, extra=None) -> Dict:
+    """Fit with ``fit(callback)`` and score the held-out rows by importance sampling (K =
+    ``setup.num_samples``), along the way and at the end; shared by the VAE and the SSVAE."""
+
+    def score():
+        x_test = setup.test[0]
+        log_px = evaluate.log_likelihood(
+            model.model, model.guide, x_test, num_samples=setup.num_samples
+        )
+        return log_px.mean().item()
+
     curve = _Curve(recorder, score)
     result = fit(curve)
     with recorder.paused():
@@ -525,7 +534,7 @@ def _vae_method(name: str, setup: Setup) -> runner.Method:
     particles = {"iwae5": 5, "iwae50": 50}.get(name, 1)
 
     def run(seed, recorder):
-        x, x_test = setup.train[0], setup.test[0]
+        x = setup.train[0]
         model = _vae(setup)
         options = dict(
             batch_size=setup.batch_size,
@@ -548,16 +557,7 @@ def _vae_method(name: str, setup: Setup) -> runner.Method:
             loss = _VAE_LOSSES[name]
             return svi.fit(model.model, guide, x, loss=loss, callback=callback, **options)
 
-        def score():
-            return (
-                evaluate.log_likelihood(
-                    model.model, model.guide, x_test, num_samples=setup.num_samples
-                )
-                .mean()
-                .item()
-            )
-
-        return _deep_run(setup, seed, recorder, model, fit, score)
+        return _deep_run(setup, recorder, model, fit)
 
     return runner.Method(name, run, _VAE_DESCRIPTIONS[name])
 
@@ -680,19 +680,10 @@ def _ssvae_method(name: str, setup: Setup) -> runner.Method:
                 callback=callback,
             )
 
-        def score():
-            return (
-                evaluate.log_likelihood(
-                    model.model, model.guide, x_test, num_samples=setup.num_samples
-                )
-                .mean()
-                .item()
-            )
-
         def accuracy():
             return {"accuracy": model.accuracy(x_test, y_test)}
 
-        return _deep_run(setup, seed, recorder, model, fit, score, accuracy)
+        return _deep_run(setup, recorder, model, fit, accuracy)
 
     descriptions = {
         "sampled": "y sampled, Trace_ELBO, alpha = 0",
