@@ -12,6 +12,7 @@ M-step, and the number of free parameters. Nothing here knows about any inferenc
 
 import itertools
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -133,3 +134,48 @@ class Mixture(PyroModule):
 
     def __repr__(self):
         return f"{type(self).__name__}({self.config})"
+
+
+def relabel(draws: dict, key: str, sites, num_iters: int = 5) -> tuple:
+    """Undo label switching in MCMC draws of a Bayesian mixture.
+
+    draws: arrays with leading dims (chains, draws) and the component axis next; ``draws[key]``
+    (K, ...) describes each component (locations, pixel probabilities) and every site named in
+    ``sites`` is permuted along the component axis.
+
+    The components are exchangeable, so the posterior has K! symmetric modes and a sampler may
+    visit several (within a chain, or one per chain). Each draw is permuted to the labelling
+    whose components are nearest (squared distance, each coordinate in units of its spread over
+    all draws) to a reference, matched by the Hungarian algorithm: first the first draw of the
+    first chain (a pivot), then the mean of the relabelled draws, up to ``num_iters`` times (in
+    the spirit of Stephens 2000). Returns ``(relabelled draws, permuted)``, permuted a boolean
+    array (chains, draws) marking the draws whose labels were changed.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    features = np.asarray(draws[key], dtype=np.float64)
+    chains, samples, num_components = features.shape[:3]
+    features = features.reshape(chains * samples, num_components, -1)  # (C*S, K, F)
+    features = features / (features.reshape(-1, features.shape[-1]).std(0) + 1e-12)
+    order = np.tile(np.arange(num_components), (len(features), 1))  # draw component per slot
+    reference = features[0]
+    for iteration in range(num_iters):
+        new = np.empty_like(order)
+        for i, draw in enumerate(features):
+            cost = ((draw[:, None, :] - reference[None, :, :]) ** 2).sum(-1)  # (K, K)
+            rows, cols = linear_sum_assignment(cost)
+            new[i, cols] = rows  # slot j of the reference takes the draw's component rows[j]
+        converged = iteration > 0 and np.array_equal(new, order)
+        order = new
+        reference = np.take_along_axis(features, order[..., None], axis=1).mean(0)
+        if converged:
+            break
+    order = order.reshape(chains, samples, num_components)
+    out = {}
+    for name, value in draws.items():
+        value = np.asarray(value)
+        if name in sites:
+            index = order.reshape(order.shape + (1,) * (value.ndim - 3))
+            value = np.take_along_axis(value, index, axis=2)
+        out[name] = value
+    return out, (order != np.arange(num_components)).any(-1)

@@ -15,8 +15,10 @@ digits (benchmarks/results/em.md; Uria et al. 2014 report -137.64 nats for K = 5
 Reference: Bishop (2006), Pattern Recognition and Machine Learning, sec. 9.3.3.
 """
 
+import math
 from dataclasses import dataclass
 
+import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from pyro.distributions.util import is_validation_enabled
 from pyro.nn import PyroParam
 
 from zoo._mixture import Mixture
+from zoo._mixture import relabel as _relabel
 
 
 @dataclass
@@ -129,3 +132,49 @@ class BernoulliMixture(Mixture):
     def num_parameters(self) -> int:
         k, d = self.config.num_components, self.config.dim
         return (k - 1) + k * d
+
+
+def bayesian_model(
+    x: torch.Tensor,
+    num_components: int,
+    weight_concentration: float = 1.0,
+    beta: tuple = (1.0, 1.0),
+):
+    """The Bayesian Bernoulli mixture, for MCMC:
+
+        weights ~ Dirichlet(weight_concentration)       (K,)
+        probs[k, d] ~ Beta(a, b)                        (K, D), uniform by default
+        x[n] ~ sum_k weights[k] prod_d Bernoulli(x[n, d] | probs[k, d])
+
+    The assignments are summed out inside ``MixtureSameFamily``. For NUTS every parameter is a
+    continuous unknown: K (D + 1) of them, so keep D and K small (bmm-synthetic, digits).
+    """
+    num_data, dim = x.shape
+    weights = pyro.sample(
+        "weights",
+        dist.Dirichlet(x.new_full((num_components,), float(weight_concentration))),
+    )
+    with pyro.plate("components", num_components):
+        probs = pyro.sample(
+            "probs", dist.Beta(x.new_full((dim,), beta[0]), x.new_full((dim,), beta[1])).to_event(1)
+        )  # (K, D)
+    components = dist.Bernoulli(probs=probs).to_event(1)
+    with pyro.plate("data", num_data):
+        pyro.sample("x", dist.MixtureSameFamily(dist.Categorical(weights), components), obs=x)
+
+
+def posterior_log_predictive(draws: dict, x: torch.Tensor) -> torch.Tensor:
+    """log (1/S) sum_s p(x[n] | theta_s) for S posterior draws of ``bayesian_model``, (N,)."""
+    weights, probs = draws["weights"], draws["probs"].clamp(1e-12, 1 - 1e-12)  # (S, K), (S, K, D)
+    log_px = x @ probs.log().transpose(-1, -2) + (1 - x) @ (-probs).log1p().transpose(-1, -2)
+    log_px = log_px + weights.log().unsqueeze(-2)  # (S, N, K)
+    return log_px.logsumexp(-1).logsumexp(0) - math.log(len(weights))
+
+
+COMPONENT_SITES = ("weights", "probs")
+
+
+def relabel(draws: dict, num_iters: int = 5) -> tuple:
+    """Undo label switching in draws of ``bayesian_model``, matching components by their pixel
+    probabilities (see ``zoo._mixture.relabel``)."""
+    return _relabel(draws, "probs", COMPONENT_SITES, num_iters)

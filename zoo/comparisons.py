@@ -17,7 +17,8 @@ Methods (the first data set is the default):
                     other; arviz InferenceData, summary (r_hat, ESS), trace and posterior plots,
                     label switching detected and undone (``gmm.relabel``)
          sklearn    scikit-learn's GaussianMixture with the same tolerance: the reference row
-  bmm    mnist, digits, bmm-synthetic:  em, svi
+  bmm    bmm-synthetic, digits, mnist:  em, svi, nuts (the Bayesian Bernoulli mixture,
+         ``bernoulli_mixture.bayesian_model``; K (D + 1) unknowns, so not on all of MNIST)
   vae    mnist, digits
          trace      Trace_ELBO, Monte Carlo KL          meanfield  TraceMeanField_ELBO, analytic KL
          iwae5      importance-weighted bound, K = 5    iwae50     K = 50
@@ -54,6 +55,7 @@ import torch
 from inference import compare as runner
 from inference import em, evaluate, reparam, svi
 from inference.io import save_json
+from zoo import bernoulli_mixture as bmm_module
 from zoo import data
 from zoo import gmm as gmm_module
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig
@@ -63,16 +65,17 @@ from zoo.vae import VAE, VAEConfig
 
 METHODS = {
     "gmm": ("em", "svi", "nuts", "sklearn"),
-    "bmm": ("em", "svi"),
+    "bmm": ("em", "svi", "nuts"),
     "vae": ("trace", "meanfield", "iwae5", "iwae50", "tracegraph"),
     "ssvae": ("sampled", "enumerated", "classifier"),
 }
 DATA = {
     "gmm": ("faithful", "gmm-synthetic"),
-    "bmm": ("mnist", "digits", "bmm-synthetic"),
+    "bmm": ("bmm-synthetic", "digits", "mnist"),
     "vae": ("mnist", "digits"),
     "ssvae": ("mnist", "digits"),
 }
+_COMPONENTS = {"faithful": 2, "gmm-synthetic": 3, "bmm-synthetic": 4}  # else 10 (digit classes)
 _BINARY = {"mnist": "static", "digits": "static", "bmm-synthetic": None}
 
 
@@ -82,7 +85,7 @@ class Setup:
 
     model: str
     data: str
-    components: int = 2  # mixtures
+    components: Optional[int] = None  # mixtures; default: per data set (_COMPONENTS)
     max_iter: int = 500  # EM / scikit-learn iterations
     tol: float = 1e-6  # EM / scikit-learn tolerance on the mean log-likelihood
     svi_steps: int = 1000  # SVI on a mixture: full-batch steps (or epochs of minibatches)
@@ -145,6 +148,8 @@ def compare(
         )
     out = Path(out)
     setup = Setup(model=model, data=data_name, out=out, **options)
+    if setup.components is None:
+        setup.components = _COMPONENTS.get(data_name, 10)
     setup.train, setup.test = _split(setup)
     built = [BUILDERS[model][name](setup) for name in methods]
     rows = runner.run(built, seeds=seeds, budget=budget, progress=progress)
@@ -306,9 +311,17 @@ def _sklearn_method(setup: Setup) -> runner.Method:
 def _nuts_method(setup: Setup) -> runner.Method:
     def run(seed, recorder):
         (x, _), (x_test, _) = setup.train, setup.test
-        posterior = sample_gmm_posterior(
-            x, setup.components, setup.chains, setup.warmup, setup.samples, seed, recorder
+        posterior = sample_posterior(
+            setup.model,
+            x,
+            setup.components,
+            setup.chains,
+            setup.warmup,
+            setup.samples,
+            seed,
+            recorder,
         )
+        predictive = _BAYESIAN[setup.model]["predictive"]
         draws = posterior["draws"]  # relabelled, (chains, samples, ...), original scale
         # the curve: the posterior predictive from the draws available at each moment
         with recorder.paused():
@@ -316,18 +329,18 @@ def _nuts_method(setup: Setup) -> runner.Method:
             times = posterior["sample_times"]
             for count in np.unique(np.geomspace(1, len(times), 15).astype(int)):
                 recorder.point(
-                    gmm_module.posterior_log_predictive(_first(flat, count), x_test).mean().item(),
+                    predictive(_first(flat, count), x_test).mean().item(),
                     elapsed=times[count - 1],
                 )
-            heldout = gmm_module.posterior_log_predictive(flat, x_test).mean().item()
-            train_lppd = gmm_module.posterior_log_predictive(flat, x).mean().item()
+            heldout = predictive(flat, x_test).mean().item()
+            train_lppd = predictive(flat, x).mean().item()
             details = _write_nuts(posterior, setup.out, seed)
         return {
             "objective": train_lppd,
             "heldout_log_likelihood": heldout,
             "heldout_method": "posterior predictive",
             "iterations": posterior["chains"] * (setup.warmup + setup.samples),
-            "locs": flat["locs"].mean(0).tolist(),
+            "locs": flat["locs"].mean(0).tolist() if "locs" in flat else None,
             "r_hat_max": posterior["r_hat_max"],
             "r_hat_max_before_relabelling": posterior["r_hat_max_raw"],
             "ess_bulk_min": posterior["ess_bulk_min"],
@@ -341,7 +354,8 @@ def _nuts_method(setup: Setup) -> runner.Method:
             "details": details,
         }
 
-    return runner.Method("nuts", run, "NUTS on the Bayesian GMM")
+    label = {"gmm": "GMM", "bmm": "Bernoulli mixture"}[setup.model]
+    return runner.Method("nuts", run, f"NUTS on the Bayesian {label}")
 
 
 def _first(flat: Dict, count: int) -> Dict:
@@ -349,7 +363,34 @@ def _first(flat: Dict, count: int) -> Dict:
     return {k: v[:count] for k, v in flat.items()}
 
 
-def sample_gmm_posterior(
+_BAYESIAN = {
+    "gmm": {
+        "model": gmm_module.bayesian_model,
+        "relabel": gmm_module.relabel,
+        "predictive": gmm_module.posterior_log_predictive,
+        "summarize": ("weights", "locs", "scales"),
+        "dims": {
+            "weights": ["component"],
+            "locs": ["component", "coordinate"],
+            "scales": ["component", "coordinate"],
+            "corr": ["component", "row", "column"],
+        },
+        "standardize": True,
+    },
+    "bmm": {
+        "model": bmm_module.bayesian_model,
+        "relabel": bmm_module.relabel,
+        "predictive": bmm_module.posterior_log_predictive,
+        "summarize": ("weights", "probs"),
+        "dims": {"weights": ["component"], "probs": ["component", "pixel"]},
+        "standardize": False,
+    },
+}
+_NUTS_MAX_DIM = 5000  # continuous unknowns NUTS is asked to explore on a CPU in minutes
+
+
+def sample_posterior(
+    model: str,
     x: torch.Tensor,
     num_components: int,
     chains: int = 2,
@@ -359,21 +400,31 @@ def sample_gmm_posterior(
     recorder: Optional[runner.Recorder] = None,
     progress: bool = False,
 ) -> Dict:
-    """NUTS on ``gmm.bayesian_model`` fitted to standardized ``x``, chains one after the other.
+    """NUTS on the Bayesian version of a zoo mixture ("gmm": ``gmm.bayesian_model`` on
+    standardized ``x``, draws mapped back; "bmm": ``bernoulli_mixture.bayesian_model``), chains
+    one after the other.
 
-    Returns the draws mapped back to the scale of x and relabelled (arrays (chains, samples,
-    ...)), the raw draws, an arviz InferenceData of the relabelled draws, r_hat and bulk ESS
-    (worst over the component parameters, before and after relabelling), the fraction of
-    relabelled draws, the number of divergent transitions, and the wall-clock time at which
-    each draw was made (``recorder``'s clock if given, else seconds from the start).
+    Returns the relabelled draws (arrays (chains, samples, ...)), the raw draws, an arviz
+    InferenceData of the relabelled draws, its summary, r_hat and bulk ESS (worst over the
+    component parameters, before and after relabelling), the fraction of relabelled draws, the
+    number of divergent transitions, and the wall-clock time at which each draw was made
+    (``recorder``'s clock if given, else seconds from the start).
     """
     import arviz as az
     from pyro.infer import MCMC, NUTS
 
+    spec = _BAYESIAN[model]
     if chains < 1 or warmup < 1 or samples < 2:
         raise ValueError("NUTS needs chains >= 1, warmup >= 1 and samples >= 2")
-    mean, sd = x.mean(0), x.std(0)
-    standardized = (x - mean) / sd
+    dim = num_components * (x.shape[1] + 1)
+    if dim > _NUTS_MAX_DIM:
+        raise ValueError(
+            f"NUTS on this mixture explores about K (D + 1) = {dim} continuous unknowns, more"
+            f" than {_NUTS_MAX_DIM} is impractical here: use fewer components or smaller data"
+            " (bmm-synthetic, digits)"
+        )
+    mean, sd = (x.mean(0), x.std(0)) if spec["standardize"] else (None, None)
+    data = (x - mean) / sd if spec["standardize"] else x
     clock = recorder.elapsed if recorder is not None else _stopwatch()
     times, divergent, raw = [], [], []
     for chain in range(chains):
@@ -386,7 +437,7 @@ def sample_gmm_posterior(
                 times.append(clock())
 
         kernel = NUTS(
-            partial(gmm_module.bayesian_model, num_components=num_components),
+            partial(spec["model"], num_components=num_components),
             jit_compile=True,  # about twice as fast here; the model's shapes never change
             ignore_jit_warnings=True,
         )
@@ -397,18 +448,17 @@ def sample_gmm_posterior(
             hook_fn=hook,
             disable_progbar=not progress,
         )
-        mcmc.run(standardized)
-        draws = gmm_module.unstandardize(mcmc.get_samples(), mean, sd)
+        mcmc.run(data)
+        draws = mcmc.get_samples()
+        if spec["standardize"]:
+            draws = gmm_module.unstandardize(draws, mean, sd)
         raw.append({k: v.detach().numpy() for k, v in draws.items()})
         flags = np.zeros(samples, dtype=bool)
         flags[mcmc.diagnostics()["divergences"]["chain 0"]] = True
         divergent.append(flags)
     raw = {k: np.stack([r[k] for r in raw]) for k in raw[0]}  # (chains, samples, ...)
-    draws, permuted = gmm_module.relabel(raw)
-    names = ("weights", "locs", "scales")
-    dims = {"weights": ["component"], "locs": ["component", "coordinate"]}
-    dims["scales"] = dims["locs"]
-    dims["corr"] = ["component", "row", "column"]
+    draws, permuted = spec["relabel"](raw)
+    names, dims = list(spec["summarize"]), spec["dims"]
     idata = az.from_dict(
         posterior=draws,
         sample_stats={"diverging": np.stack(divergent)},
@@ -416,13 +466,14 @@ def sample_gmm_posterior(
         dims=dims,
     )
     idata_raw = az.from_dict(posterior={k: raw[k] for k in names}, dims=dims)
-    summary = az.summary(idata, var_names=list(names))
-    summary_raw = az.summary(idata_raw, var_names=list(names))
+    summary = az.summary(idata, var_names=names)
+    summary_raw = az.summary(idata_raw, var_names=names)
     return {
         "draws": draws,
         "raw": raw,
         "idata": idata,
         "summary": summary,
+        "summarized": names,
         "r_hat_max": float(summary["r_hat"].max()),
         "r_hat_max_raw": float(summary_raw["r_hat"].max()),
         "ess_bulk_min": float(summary["ess_bulk"].min()),
@@ -444,6 +495,9 @@ def _write_nuts(posterior: Dict, out: Optional[Path], seed: int) -> List[str]:
     import matplotlib.pyplot as plt
 
     summary = posterior["summary"]
+    shown = summary
+    if len(summary) > 12:  # the worst-mixing rows; all of them go to summary.csv
+        shown = summary.sort_values("r_hat", ascending=False).head(12)
     lines = [
         f"### NUTS, seed {seed}",
         "",
@@ -451,8 +505,10 @@ def _write_nuts(posterior: Dict, out: Optional[Path], seed: int) -> List[str]:
         f" ({posterior['r_hat_max_raw']:.3f} before); smallest bulk ESS"
         f" {posterior['ess_bulk_min']:.0f}; {posterior['divergences']} divergent transitions.",
         _label_switching_sentence(posterior["relabelled_fraction"]),
-        "",
-        *_markdown_table(summary),
+        ""
+        if shown is summary
+        else f"The {len(shown)} of {len(summary)} rows with the largest r_hat:",
+        *_markdown_table(shown),
         "",
     ]
     if out is None:
@@ -461,12 +517,13 @@ def _write_nuts(posterior: Dict, out: Optional[Path], seed: int) -> List[str]:
     folder.mkdir(parents=True, exist_ok=True)
     posterior["idata"].to_netcdf(str(folder / "posterior.nc"))
     summary.to_csv(folder / "summary.csv")
-    var_names = ["weights", "locs", "scales"]
+    var_names = posterior["summarized"]
+    shape_var = "locs" if "locs" in var_names else "weights"
     with warnings.catch_warnings():  # arviz 0.23 calls matplotlib APIs deprecated in 3.11
         warnings.simplefilter("ignore", DeprecationWarning)
         axes = az.plot_trace(posterior["idata"], var_names=var_names, compact=True)
         axes.ravel()[0].figure.savefig(folder / "trace.png", dpi=90)
-        axes = az.plot_posterior(posterior["idata"], var_names=["locs"])
+        axes = az.plot_posterior(posterior["idata"], var_names=[shape_var])
         np.ravel(axes)[0].figure.savefig(folder / "posterior.png", dpi=90)
     plt.close("all")
     lines.insert(
@@ -700,7 +757,7 @@ BUILDERS = {
         "nuts": _nuts_method,
         "sklearn": _sklearn_method,
     },
-    "bmm": {"em": _em_method, "svi": _svi_mixture_method},
+    "bmm": {"em": _em_method, "svi": _svi_mixture_method, "nuts": _nuts_method},
     "vae": {name: partial(_vae_method, name) for name in METHODS["vae"]},
     "ssvae": {name: partial(_ssvae_method, name) for name in METHODS["ssvae"]},
 }

@@ -15,7 +15,6 @@ Reference: Bishop (2006), Pattern Recognition and Machine Learning, sec. 9.2.
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -23,6 +22,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
 from zoo._mixture import Mixture
+from zoo._mixture import relabel as _relabel
 
 
 @dataclass
@@ -221,42 +221,6 @@ COMPONENT_SITES = ("weights", "locs", "scales", "corr")
 
 
 def relabel(draws: dict, num_iters: int = 5) -> tuple:
-    """Undo label switching in draws of ``bayesian_model`` (arrays with leading dims
-    (chains, draws) and the component axis next).
-
-    The components of a mixture are exchangeable, so the posterior has K! symmetric modes and a
-    sampler may visit several (within a chain, or one per chain). Each draw is permuted to the
-    labelling whose locations are nearest (squared distance in units of the posterior spread)
-    to a reference: first the first draw, then the mean of the relabelled locations, iterated
-    up to ``num_iters`` times (a pivotal relabelling in the spirit of Stephens 2000). Returns
-    ``(relabelled draws, permuted)``, permuted a boolean array (chains, draws) marking the draws
-    whose labels were changed.
-    """
-    import itertools
-
-    locs = np.asarray(draws["locs"], dtype=np.float64)  # (C, S, K, D)
-    num_components = locs.shape[2]
-    if num_components > 6:
-        raise ValueError(f"relabel tries all K! labellings: at most K = 6, got {num_components}")
-    perms = np.array(list(itertools.permutations(range(num_components))))  # (K!, K)
-    spread = locs.reshape(-1, locs.shape[-1]).std(0) + 1e-12  # (D,)
-    scaled = locs / spread
-    permuted = np.take_along_axis(
-        scaled[:, :, None], perms[None, None, :, :, None], axis=3
-    )  # (C, S, P, K, D): every draw under every labelling
-    reference, choice = scaled[0, 0], None  # the pivot: the first draw of the first chain
-    for _ in range(num_iters):
-        new = ((permuted - reference) ** 2).sum((-1, -2)).argmin(-1)  # (C, S)
-        if choice is not None and (new == choice).all():
-            break
-        choice = new
-        reference = np.take_along_axis(scaled, perms[choice][..., None], axis=2).mean((0, 1))
-    order = perms[choice]  # (C, S, K)
-    out = {}
-    for name, value in draws.items():
-        value = np.asarray(value)
-        if name in COMPONENT_SITES:
-            index = order.reshape(order.shape + (1,) * (value.ndim - 3))
-            value = np.take_along_axis(value, index, axis=2)
-        out[name] = value
-    return out, (order != np.arange(num_components)).any(-1)
+    """Undo label switching in draws of ``bayesian_model``, matching components by their
+    locations (see ``zoo._mixture.relabel``)."""
+    return _relabel(draws, "locs", COMPONENT_SITES, num_iters)
