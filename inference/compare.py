@@ -40,9 +40,15 @@ from inference.io import atomic_write, atomic_write_bytes, save_json
 
 @dataclass
 class Method:
+    """warm_up: run once, untimed and with no budget left, before the timed runs, so that
+    one-time costs (first traces, lazy imports, kernel caches) do not land on the first seed.
+    Worth it for methods whose first step is cheap; leave it off where one step is a whole
+    fit (MCMC chains)."""
+
     name: str
     run: Callable[[int, "Recorder"], Dict]
     description: str = ""
+    warm_up: bool = False
 
 
 class Recorder:
@@ -114,11 +120,17 @@ def run(
     budget: Optional[float] = None,
     progress: bool = True,
 ) -> List[Dict]:
-    """Fit every method with every seed; one row per (method, seed)."""
+    """Fit every method with every seed; one row per (method, seed). Methods marked
+    ``warm_up`` first run once untimed (their result is discarded)."""
     if not methods:
         raise ValueError("no methods to compare")
     rows = []
     jobs = [(m, s) for m in methods for s in seeds]
+    for method in methods:
+        if method.warm_up:
+            pyro.clear_param_store()
+            pyro.set_rng_seed(0)
+            method.run(0, Recorder(budget=0.0))  # stops at its first check of the budget
     for method, seed in tqdm(jobs, desc="compare", disable=not progress, leave=False):
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)

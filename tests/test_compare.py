@@ -67,6 +67,18 @@ def test_report_writes_table_csv_plot_and_command(tmp_path):
     assert len(json.loads((tmp_path / "rows.json").read_text())) == 6
 
 
+def test_warm_up_runs_once_untimed_with_no_budget_and_leaves_no_row():
+    calls = []
+
+    def run(seed, recorder):
+        calls.append((seed, recorder.budget))
+        return {"objective": 0.0}
+
+    rows = compare.run([compare.Method("m", run, warm_up=True)], seeds=[3, 4], budget=9.0)
+    assert calls == [(0, 0.0), (3, 9.0), (4, 9.0)]
+    assert [r["seed"] for r in rows] == [3, 4]
+
+
 def test_run_rejects_no_methods():
     with pytest.raises(ValueError, match="no methods"):
         compare.run([])

@@ -244,7 +244,7 @@ def _em_method(setup: Setup) -> runner.Method:
             )
         return _mixture_figures(model, setup, result.objective, result.num_steps, recorder)
 
-    return runner.Method("em", run, f"closed-form EM, tol {setup.tol:g}")
+    return runner.Method("em", run, f"closed-form EM, tol {setup.tol:g}", warm_up=True)
 
 
 def _svi_mixture_method(setup: Setup) -> runner.Method:
@@ -271,7 +271,7 @@ def _svi_mixture_method(setup: Setup) -> runner.Method:
         )
         return _mixture_figures(model, setup, result.objective, result.num_steps, recorder)
 
-    return runner.Method("svi", run, "SVI, TraceEnum_ELBO (MAP), Adam")
+    return runner.Method("svi", run, "SVI, TraceEnum_ELBO (MAP), Adam", warm_up=True)
 
 
 def _sklearn_method(setup: Setup) -> runner.Method:
@@ -305,7 +305,7 @@ def _sklearn_method(setup: Setup) -> runner.Method:
             )
         return figures
 
-    return runner.Method("sklearn", run, "scikit-learn GaussianMixture (reference)")
+    return runner.Method("sklearn", run, "scikit-learn GaussianMixture (reference)", warm_up=True)
 
 
 def _nuts_method(setup: Setup) -> runner.Method:
