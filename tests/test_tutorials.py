@@ -29,6 +29,17 @@ def test_notebooks_are_stored_without_outputs():
                 )
 
 
+def test_notebooks_use_the_zoo_and_define_no_networks_of_their_own():
+    """Each notebook imports the zoo's models or drivers, and none defines a network class:
+    the models come from zoo/, not from copies in the tutorials."""
+    for path in NOTEBOOKS:
+        code = "\n".join(
+            c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"
+        )
+        assert "from zoo" in code or "from inference" in code, path.name
+        assert "(nn.Module)" not in code and "(PyroModule)" not in code, path.name
+
+
 def test_readme_lists_every_notebook():
     readme = (TUTORIALS / "README.md").read_text()
     for path in NOTEBOOKS:
