@@ -4,7 +4,7 @@ split, one table and one plot.
 
     methods = [Method("em", run_em), Method("svi", run_svi)]
     rows = compare.run(methods, seeds=[0, 1, 2], budget=60)
-    compare.report(rows, "runs/compare-gmm", command="zoo compare gmm ...")
+    compare.report(rows, "runs/compare-gmm", command="zoo compare gmm ...", title="GMM")
 
 A method is a name and a function ``run(seed, recorder) -> dict`` that fits from scratch and
 returns its final figures: ``objective``, ``heldout_log_likelihood`` (nats per held-out point),
