@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import mnist_available
+
 nbformat = pytest.importorskip("nbformat", reason="the tutorials need the dev extra")
 nbclient = pytest.importorskip("nbclient", reason="the tutorials need the dev extra")
 
@@ -52,6 +54,9 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
     notebook = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+    if '"mnist"' in code and not mnist_available() and not os.environ.get("ZOO_REQUIRE_MNIST"):
+        pytest.skip("MNIST not in the cache: run `zoo data fetch mnist`")  # as conftest does
     client = nbclient.NotebookClient(
         notebook,
         timeout=300,
