@@ -335,6 +335,11 @@ def test_vae_comparison_rows_and_score_function_variance(tmp_path):
         assert variance["tracegraph"] > 10 * variance[name], name
     assert variance["meanfield"] < variance["trace"]
     assert "Gradient variance at fixed parameters" in (tmp_path / "table.md").read_text()
+    # the recorded command is one the CLI accepts, tuples included
+    command = (tmp_path / "command.txt").read_text().split()
+    assert "--hidden" in command and command[command.index("--hidden") + 1] == "64"
+    args = cli.build_parser().parse_args(command[1:])
+    assert args.hidden == [64] and args.z_dim == 8 and args.gradient_draws == 30
 
 
 def test_ssvae_comparison_gives_the_three_rows_with_accuracy(tmp_path):

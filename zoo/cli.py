@@ -604,7 +604,7 @@ def cmd_compare(args) -> int:
     methods = [m.strip() for m in args.inference.split(",")] if args.inference else None
     options = {
         name: getattr(args, name)
-        for name in _COMPARE_OPTIONS
+        for name in comparisons.SETTINGS
         if getattr(args, name, None) is not None
     }
     table = comparisons.compare(
@@ -621,25 +621,6 @@ def cmd_compare(args) -> int:
     print(table.read_text().split("\nNotes:")[0].split("\n###")[0].rstrip())
     print(f"\nreport: {out} (table.md, table.csv, log_likelihood_vs_time.png, rows.json)")
     return 0
-
-
-_COMPARE_OPTIONS = (
-    "components",
-    "epochs",
-    "max_data",
-    "heldout",
-    "num_samples",
-    "labels",
-    "chains",
-    "warmup",
-    "samples",
-    "svi_steps",
-    "batch_size",
-    "lr",
-    "tol",
-    "max_iter",
-    "gradient_draws",
-)
 
 
 def cmd_evaluate(args) -> int:
@@ -981,8 +962,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--num-samples", _positive_int, "K of the importance-sampled held-out log-likelihood"),
         ("--labels", _positive_int, "SSVAE: labelled training rows"),
         ("--gradient-draws", _positive_int, "VAE: draws per gradient-variance estimate"),
+        ("--z-dim", _positive_int, "deep models: latent size"),
     ):
         knobs.add_argument(flag, type=kind, help=text)
+    knobs.add_argument("--hidden", type=_positive_int, nargs="+", help="deep models: widths")
     cmp.set_defaults(func=cmd_compare)
 
     ev = sub.add_parser("evaluate", help="recompute a run's metrics")

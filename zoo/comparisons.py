@@ -108,6 +108,14 @@ class Setup:
     test: tuple = field(default=None, repr=False)
 
 
+# the fields of Setup a caller may set (the rest are filled in by compare)
+SETTINGS = tuple(
+    f.name
+    for f in dataclasses.fields(Setup)
+    if f.name not in ("model", "data", "out", "train", "test")
+)
+
+
 def compare(
     model: str,
     data: Optional[str] = None,
@@ -140,11 +148,10 @@ def compare(
         )
     if len(set(methods)) != len(methods):
         raise ValueError(f"a method is named twice: {methods}")
-    names = {f.name for f in dataclasses.fields(Setup)} - {"model", "data", "out", "train", "test"}
-    bad = sorted(set(options) - names)
+    bad = sorted(set(options) - set(SETTINGS))
     if bad:
         raise TypeError(
-            f"unknown option(s) {', '.join(bad)}; choose from {', '.join(sorted(names))}"
+            f"unknown option(s) {', '.join(bad)}; choose from {', '.join(sorted(SETTINGS))}"
         )
     out = Path(out)
     setup = Setup(model=model, data=data_name, out=out, **options)
@@ -169,7 +176,8 @@ def _command(model, data_name, methods, seeds, budget, options) -> str:
     if budget is not None:
         words += ["--budget", f"{budget:g}"]
     for key, value in options.items():
-        words += [f"--{key.replace('_', '-')}", str(value)]
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        words += [f"--{key.replace('_', '-')}", *(str(v) for v in values)]
     return " ".join(words)
 
 
