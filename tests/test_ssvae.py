@@ -73,6 +73,45 @@ def test_enumerated_loss_equals_the_explicit_sum_over_labels(labels):
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
+def test_enumerated_gradient_reaches_the_classifier_through_q():
+    """The classifier learns from unlabelled rows only through the weights q(y | x) of the sum
+    over labels (and its entropy): its gradient under TraceEnum_ELBO must equal the gradient of
+    the explicit sum at the same z draws, on a batch that mixes labelled and unlabelled rows."""
+    model = small_model()
+    x = torch.bernoulli(torch.rand(5, 12, generator=torch.Generator().manual_seed(1)))
+    y = torch.tensor([2, -1, 0, -1, 9])
+    draws = {}
+
+    def recording_guide(x, y):
+        trace = poutine.trace(model.guide).get_trace(x, y)
+        draws["z"] = trace.nodes["z"]["value"].detach()
+
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    loss = elbo.differentiable_loss(model.model, recording_guide, x, y)
+    params = list(model.classifier.parameters())
+    enumerated = torch.autograd.grad(loss, params)
+    explicit = torch.autograd.grad(explicit_loss(model, x, y, draws["z"]), params)
+    for got, want in zip(enumerated, explicit):
+        assert want.abs().max() > 1.0  # the unlabelled rows do move the classifier
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_elbo_by_label_is_the_elbo_with_that_label_observed():
+    """elbo_by_label(x)[:, k] estimates L(x, k): the ELBO of the model with every label set
+    to k (alpha = 0, so no classification term), computed here by Pyro's Trace_ELBO."""
+    model = small_model(alpha=0.0, enumerate=False)  # every label known: nothing to enumerate
+    x = torch.bernoulli(torch.rand(4, 12, generator=torch.Generator().manual_seed(3)))
+    got = model.elbo_by_label(x, num_samples=20000)
+    assert got.shape == (4, 10)
+    elbo = Trace_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=1)
+    with torch.no_grad():
+        for k in (0, 7):
+            want = -elbo.loss(model.model, model.guide, x, torch.full((4,), k))
+            # Monte Carlo on both sides; 0.1 % of ~-12 nats per image is many standard errors
+            assert got[:, k].sum().item() == pytest.approx(want, rel=1e-3)
+    assert (got[:, 0] != got[:, 7]).all()  # the label matters to the decoder
+
+
 def test_sampled_y_is_unbiased_for_the_enumerated_objective():
     model = small_model(enumerate=False)
     x = torch.bernoulli(torch.rand(3, 12, generator=torch.Generator().manual_seed(2)))

@@ -464,7 +464,8 @@ def _deep_metrics(model, config, num_samples, device, run: Optional[Path] = None
 
 @torch.no_grad()
 def _ssvae_metrics(model, test, num_samples) -> dict:
-    """Test accuracy of q(y | x), and the bounds on log p(x) with the test labels hidden."""
+    """Test accuracy of q(y | x) and of the generative classifier argmax_y L(x, y), and the
+    bounds on log p(x) with the test labels hidden."""
     x, y = test
     log_px = evaluate.log_likelihood(model.model, model.guide, x, num_samples=num_samples)
     enumerated, model.config.enumerate = model.config.enumerate, True  # the ELBO exact in y
@@ -473,8 +474,11 @@ def _ssvae_metrics(model, test, num_samples) -> dict:
         test_elbo = svi.elbo_per_datum(model.model, model.guide, x, elbo)
     finally:
         model.config.enumerate = enumerated
+    # the generative model's own classification, argmax over y of L(x, y) (chunks: C draws each)
+    by_label = torch.cat([model.elbo_by_label(chunk) for chunk in x.split(1000)])
     return {
         "test_accuracy": model.accuracy(x, y),
+        "generative_accuracy": (by_label.argmax(-1) == y).float().mean().item(),
         "test_elbo": test_elbo,
         "test_log_likelihood": log_px.mean().item(),
         "log_likelihood_samples": num_samples,

@@ -26,6 +26,7 @@ References: Kingma et al. (2014), Semi-Supervised Learning with Deep Generative 
 Pyro's SS-VAE tutorial (networks 784-500-10, 794-500-50, 60-500-784).
 """
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -146,6 +147,30 @@ class SSVAE(nn.Module):
             for i in range(0, len(x), batch_size)
         )
         return hits / len(x)
+
+    @torch.no_grad()
+    def elbo_by_label(self, x: torch.Tensor, num_samples: int = 10) -> torch.Tensor:
+        """L(x, y) for every class y: the ELBO of x given that label, from ``num_samples`` draws
+        of q(z | x, y). (N, X) -> (N, C) nats.
+
+        Its argmax is the generative model's own classification, and softmax(L) is where the
+        unlabelled term pulls q(y | x): the sum over y is maximized by q(y | x) proportional to
+        exp L(x, y). When that generative classifier is worse than q(y | x), the unlabelled
+        images pull the classifier the wrong way (see ``benchmarks/ssvae_accuracy.py``).
+        """
+        self._check(x)
+        c = self.config.num_classes
+        prior_z = dist.Normal(x.new_zeros(self.config.z_dim), 1.0).to_event(1)
+        out = []
+        for k in range(c):
+            y = self._one_hot(torch.full((len(x),), k, device=x.device))
+            loc, scale = self.encoder(x, y)
+            q_z = dist.Normal(loc, scale).to_event(1)
+            z = q_z.rsample((num_samples,))  # (S, N, Z)
+            logits = self.decoder(_concat(z, y))
+            log_px = dist.Bernoulli(logits=logits).to_event(1).log_prob(x)
+            out.append((log_px + prior_z.log_prob(z) - q_z.log_prob(z)).mean(0) - math.log(c))
+        return torch.stack(out, -1)
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
