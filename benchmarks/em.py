@@ -10,7 +10,10 @@ EM benchmarks, all measured in one run on this machine; prints a table and saves
 2. Bernoulli-mixture speed on MNIST (50,000 x 784) for K = 10, 100, 500: seconds per iteration
    and achieved GFLOP/s (4 N D K flops per iteration: the E-step and M-step matrix products),
    beside this machine's float32 matrix-multiply rate (2048^3 GEMM, best of 5), measured at the
-   start of the run and again right after each fit; the larger is used. Goal: >= 70%.
+   start of the run and again right after each fit; the larger is used. Goal: >= 70%. Beside it,
+   the same two products timed alone at the real shapes (the ceiling for any EM built on them)
+   and the memory roofline: at K = 10 each float of x read feeds only 2K = 20 flops, so the
+   products are bound by memory bandwidth, far below the square GEMM rate.
 3. Bernoulli-mixture quality: test log-likelihood (nats per image) on statically binarized MNIST
    for K = 10, 100, 500, beside the published mixture of Bernoullis (K = 500): -137.64 (Uria et
    al. 2014, Table 2, on Larochelle and Murray's binarization; ours is the zoo's own fixed-seed
@@ -47,6 +50,28 @@ def matmul_rate(n=2048, repeats=5) -> float:
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
+
+
+def products_rate(x, k, repeats=5) -> float:
+    """GFLOP/s of the two matrix products of one Bernoulli-mixture EM iteration alone, at the
+    real shapes: x (N, D) @ (D, K) for the E-step and (K, N) @ x for the M-step statistics.
+    No EM implementation built on these products can beat it: the shape-matched ceiling."""
+    w, r = torch.randn(x.shape[1], k), torch.randn(k, x.shape[0])
+
+    def products():
+        x @ w
+        r @ x
+
+    products()
+    best = min(_timed(products) for _ in range(repeats))
+    return 4 * x.shape[0] * x.shape[1] * k / best / 1e9
+
+
+def read_bandwidth(x, repeats=5) -> float:
+    """GB/s at which this machine streams ``x`` from memory (a sum over it, best of 5)."""
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(repeats))
+    return x.numel() * x.element_size() / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -151,6 +176,10 @@ def bmm_runs(x, x_test, ks, max_iter, tol, rate):
         gflops = 4 * x.shape[0] * x.shape[1] * k / per_iter / 1e9
         # the machine's speed drifts over minutes here: measure its GEMM rate again, right after
         rate = max(rate, matmul_rate(512 if len(x) < 10000 else 2048))
+        ceiling = products_rate(x, k)
+        # each iteration streams x twice (E-step, M-step): at most 2K flops per float read
+        bandwidth = read_bandwidth(x)
+        roofline = min(rate, bandwidth * 1e9 * (4 * k) / (2 * x.element_size()) / 1e9)
         counts = model.responsibilities(x).sum(0)  # expected number of images per component
         row = {
             "K": k,
@@ -158,6 +187,10 @@ def bmm_runs(x, x_test, ks, max_iter, tol, rate):
             "gflops": gflops,
             "matmul_gflops_adjacent": rate,
             "fraction_of_matmul_rate": gflops / rate,
+            "products_only_gflops": ceiling,
+            "fraction_of_products_rate": gflops / ceiling,
+            "read_bandwidth_gb_s": bandwidth,
+            "roofline_gflops": roofline,
             "iterations": result.num_steps,
             "converged": result.converged,
             "fit_seconds_incl_init": total,
@@ -168,7 +201,9 @@ def bmm_runs(x, x_test, ks, max_iter, tol, rate):
         }
         print(
             f"  K={k:4d}: {per_iter * 1e3:8.1f} ms/iter, {gflops:6.1f} GFLOP/s "
-            f"({100 * row['fraction_of_matmul_rate']:.0f}% of GEMM), test LL "
+            f"({100 * row['fraction_of_matmul_rate']:.0f}% of GEMM, "
+            f"{100 * row['fraction_of_products_rate']:.0f}% of its own products alone at "
+            f"{ceiling:.1f}; roofline {roofline:.1f}), test LL "
             f"{row['test_log_likelihood']:.2f}, {row['iterations']} iters, "
             f"empty {row['empty_components']}",
             flush=True,
@@ -253,17 +288,27 @@ def markdown(report) -> str:
     lines += [
         f"\n## Bernoulli mixture, MNIST {b['num_train']} train / {b['num_test']} test, "
         f"{b['binarization']} binarization, {b['prior']}\n",
-        "| K | ms / iteration | GFLOP/s | % of GEMM rate | iterations | test LL (nats) | "
-        "train LL | empty components | < 10 images |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| K | ms / iteration | GFLOP/s | % of GEMM rate | the two products alone, GFLOP/s |"
+        " % of that | roofline GFLOP/s | iterations | test LL (nats) | train LL |"
+        " empty components | < 10 images |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in b["runs"]:
         lines.append(
             f"| {r['K']} | {r['sec_per_iter'] * 1e3:.1f} | {r['gflops']:.1f} | "
-            f"{100 * r['fraction_of_matmul_rate']:.0f}% | {r['iterations']} | "
+            f"{100 * r['fraction_of_matmul_rate']:.0f}% | {r['products_only_gflops']:.1f} | "
+            f"{100 * r['fraction_of_products_rate']:.0f}% | {r['roofline_gflops']:.1f} | "
+            f"{r['iterations']} | "
             f"{r['test_log_likelihood']:.2f} | {r['train_log_likelihood']:.2f} | "
             f"{r['empty_components']} | {r['components_under_10_images']} |"
         )
+    bandwidth = b["runs"][0]["read_bandwidth_gb_s"]
+    lines.append(
+        "\n'The two products alone' times x @ W and R @ x at the real shapes, nothing else: the"
+        " ceiling for any EM built on them. The roofline is min(GEMM rate, 2K flops per float"
+        f" read x read bandwidth), with the bandwidth measured as {bandwidth:.1f} GB/s; at"
+        " small K the products are bound by memory, not arithmetic.\n"
+    )
     lines.append(
         f"\nPublished mixture of Bernoullis, K=500: {b['published_mob_k500']} nats "
         "(Uria et al. 2014).\n"

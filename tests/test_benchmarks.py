@@ -24,4 +24,28 @@ def test_em_benchmark_quick(tmp_path):
     # same start, same algorithm: the final log-likelihoods agree
     assert rows["zoo EM (float64)"]["ll_rel_diff_vs_sklearn"] < 1e-6
     assert [r["K"] for r in report["bmm"]["runs"]] == [10, 20]
+    for run in report["bmm"]["runs"]:  # the ceilings beside the achieved rate are measured
+        assert run["products_only_gflops"] > 0 and run["read_bandwidth_gb_s"] > 0
+        assert 0 < run["roofline_gflops"] <= run["matmul_gflops_adjacent"]
     assert (tmp_path / "em-quick.md").read_text().startswith("# EM benchmark")
+
+
+@requires_mnist
+def test_vae_speed_benchmark_quick(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "vae_speed.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads((tmp_path / "vae_speed-quick.json").read_text())
+    assert len(report["rows"]) == 10  # five drivers, validation off and on
+    for row in report["rows"].values():  # driver and plain epochs come in timed pairs
+        assert row["pairs"] and all(d > 0 and p > 0 for d, p in row["pairs"])
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
