@@ -1,6 +1,7 @@
 """What the quality benchmarks share: run a `zoo` command line, read its metrics, save a table."""
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -10,8 +11,15 @@ sys.path.insert(0, str(ROOT))
 from zoo import cli  # noqa: E402
 
 
-def fit(command, run: Path) -> dict:
-    """Run `zoo <command>` (which writes to ``run``) and return its metrics.json."""
+def fit(command, run: Path, reuse: bool = False) -> dict:
+    """Run `zoo <command>` (which writes to ``run``) and return its metrics.json; with
+    ``reuse``, a run that the same command already finished is read instead of fitted again."""
+    metrics, config = Path(run) / "metrics.json", Path(run) / "config.json"
+    if reuse and metrics.exists() and config.exists():
+        recorded = json.loads(config.read_text()).get("command")
+        if recorded == "zoo " + " ".join(shlex.quote(a) for a in command):
+            print(f"reusing {run}")
+            return json.loads(metrics.read_text())
     if cli.main(command) != 0:
         raise SystemExit(f"run failed: zoo {' '.join(command)}")
     return json.loads((Path(run) / "metrics.json").read_text())
