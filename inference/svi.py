@@ -100,6 +100,10 @@ def fit(
 ) -> FitResult:
     """Fit by SVI. ``data`` is a tensor or a tuple of tensors passed as the model's arguments.
 
+    optim: a Pyro optimizer (e.g. ``pyro.optim.ClippedAdam({...})``, one per parameter, the
+    parameters collected every step); by default a single ``torch.optim.Adam(lr=lr)`` over the
+    parameters the model and guide create on their first run.
+
     validate: a held-out score to early-stop on instead of the ELBO on ``valid_data`` (higher
     is better), e.g. a classifier's validation accuracy.
     loop_options go to ``inference.loop.run``: seed, patience, transform, checkpoint, resume,
@@ -108,17 +112,39 @@ def fit(
     tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
     num_data = len(tensors[0])
     elbo = make_loss(loss, num_particles, max_plate_nesting)
-    optim = optim or pyro.optim.Adam({"lr": lr})
 
     scaled_model = loop.scale_data(model, data_plate, num_data)
     scaled_guide = loop.scale_data(guide, data_plate, num_data)
     # create the parameters now, so that a resumed run can restore them before the first step
-    loop.parameters(scaled_model, scaled_guide, *(t[:2] for t in tensors))
-    svi = SVI(scaled_model, scaled_guide, optim, elbo)
+    params = loop.parameters(scaled_model, scaled_guide, *(t[:2] for t in tensors))
+    if optim is None:
+        # one torch Adam over every parameter: Pyro's default optimizer keeps one Adam per
+        # parameter and re-collects them by tracing every step, which costs this loop about
+        # 0.1x of a small VAE's epoch (benchmarks/vae_speed.py)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        num_params = len(pyro.get_param_store())
 
-    def step(batch):
-        args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
-        return svi.step(*args) / num_data  # -ELBO of the whole data set, per data point
+        def step(batch):
+            args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+            optimizer.zero_grad()
+            value = elbo.loss_and_grads(scaled_model, scaled_guide, *args)
+            if len(pyro.get_param_store()) != num_params:
+                raise RuntimeError(
+                    "the model or guide created parameters after the first step, which the"
+                    " default optimizer does not see; pass optim=pyro.optim.Adam(...) instead"
+                )
+            optimizer.step()
+            return value / num_data  # -ELBO of the whole data set, per data point
+
+        state = {"optimizer": optimizer}
+    else:
+        svi = SVI(scaled_model, scaled_guide, optim, elbo)
+
+        def step(batch):
+            args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+            return svi.step(*args) / num_data  # -ELBO of the whole data set, per data point
+
+        state = {"optim": _OptimState(optim)}
 
     if validate is None and valid_data is not None:
         evaluator = make_loss(
@@ -133,7 +159,7 @@ def fit(
     return loop.run(
         step,
         data,
-        state={"optim": _OptimState(optim)},
+        state=state,
         batch_size=batch_size,
         num_epochs=num_epochs,
         validate=validate,

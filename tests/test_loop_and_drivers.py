@@ -101,6 +101,44 @@ def test_svi_beta_bernoulli_posterior_mean():
     assert a / (a + b) == pytest.approx(9 / 12, abs=0.03)
 
 
+def test_svi_default_and_pyro_optimizers_agree_and_late_parameters_are_refused():
+    """The default single torch Adam takes the same steps as Pyro's per-parameter Adam (same
+    update rule, same learning rate); a guide that creates a parameter only after the first
+    step is refused with a clear error instead of leaving that parameter unoptimized."""
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        pyro.sample("mu", dist.Delta(loc))
+
+    x = torch.randn(40) + 3.0
+    finals = []
+    for optim in (None, pyro.optim.Adam({"lr": 0.1})):
+        pyro.clear_param_store()
+        svi.fit(
+            model, guide, x, loss="Trace_ELBO", optim=optim, lr=0.1, batch_size=10, num_epochs=5
+        )
+        finals.append(pyro.param("loc").item())
+    assert finals[0] == pytest.approx(finals[1], rel=1e-5)
+
+    calls = []
+
+    def late_guide(x):
+        calls.append(1)
+        loc = pyro.param("loc", torch.tensor(0.0))
+        if len(calls) > 2:  # the driver's set-up run and the first step see no "shift"
+            loc = loc + pyro.param("shift", torch.tensor(0.0))
+        pyro.sample("mu", dist.Delta(loc))
+
+    pyro.clear_param_store()
+    with pytest.raises(RuntimeError, match="created parameters after the first step"):
+        svi.fit(model, late_guide, x, loss="Trace_ELBO", batch_size=10, num_epochs=1)
+
+
 def test_minibatch_objective_is_unbiased_with_a_global_latent():
     x = torch.randn(60)
     full = Trace_ELBO().loss(gaussian_with_global_mean, delta_guide_for_mean, x)
