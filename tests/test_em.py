@@ -176,3 +176,17 @@ def test_posterior_matches_softmax_and_keeps_impossible_rows():
     keep = torch.arange(50) != 3
     torch.testing.assert_close(log_px[keep], expected_lp[keep], atol=1e-4, rtol=1e-6)
     torch.testing.assert_close(post[keep], expected_post[keep], atol=1e-30, rtol=1e-5)
+
+
+def test_default_chunk_size_follows_what_the_model_says_it_materializes():
+    """The Bernoulli mixture's E-step is a matrix product: K values per row (plus K
+    responsibilities), not K x D, so it is given far larger chunks than a model that says
+    nothing, which is assumed to make 4 K D values per row (the earlier fixed rule)."""
+    from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig
+    from zoo.gmm import GaussianMixture
+
+    bmm = BernoulliMixture(BMMConfig(num_components=10, dim=784))
+    assert em._default_chunk_size(bmm.model, 10, 784) == 2**22 // 20
+    gmm = GaussianMixture(num_components=10, dim=10)
+    assert em._default_chunk_size(gmm.model, 10, 10) == 2**20 // 100
+    assert em._default_chunk_size(gmm.model, 500, 784) == 4096  # the floor

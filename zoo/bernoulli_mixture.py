@@ -115,6 +115,12 @@ class BernoulliMixture(Mixture):
             log_prior = log_prior - ((b - 1) * F.softplus(self.logits)).sum()
         return log_prior
 
+    @staticmethod
+    def e_step_values_per_row(num_components: int) -> int:
+        """What one data row costs the E-step in memory: its K log-probabilities (one matrix
+        product, no (K, D) temporaries) and K responsibilities. ``em.fit`` sizes chunks by it."""
+        return 2 * num_components
+
     def sufficient_statistics(self, x: torch.Tensor, resp: torch.Tensor) -> dict:
         return {"counts": resp.sum(0).double(), "sum_x": (resp.T @ x).double()}  # (K,), (K, D)
 
