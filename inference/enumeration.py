@@ -22,6 +22,7 @@ from typing import Dict, Tuple
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import broadcast_shape
 from pyro.infer.enum import config_enumerate
 from pyro.poutine.util import site_is_subsample
 
@@ -113,7 +114,7 @@ class Enumerated:
             elif (
                 owned
                 and not torch.is_grad_enabled()
-                and local.shape == torch.broadcast_shapes(local.shape, log_prob.shape)
+                and local.shape == broadcast_shape(local.shape, log_prob.shape)
             ):
                 local.add_(log_prob)  # our own tensor: no new allocation in the hot loop
             else:

@@ -23,7 +23,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions import constraints
-from pyro.distributions.util import is_validation_enabled
+from pyro.distributions.util import broadcast_shape, is_validation_enabled
 from pyro.nn import PyroParam
 
 from zoo._mixture import Mixture
@@ -58,7 +58,7 @@ class ProductBernoulli(dist.TorchDistribution):
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
-        torch.broadcast_shapes(self.logits.shape[:-1], batch_shape)  # raises if incompatible
+        broadcast_shape(self.logits.shape[:-1], batch_shape)  # raises if incompatible
         return ProductBernoulli(self.logits, batch_shape, validate_args=False)
 
     def sample(self, sample_shape=()):
@@ -76,7 +76,7 @@ class ProductBernoulli(dist.TorchDistribution):
             log_prob = torch.addmm(bias.T, value, self.logits.squeeze(1).T).T  # (K, N)
         else:  # einsum over broadcast batch dims is dispatched to a matrix product as well
             log_prob = torch.einsum("...d,...d->...", value, self.logits) + bias
-        return log_prob.expand(torch.broadcast_shapes(log_prob.shape, self.batch_shape))
+        return log_prob.expand(broadcast_shape(log_prob.shape, self.batch_shape))
 
 
 class BernoulliMixture(Mixture):

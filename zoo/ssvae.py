@@ -34,6 +34,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.util import broadcast_shape
 from torch import nn
 
 from zoo.nets import check_rows, mlp
@@ -220,5 +221,5 @@ class SSVAE(nn.Module):
 
 def _concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Concatenate the last dimension after broadcasting the others (enumerated y is (C, 1, C))."""
-    shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    shape = broadcast_shape(a.shape[:-1], b.shape[:-1])
     return torch.cat([a.expand(shape + a.shape[-1:]), b.expand(shape + b.shape[-1:])], -1)
