@@ -474,7 +474,7 @@ def _ssvae_metrics(model, test, num_samples) -> dict:
         test_elbo = svi.elbo_per_datum(model.model, model.guide, x, elbo)
     finally:
         model.config.enumerate = enumerated
-    # the generative model's own classification, argmax over y of L(x, y) (chunks: C draws each)
+    # the generative model's own classification, argmax over y of L(x, y), 1000 images at a time
     by_label = torch.cat([model.elbo_by_label(chunk) for chunk in x.split(1000)])
     return {
         "test_accuracy": model.accuracy(x, y),
