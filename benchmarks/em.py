@@ -48,9 +48,7 @@ PUBLISHED_MOB_K500 = -137.64
 def matmul_rate(n=2048, repeats=5) -> float:
     """float32 GFLOP/s of a large square matrix product: the machine's own GEMM rate."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / _best_time(lambda: a @ b, repeats) / 1e9
 
 
 def products_rate(x, k, repeats=5) -> float:
@@ -65,16 +63,18 @@ def products_rate(x, k, repeats=5) -> float:
         x @ w.T
         r.T @ x
 
-    products()
-    best = min(_timed(products) for _ in range(repeats))
-    return 4 * x.shape[0] * x.shape[1] * k / best / 1e9
+    return 4 * x.shape[0] * x.shape[1] * k / _best_time(products, repeats) / 1e9
 
 
 def read_bandwidth(x, repeats=5) -> float:
     """GB/s at which this machine streams ``x`` from memory (a sum over it, best of 5)."""
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(repeats))
-    return x.numel() * x.element_size() / best / 1e9
+    return x.numel() * x.element_size() / _best_time(x.sum, repeats) / 1e9
+
+
+def _best_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn``, after one untimed warm-up call."""
+    fn()
+    return min(_timed(fn) for _ in range(repeats))
 
 
 def _timed(fn) -> float:
