@@ -25,6 +25,7 @@ from pyro.infer import SVI
 from pyro.poutine.messenger import Messenger
 
 from inference import loop
+from inference.particles import as_args
 from inference.result import FitResult
 
 
@@ -109,7 +110,7 @@ def fit(
     loop_options go to ``inference.loop.run``: seed, patience, transform, checkpoint, resume,
     callback, schedule, progress, max_steps. The objective and history are ELBO per data point.
     """
-    tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
+    tensors = as_args(data)
     num_data = len(tensors[0])
     elbo = make_loss(loss, num_particles, max_plate_nesting)
 
@@ -125,9 +126,8 @@ def fit(
         num_params = len(pyro.get_param_store())
 
         def step(batch):
-            args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
             optimizer.zero_grad()
-            value = elbo.loss_and_grads(scaled_model, scaled_guide, *args)
+            value = elbo.loss_and_grads(scaled_model, scaled_guide, *as_args(batch))
             if len(pyro.get_param_store()) != num_params:
                 raise RuntimeError(
                     "the model or guide created parameters after the first step, which the"
@@ -140,9 +140,8 @@ def fit(
     else:
         svi = SVI(scaled_model, scaled_guide, optim, elbo)
 
-        def step(batch):
-            args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
-            return svi.step(*args) / num_data  # -ELBO of the whole data set, per data point
+        def step(batch):  # -ELBO of the whole data set, per data point
+            return svi.step(*as_args(batch)) / num_data
 
         state = {"optim": _OptimState(optim)}
 
@@ -198,7 +197,7 @@ def score_function(guide: Callable) -> Callable:
 @torch.no_grad()
 def elbo_per_datum(model, guide, data, elbo: pyro.infer.ELBO, batch_size: int = 1024) -> float:
     """The ELBO of ``data`` per data point, in chunks (higher is better)."""
-    tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
+    tensors = as_args(data)
     total, num = 0.0, len(tensors[0])
     for i in range(0, num, batch_size):
         total -= elbo.loss(model, guide, *(t[i : i + batch_size] for t in tensors))
