@@ -18,19 +18,21 @@ class PPCA(nn.Module):
     def __init__(self, d=5, q=2, sigma=0.5, inflate=1.0, shift=0.0, seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.w = torch.randn(d, q, generator=g, dtype=torch.float64)  # (D, Q)
-        self.mu = torch.randn(d, generator=g, dtype=torch.float64)  # (D,)
+        # buffers, so that ``.to(device)`` moves them (tests/test_devices.py)
+        self.register_buffer("w", torch.randn(d, q, generator=g, dtype=torch.float64))  # (D, Q)
+        self.register_buffer("mu", torch.randn(d, generator=g, dtype=torch.float64))  # (D,)
         self.sigma, self.inflate, self.shift = sigma, inflate, shift
 
     def model(self, x):
         with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.w.shape[1]), 1.0).to_event(1))
             loc = z @ self.w.T + self.mu  # (..., N, D)
             pyro.sample("x", dist.Normal(loc, self.sigma).to_event(1), obs=x)
 
     def posterior(self, x):
         q = self.w.shape[1]
-        m = self.w.T @ self.w + self.sigma**2 * torch.eye(q, dtype=x.dtype)  # (Q, Q)
+        eye = torch.eye(q, dtype=x.dtype, device=x.device)
+        m = self.w.T @ self.w + self.sigma**2 * eye  # (Q, Q)
         m_inv = torch.linalg.inv(m)
         loc = (x - self.mu) @ self.w @ m_inv.T  # (N, Q)
         cov = self.sigma**2 * m_inv  # (Q, Q)
@@ -45,14 +47,16 @@ class PPCA(nn.Module):
             )
 
     def exact_log_likelihood(self, x):
-        cov = self.w @ self.w.T + self.sigma**2 * torch.eye(len(self.mu), dtype=x.dtype)
+        eye = torch.eye(len(self.mu), dtype=x.dtype, device=x.device)
+        cov = self.w @ self.w.T + self.sigma**2 * eye
         return dist.MultivariateNormal(self.mu, cov).log_prob(x)  # (N,)
 
     def sample(self, num, seed=1):
         g = torch.Generator().manual_seed(seed)
         z = torch.randn(num, self.w.shape[1], generator=g, dtype=torch.float64)
         noise = torch.randn(num, len(self.mu), generator=g, dtype=torch.float64)
-        return z @ self.w.T + self.mu + self.sigma * noise
+        w, mu = self.w.cpu(), self.mu.cpu()
+        return (z @ w.T + mu + self.sigma * noise).to(self.w.device)
 
 
 def gaussian_with_global_mean(x):

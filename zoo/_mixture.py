@@ -93,7 +93,7 @@ class Mixture(PyroModule):
     def log_prior(self) -> torch.Tensor:
         alpha = self.config.weight_concentration
         if alpha == 1:
-            return torch.zeros(())
+            return self.weights.new_zeros(())
         return ((alpha - 1) * self.weights.log()).sum()  # Dirichlet, up to a constant
 
     def _m_step_weights(self, counts: torch.Tensor) -> None:

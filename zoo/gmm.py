@@ -131,7 +131,7 @@ class GaussianMixture(Mixture):
         reg = self.config.reg_covar
         if self.config.covariance_type == "full":
             cov = stats["sum_xx"] / counts[:, None, None] - locs.unsqueeze(-1) * locs.unsqueeze(-2)
-            cov = cov + reg * torch.eye(locs.shape[-1], dtype=cov.dtype)  # (K, D, D)
+            cov = cov + reg * torch.eye(locs.shape[-1], dtype=cov.dtype, device=cov.device)
             self.set_param("scale_tril", _cholesky(cov))
         else:
             var = stats["sum_xx"] / counts.unsqueeze(-1) - locs**2 + reg  # (K, D)
