@@ -95,7 +95,11 @@ def run(
         saved = torch.load(path, weights_only=True, map_location="cpu")
         _restore(saved, state, generator)
         position, history = saved["position"], saved["history"]
-        best.update(objective=saved["best_objective"], epoch=saved["best_epoch"])
+        best.update(
+            objective=saved["best_objective"],
+            epoch=saved["best_epoch"],
+            state=saved.get("best_state"),  # absent from checkpoints written before it was kept
+        )
 
     def save():
         if path is not None and rank == 0:
@@ -209,6 +213,9 @@ def _snapshot(state, generator, position, history, best):
         "history": list(history),
         "best_objective": best["objective"],
         "best_epoch": best["epoch"],
+        # the best validated parameters (and optimizer state), so that a resumed run still ends
+        # on them; None without validation
+        "best_state": best["state"],
     }
 
 
@@ -281,13 +288,14 @@ def average_gradients(params, weight: float) -> None:
     """
     if not _distributed():
         return
-    total = torch.tensor(float(weight))
+    params = [p for p in params if p.grad is not None]
+    # NCCL reduces CUDA tensors only: the count lives where the gradients do
+    total = torch.tensor(float(weight), device=params[0].grad.device if params else "cpu")
     tdist.all_reduce(total, op=tdist.ReduceOp.SUM)
     for p in params:
-        if p.grad is not None:
-            p.grad.mul_(weight)
-            tdist.all_reduce(p.grad, op=tdist.ReduceOp.SUM)
-            p.grad.div_(total.to(p.grad.device))
+        p.grad.mul_(weight)
+        tdist.all_reduce(p.grad, op=tdist.ReduceOp.SUM)
+        p.grad.div_(total)
 
 
 class ScaleDataPlate(Messenger):

@@ -340,6 +340,42 @@ def test_early_stopping_restores_the_best_state():
     assert "early stopping" in result.stop_reason
 
 
+def test_resume_keeps_the_best_validated_state(tmp_path):
+    """The best epoch's parameters travel in the checkpoint: a run interrupted after its best
+    epoch and resumed ends on them, as the uninterrupted run does."""
+    ckpt = tmp_path / "ckpt.pt"
+    scores = [1.0, 3.0, 2.0, 2.5]  # epoch 2 is the best
+
+    def run(num_epochs, resume, scores):
+        w = torch.nn.Linear(1, 1)
+        with torch.no_grad():
+            w.weight.fill_(0.0)
+
+        def step(batch):
+            with torch.no_grad():
+                w.weight += 1.0  # the weight counts the epochs
+            return 0.5
+
+        result = loop.run(
+            step,
+            torch.zeros(4, 1),
+            state={"w": w},
+            batch_size=4,
+            num_epochs=num_epochs,
+            validate=lambda: next(scores),
+            checkpoint=ckpt,
+            resume=resume,
+        )
+        return w.weight.item(), result
+
+    straight, _ = run(4, False, iter(scores))
+    ckpt.unlink()
+    run(3, False, iter(scores[:3]))
+    resumed, result = run(4, True, iter(scores[3:]))
+    assert straight == 2.0 and resumed == straight
+    assert result.extra["best_epoch"] == 2 and result.objective == 3.0
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     vae = small_vae()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
