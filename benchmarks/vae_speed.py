@@ -5,6 +5,7 @@ and Markdown.
 
     python benchmarks/vae_speed.py            # 20,000 MNIST images, 6 epochs of each
     python benchmarks/vae_speed.py --quick    # seconds: check that the script works
+    python benchmarks/vae_speed.py --device cuda   # the same on a GPU (results/vae_speed-cuda)
 
 Network 784-400-20 (one hidden layer of 400, z of 20), batch 128, Adam(1e-3), statically
 binarized MNIST, 2 threads. The plain loop computes the same objective as TraceMeanField_ELBO:
@@ -31,16 +32,22 @@ from zoo import data  # noqa: E402
 from zoo.vae import VAE, VAEConfig  # noqa: E402
 
 
-def make_vae():
+def make_vae(device="cpu"):
     torch.manual_seed(0)
     pyro.clear_param_store()
-    return VAE(VAEConfig(x_dim=784, z_dim=20, hidden=(400,)))
+    return VAE(VAEConfig(x_dim=784, z_dim=20, hidden=(400,))).to(device)
+
+
+def synchronize(device) -> None:
+    """Wait for the GPU's queued work, so that a host clock read after it is honest."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def plain_epoch(vae, x, batch_size, optimizer, generator):
     """One epoch of the hand-written loop over the same modules."""
     for idx in torch.randperm(len(x), generator=generator).split(batch_size):
-        batch = x[idx]
+        batch = x[idx.to(x.device)]
         optimizer.zero_grad()
         loc, scale = vae.encoder(batch)
         z = loc + scale * torch.randn_like(loc)
@@ -56,14 +63,16 @@ class PlainLoop:
     """The hand-written loop on its own copy of the network, run one epoch at a time."""
 
     def __init__(self, x, batch_size):
-        self.vae, self.x, self.batch_size = make_vae(), x, batch_size
+        self.vae, self.x, self.batch_size = make_vae(x.device), x, batch_size
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=1e-3)
         self.generator = torch.Generator().manual_seed(0)
         plain_epoch(self.vae, x[:1024], batch_size, self.optimizer, self.generator)  # warm-up
 
     def epoch(self) -> float:
+        synchronize(self.x.device)
         start = time.perf_counter()
         plain_epoch(self.vae, self.x, self.batch_size, self.optimizer, self.generator)
+        synchronize(self.x.device)
         return time.perf_counter() - start
 
 
@@ -74,10 +83,11 @@ def time_pairs(fit, x, batch_size, epochs, validation, **options):
     driver's clock. The first driver epoch (compilation, warm caches) is not used.
     Returns [(driver seconds, plain seconds)] for epochs 2..epochs."""
     plain = PlainLoop(x, batch_size)
-    vae = make_vae()
+    vae = make_vae(x.device)
     ends, plain_times = [], []
 
     def clock(record):
+        synchronize(x.device)  # the driver's epoch ends when its queued GPU work does
         ends.append(record["time"])
         plain_times.append(plain.epoch())
 
@@ -102,11 +112,12 @@ def time_pairs(fit, x, batch_size, epochs, validation, **options):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     num, epochs = (2048, 2) if args.quick else (20000, 6)
     x, _ = data.load("mnist", split="train", binarize="static")
-    x = x[:num]
+    x = x[:num].to(args.device)
     batch_size = 128
     cases = [
         ("reparam driver (TraceMeanField)", reparam.fit, {}),
@@ -141,14 +152,18 @@ def main(argv=None):
         "batch_size": batch_size,
         "network": "784-400-20",
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if x.is_cuda else "cpu",
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "rows": table,
-        "command": "python benchmarks/vae_speed.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/vae_speed.py"
+        + (" --quick" if args.quick else "")
+        + (f" --device {args.device}" if x.is_cuda else ""),
     }
     lines = [
         f"# VAE driver speed\n\n`{report['command']}`: {num} static MNIST images, batch "
-        f"{batch_size}, 784-400-20, {report['threads']} threads, torch {torch.__version__},"
+        f"{batch_size}, 784-400-20, on {report['device']} with {report['threads']} CPU threads,"
+        f" torch {torch.__version__},"
         f" pyro {pyro.__version__}. Each driver epoch is followed by one plain-loop epoch;"
         f" the ratio is the median over {epochs - 1} such adjacent pairs (the first, compiling"
         " epoch left out), with the smallest and largest pair beside it.\n",
@@ -163,7 +178,7 @@ def main(argv=None):
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "vae_speed-quick" if args.quick else "vae_speed"
+    name = "vae_speed" + ("-quick" if args.quick else "") + ("-cuda" if x.is_cuda else "")
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
