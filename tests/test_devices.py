@@ -11,11 +11,10 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from sklearn.mixture import GaussianMixture as SklearnGMM
 
 from inference import em, evaluate, reparam, svi
 from tests._models import PPCA
-from tests.test_gmm import make_data, start_params
+from tests.test_gmm import make_data, sklearn_fit, start_params
 from tests.test_loop_and_drivers import binary_batch, params_of, small_vae
 from tests.test_ssvae import enumerated_loss_and_draws, explicit_loss, small_model
 from zoo import cli, data
@@ -34,19 +33,7 @@ def device(request):
 def test_em_on_the_device_matches_sklearn(device, covariance_type):
     x, _ = make_data()
     weights, locs, covariances = start_params(x)
-    precisions = (
-        torch.linalg.inv(covariances) if covariance_type == "full" else 0.5 * torch.ones(3, 2)
-    )
-    expected = SklearnGMM(
-        3,
-        covariance_type=covariance_type,
-        tol=1e-8,
-        max_iter=1000,
-        reg_covar=1e-6,
-        weights_init=weights.numpy(),
-        means_init=locs.numpy(),
-        precisions_init=precisions.numpy(),
-    ).fit(x.numpy())
+    expected = sklearn_fit(x, covariance_type, weights, locs, covariances)
     gmm = GaussianMixture(GMMConfig(3, 2, covariance_type=covariance_type)).double().to(device)
     gmm.set_params(weights.to(device), locs.to(device), covariances.to(device))
     result = em.fit(gmm.model, gmm.guide, x.to(device), init="params", tol=1e-8, max_iter=1000)

@@ -24,16 +24,12 @@ def start_params(x, num_components=3):
     return weights, locs, covariances
 
 
-@pytest.mark.parametrize("covariance_type", ["full", "diag"])
-def test_em_matches_sklearn(covariance_type):
-    x, _ = make_data()
-    weights, locs, covariances = start_params(x)
-    gmm = GaussianMixture(GMMConfig(3, 2, covariance_type=covariance_type)).double()
-    gmm.set_params(weights, locs, covariances)
+def sklearn_fit(x, covariance_type, weights, locs, covariances):
+    """scikit-learn's GaussianMixture, fitted from the same starting parameters as ours."""
     precisions = (
         torch.linalg.inv(covariances) if covariance_type == "full" else 0.5 * torch.ones(3, 2)
     )
-    expected = SklearnGMM(
+    return SklearnGMM(
         3,
         covariance_type=covariance_type,
         tol=1e-8,
@@ -43,6 +39,15 @@ def test_em_matches_sklearn(covariance_type):
         means_init=locs.numpy(),
         precisions_init=precisions.numpy(),
     ).fit(x.numpy())
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_em_matches_sklearn(covariance_type):
+    x, _ = make_data()
+    weights, locs, covariances = start_params(x)
+    gmm = GaussianMixture(GMMConfig(3, 2, covariance_type=covariance_type)).double()
+    gmm.set_params(weights, locs, covariances)
+    expected = sklearn_fit(x, covariance_type, weights, locs, covariances)
     result = em.fit(gmm.model, gmm.guide, x, init="params", tol=1e-8, max_iter=1000)
     assert result.converged and expected.converged_
     assert result.num_steps == expected.n_iter_
