@@ -18,7 +18,7 @@ class PPCA(nn.Module):
     def __init__(self, d=5, q=2, sigma=0.5, inflate=1.0, shift=0.0, seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        # buffers, so that ``.to(device)`` moves them (tests/test_devices.py)
+        # buffers, so that ``.to(device)`` moves them (tests that take the ``device`` fixture)
         self.register_buffer("w", torch.randn(d, q, generator=g, dtype=torch.float64))  # (D, Q)
         self.register_buffer("mu", torch.randn(d, generator=g, dtype=torch.float64))  # (D,)
         self.sigma, self.inflate, self.shift = sigma, inflate, shift

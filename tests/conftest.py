@@ -9,6 +9,16 @@ from zoo import data
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
+# Tests that take the ``device`` fixture run on the CPU and, where torch sees one, on CUDA too:
+# CI has no GPU; on a GPU machine `pytest -k cuda` runs the device half.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state():
     """Every test starts from the same seed and an empty Pyro param store, with validation on."""

@@ -102,10 +102,10 @@ DEEP = [
 
 
 @pytest.mark.parametrize("flags", DEEP, ids=[" ".join(f[1:4]) for f in DEEP])
-def test_fit_vae_on_digits(tmp_path, flags):
+def test_fit_vae_on_digits(tmp_path, flags, device):
     out = tmp_path / "vae"
     argv = ["fit", "vae", "--data", "digits", *TINY_DEEP, "--eval-samples", "20"]
-    argv += ["--out", str(out), *flags]
+    argv += ["--out", str(out), "--device", device.type, *flags]
     assert cli.main(argv) == 0
     for name in (
         "config.json",
@@ -120,6 +120,7 @@ def test_fit_vae_on_digits(tmp_path, flags):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 2
+    assert json.loads((out / "config.json").read_text())["options"]["device"] == device.type
     # importance sampling tightens the bound: log p(x) estimate >= ELBO, up to noise
     assert metrics["test_log_likelihood"] > metrics["test_elbo"] - 0.5
     assert cli.main(["evaluate", str(out), "--num-samples", "10"]) == 0
@@ -223,8 +224,9 @@ def test_fit_ssvae_on_mnist_with_few_labels(tmp_path):
     assert cli.main([*argv, "--labels", "105", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
 
 
-def test_fit_hvae_resumes_its_warmup_exactly(tmp_path):
+def test_fit_hvae_resumes_its_warmup_exactly(tmp_path, device):
     base = ["fit", "hvae", "--data", "digits", "--binarize", "threshold", "--layers", "2"]
+    base += ["--device", device.type]
     base += ["--warmup", "4", "--eval-samples", "5", "--quiet", "--batch-size", "64"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert cli.main([*base, "--epochs", "4", "--out", str(straight)]) == 0

@@ -42,18 +42,20 @@ def sklearn_fit(x, covariance_type, weights, locs, covariances):
 
 
 @pytest.mark.parametrize("covariance_type", ["full", "diag"])
-def test_em_matches_sklearn(covariance_type):
+def test_em_matches_sklearn(covariance_type, device):
     x, _ = make_data()
     weights, locs, covariances = start_params(x)
-    gmm = GaussianMixture(GMMConfig(3, 2, covariance_type=covariance_type)).double()
-    gmm.set_params(weights, locs, covariances)
     expected = sklearn_fit(x, covariance_type, weights, locs, covariances)
-    result = em.fit(gmm.model, gmm.guide, x, init="params", tol=1e-8, max_iter=1000)
+    gmm = GaussianMixture(GMMConfig(3, 2, covariance_type=covariance_type)).double().to(device)
+    gmm.set_params(weights.to(device), locs.to(device), covariances.to(device))
+    on_device = x.to(device)
+    result = em.fit(gmm.model, gmm.guide, on_device, init="params", tol=1e-8, max_iter=1000)
     assert result.converged and expected.converged_
     assert result.num_steps == expected.n_iter_
-    np.testing.assert_allclose(gmm.weights.detach().numpy(), expected.weights_, atol=1e-5)
-    np.testing.assert_allclose(gmm.locs.detach().numpy(), expected.means_, atol=1e-5)
-    cov = gmm.covariances.detach().numpy()
+    assert gmm.locs.device.type == device.type
+    np.testing.assert_allclose(gmm.weights.detach().cpu().numpy(), expected.weights_, atol=1e-5)
+    np.testing.assert_allclose(gmm.locs.detach().cpu().numpy(), expected.means_, atol=1e-5)
+    cov = gmm.covariances.detach().cpu().numpy()
     expected_cov = (
         expected.covariances_
         if covariance_type == "full"
@@ -64,10 +66,10 @@ def test_em_matches_sklearn(covariance_type):
     assert result.history[-1]["log_likelihood"] == pytest.approx(expected.lower_bound_, abs=1e-5)
     assert result.objective == pytest.approx(expected.score(x.numpy()), abs=1e-5)
     # exact per-point log-likelihood, responsibilities, BIC and AIC agree as well
-    log_px = evaluate.log_likelihood(gmm.model, gmm.guide, x)
+    log_px = evaluate.log_likelihood(gmm.model, gmm.guide, on_device).cpu()
     np.testing.assert_allclose(log_px.numpy(), expected.score_samples(x.numpy()), atol=1e-5)
     np.testing.assert_allclose(
-        gmm.responsibilities(x).numpy(), expected.predict_proba(x.numpy()), atol=1e-5
+        gmm.responsibilities(on_device).cpu().numpy(), expected.predict_proba(x.numpy()), atol=1e-5
     )
     total = log_px.sum().item()
     assert evaluate.bic(total, gmm.num_parameters, len(x)) == pytest.approx(
@@ -184,19 +186,24 @@ def test_restarts_keep_the_best():
 
 
 @pytest.mark.parametrize("covariance_type", ["full", "diag"])
-def test_gradient_m_step_reaches_the_closed_form(covariance_type):
+def test_gradient_m_step_reaches_the_closed_form(covariance_type, device):
     x, _ = make_data(150)
     resp = torch.softmax(
         torch.randn(150, 3, generator=torch.Generator().manual_seed(0), dtype=x.dtype), -1
     )
+    x, resp = x.to(device), resp.to(device)
     fits = {}
     for how in ("closed", "gradient"):
         pyro.clear_param_store()
-        gmm = GaussianMixture(
-            GMMConfig(
-                3, 2, covariance_type=covariance_type, reg_covar=0.0, weight_concentration=3.0
+        gmm = (
+            GaussianMixture(
+                GMMConfig(
+                    3, 2, covariance_type=covariance_type, reg_covar=0.0, weight_concentration=3.0
+                )
             )
-        ).double()
+            .double()
+            .to(device)
+        )
         with pytest.warns(em.ConvergenceWarning, match="max_iter=3"):
             result = em.fit(gmm.model, gmm.guide, x, init=resp, m_step=how, max_iter=3, tol=1e-12)
         fits[how] = (result, gmm)

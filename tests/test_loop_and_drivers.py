@@ -184,8 +184,8 @@ def test_jit_mean_field_compiles_once():
 # ------------------------------------------------------------------------------------ IS and IWAE
 
 
-def test_importance_sampled_log_likelihood_matches_ppca():
-    ppca = PPCA()
+def test_importance_sampled_log_likelihood_matches_ppca(device):
+    ppca = PPCA().to(device)
     x = ppca.sample(40)
     exact = ppca.exact_log_likelihood(x)
     # the exact posterior as proposal: every weight equals p(x), for any K
@@ -193,7 +193,7 @@ def test_importance_sampled_log_likelihood_matches_ppca():
     torch.testing.assert_close(estimate, exact, atol=1e-8, rtol=0)
     # a spoiled proposal: the error shrinks like 1 / sqrt(K); with K = 20000 (in chunks of
     # 2000 particles) it is 0.003 nats on average here
-    spoiled = PPCA(inflate=1.2, shift=0.1)
+    spoiled = PPCA(inflate=1.2, shift=0.1).to(device)
     torch.manual_seed(1)
     estimate = evaluate.log_likelihood(
         spoiled.model, spoiled.guide, x, num_samples=20000, particle_batch=2000, batch_size=40
@@ -201,8 +201,8 @@ def test_importance_sampled_log_likelihood_matches_ppca():
     assert (estimate - exact).abs().mean() < 0.006 and (estimate - exact).abs().max() < 0.02
 
 
-def test_iwae_bound_with_the_exact_posterior_is_the_log_likelihood():
-    ppca = PPCA()
+def test_iwae_bound_with_the_exact_posterior_is_the_log_likelihood(device):
+    ppca = PPCA().to(device)
     x = ppca.sample(30)
     objective = reparam.Objective(ppca.model, ppca.guide, x[:2], num_data=30, num_particles=5)
     torch.testing.assert_close(
@@ -236,13 +236,14 @@ def params_of(vae):
 def uninterrupted(x):
     """The parameters after three epochs without a break: what every resumed run must match."""
     pyro.clear_param_store()
-    straight = small_vae()
+    straight = small_vae().to(x.device)
     fit_vae(x, straight)
     return params_of(straight)
 
 
-def test_resume_continues_exactly(tmp_path):
-    x = binary_batch()
+def test_resume_continues_exactly(tmp_path, device):
+    """Bit for bit, also on CUDA: the checkpoint carries the device's RNG state."""
+    x = binary_batch().to(device)
     expected = uninterrupted(x)
 
     ckpt = tmp_path / "ckpt.pt"
@@ -253,14 +254,15 @@ def test_resume_continues_exactly(tmp_path):
 
     pyro.clear_param_store()
     with pytest.raises(KeyboardInterrupt):
-        fit_vae(x, small_vae(), checkpoint=ckpt, callback=stop_after_first_epoch)
+        fit_vae(x, small_vae().to(device), checkpoint=ckpt, callback=stop_after_first_epoch)
     assert torch.load(ckpt, weights_only=True)["position"]["epoch"] == 1
 
     pyro.clear_param_store()
-    resumed = small_vae(seed=123)  # different initial weights: all come from the checkpoint
+    resumed = small_vae(seed=123).to(device)  # other initial weights: all come from the checkpoint
     result = fit_vae(x, resumed, checkpoint=ckpt, resume=True)
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
     for name, value in params_of(resumed).items():
+        assert value.device.type == device.type
         assert torch.equal(value, expected[name]), name
 
 

@@ -62,14 +62,15 @@ def enumerated_loss_and_draws(model, x, y):
 
 
 @pytest.mark.parametrize("labels", [[-1, -1, -1, -1, -1], [2, -1, 0, -1, 9]])
-def test_enumerated_loss_equals_the_explicit_sum_over_labels(labels):
-    model = small_model()
+def test_enumerated_loss_equals_the_explicit_sum_over_labels(labels, device):
+    """TraceEnum_ELBO (on the device) against the sum written out by hand (on the CPU)."""
+    model = small_model().to(device)
     x = torch.bernoulli(torch.rand(5, 12, generator=torch.Generator().manual_seed(1)))
     y = torch.tensor(labels)
     with torch.no_grad():
-        loss, z = enumerated_loss_and_draws(model, x, y)
-        assert z.shape == (10, 5, 3)  # one draw per class and image
-        expected = explicit_loss(model, x, y, z).item()
+        loss, z = enumerated_loss_and_draws(model, x.to(device), y.to(device))
+        assert z.shape == (10, 5, 3) and z.device.type == device.type  # one per class, image
+        expected = explicit_loss(model.cpu(), x, y, z.cpu()).item()
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
@@ -187,9 +188,9 @@ def test_partial_labels_are_balanced_reproducible_and_checked():
         data.partial_labels(y, 400)
 
 
-def test_ssvae_resumes_exactly_under_the_svi_driver(tmp_path):
+def test_ssvae_resumes_exactly_under_the_svi_driver(tmp_path, device):
     x, y = data.load("digits", "train", "threshold")
-    x, labels = x[:200], data.partial_labels(y, 50, seed=0)[:200]
+    x, labels = x[:200].to(device), data.partial_labels(y, 50, seed=0)[:200].to(device)
 
     def run(epochs, resume):
         pyro.clear_param_store()
@@ -197,6 +198,7 @@ def test_ssvae_resumes_exactly_under_the_svi_driver(tmp_path):
         if not resume:
             torch.manual_seed(0)
             model = SSVAE(SSVAEConfig(x_dim=64, z_dim=4, hidden=(16,)))
+        model.to(device)
         result = svi.fit(
             model.model,
             model.guide,
