@@ -21,6 +21,9 @@ It owns:
   stops the run there, e.g. when a time budget is spent) and a
   ``schedule(epoch)`` before every epoch, also the first one after a resume (for annealing such
   as a KL warm-up, whose value must follow the epoch, not the number of calls).
+
+Learning-rate schedules are functions of the epoch too (``exponential_lr``), applied by
+``with_lr_schedule`` through that hook, so a resumed run follows the same schedule exactly.
 """
 
 import functools
@@ -261,6 +264,56 @@ def _clone(tree):
 def _load_state(state, saved):
     for name, obj in state.items():
         obj.load_state_dict(saved[name])
+
+
+# ------------------------------------------------------------------------- learning rate
+
+
+def exponential_lr(final: float, num_epochs: int) -> Callable[[int], float]:
+    """Learning-rate factor for each 0-based epoch, falling geometrically from 1 in the first
+    epoch to ``final`` in the last (a smooth form of Burda et al.'s stepped schedule, which
+    ends at 0.1). ``final=1`` is a constant rate."""
+    if not (0 < final <= 1) or not math.isfinite(final):
+        raise ValueError(f"the final learning-rate factor must be in (0, 1], got {final}")
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs must be at least 1, got {num_epochs}")
+
+    def factor(epoch: int) -> float:
+        return final ** (min(epoch, num_epochs - 1) / max(1, num_epochs - 1))
+
+    return factor
+
+
+def with_lr_schedule(
+    optimizer: torch.optim.Optimizer,
+    factor: Optional[Callable[[int], float]],
+    schedule: Optional[Callable[[int], None]] = None,
+) -> Optional[Callable[[int], None]]:
+    """A ``schedule`` hook for ``run`` that sets every parameter group's learning rate to its
+    current value times ``factor(epoch)`` before each epoch, then calls ``schedule``.
+
+    Call it before ``run`` restores a checkpoint: the base rates are read here, so a resumed
+    run gets the same rate for the same epoch (a function of the epoch, no scheduler state).
+    """
+    if factor is None:
+        return schedule
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            "a learning-rate schedule needs a torch optimizer; for a Pyro optimizer use one of"
+            " pyro.optim's schedulers (e.g. pyro.optim.ExponentialLR) instead"
+        )
+    base = [group["lr"] for group in optimizer.param_groups]
+
+    def set_rate(epoch: int) -> None:
+        value = float(factor(epoch))
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"the learning-rate factor for epoch {epoch} is {value}")
+        for group, lr in zip(optimizer.param_groups, base):
+            group["lr"] = lr * value
+        if schedule is not None:
+            schedule(epoch)
+
+    return set_rate
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -104,6 +104,7 @@ def fit(
     jit: bool = False,
     lr: float = 1e-3,
     optimizer: Optional[Callable] = None,
+    lr_schedule: Optional[Callable[[int], float]] = None,
     batch_size: int = 128,
     num_epochs: int = 10,
     valid_data=None,
@@ -114,6 +115,8 @@ def fit(
     """Fit by maximizing the reparameterized ELBO or IWAE bound with a torch optimizer.
 
     optimizer: a callable ``params -> torch.optim.Optimizer`` (default Adam with ``lr``).
+    lr_schedule: epoch (0-based) -> factor on the learning rate, e.g.
+        ``loop.exponential_lr(0.1, num_epochs)``; exact on resume.
     jit: compile the K = 1 objective with torch.jit (Pyro's Jit ELBOs; static models only).
     validate: a held-out score to early-stop on instead of the bound on ``valid_data``.
     loop_options go to ``inference.loop.run`` (seed, patience, transform, checkpoint, resume,
@@ -153,6 +156,7 @@ def fit(
                 total -= evaluator(chunk).item() * num_rows(chunk)
             return total / num_rows(valid_data)
 
+    loop_options["schedule"] = loop.with_lr_schedule(opt, lr_schedule, loop_options.get("schedule"))
     return loop.run(
         step,
         data,

@@ -90,6 +90,7 @@ def fit(
     loss: Union[str, pyro.infer.ELBO] = "Trace_ELBO",
     optim: Optional[pyro.optim.PyroOptim] = None,
     lr: float = 1e-3,
+    lr_schedule: Optional[Callable[[int], float]] = None,
     num_particles: int = 1,
     max_plate_nesting: Optional[int] = None,
     batch_size: int = 128,
@@ -104,6 +105,9 @@ def fit(
     optim: a Pyro optimizer (e.g. ``pyro.optim.ClippedAdam({...})``, one per parameter, the
     parameters collected every step); by default a single ``torch.optim.Adam(lr=lr)`` over the
     parameters the model and guide create on their first run.
+    lr_schedule: epoch (0-based) -> factor on that Adam's learning rate, e.g.
+        ``loop.exponential_lr(0.1, num_epochs)``; exact on resume. A Pyro ``optim`` brings its
+        own schedule (``pyro.optim.ExponentialLR``) instead.
 
     validate: a held-out score to early-stop on instead of the ELBO on ``valid_data`` (higher
     is better), e.g. a classifier's validation accuracy.
@@ -137,7 +141,15 @@ def fit(
             return value / num_data  # -ELBO of the whole data set, per data point
 
         state = {"optimizer": optimizer}
+        loop_options["schedule"] = loop.with_lr_schedule(
+            optimizer, lr_schedule, loop_options.get("schedule")
+        )
     else:
+        if lr_schedule is not None:
+            raise ValueError(
+                "lr_schedule applies to the default optimizer; a Pyro optim brings its own"
+                " schedule (pyro.optim.ExponentialLR and friends)"
+            )
         svi = SVI(scaled_model, scaled_guide, optim, elbo)
 
         def step(batch):  # -ELBO of the whole data set, per data point

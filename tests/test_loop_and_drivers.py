@@ -266,6 +266,57 @@ def test_resume_continues_exactly(tmp_path, device):
         assert torch.equal(value, expected[name]), name
 
 
+def test_lr_schedule_follows_the_epoch_and_resumes_exactly(tmp_path):
+    """The rate of each epoch is lr * factor(epoch) (geometric from 1 to 0.1 here), also in a
+    resumed run, which therefore ends on the uninterrupted run's parameters bit for bit."""
+    factor = loop.exponential_lr(0.1, 3)
+    assert [factor(e) for e in range(3)] == pytest.approx([1.0, 0.1**0.5, 0.1], rel=1e-12)
+    x = binary_batch()
+
+    def run(seed, **options):
+        pyro.clear_param_store()
+        vae, optimizers, rates = small_vae(seed), [], []
+        stop_after = options.pop("stop_after", None)
+
+        def adam(params):
+            optimizers.append(torch.optim.Adam(params, lr=1e-2))
+            return optimizers[-1]
+
+        def record(entry):
+            rates.append(optimizers[0].param_groups[0]["lr"])
+            return entry["epoch"] == stop_after or None  # True stops the run there
+
+        fit_vae(x, vae, optimizer=adam, callback=record, **options)
+        return params_of(vae), rates
+
+    constant, _ = run(0)
+    straight, rates = run(0, lr_schedule=factor)
+    assert rates == pytest.approx([1e-2, 1e-2 * 0.1**0.5, 1e-3], rel=1e-12)
+    assert not torch.equal(straight["decoder.0.weight"], constant["decoder.0.weight"])
+
+    ckpt = tmp_path / "ckpt.pt"
+    run(0, lr_schedule=factor, checkpoint=ckpt, stop_after=1)
+    resumed, rates = run(123, lr_schedule=factor, checkpoint=ckpt, resume=True)
+    assert rates == pytest.approx([1e-2 * 0.1**0.5, 1e-3], rel=1e-12)
+    for name, value in resumed.items():
+        assert torch.equal(value, straight[name]), name
+
+
+def test_lr_schedule_bad_input():
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        loop.exponential_lr(0.0, 10)
+    with pytest.raises(ValueError, match="num_epochs"):
+        loop.exponential_lr(0.5, 0)
+    with pytest.raises(ValueError, match="pyro.optim.ExponentialLR"):
+        svi.fit(
+            gaussian_with_global_mean,
+            delta_guide_for_mean,
+            torch.randn(8),
+            optim=pyro.optim.Adam({"lr": 0.1}),
+            lr_schedule=loop.exponential_lr(0.1, 2),
+        )
+
+
 def test_sigint_mid_epoch_saves_and_resumes_exactly(tmp_path):
     x = binary_batch()
     expected = uninterrupted(x)

@@ -36,7 +36,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
-from inference import em, evaluate, reparam, svi  # noqa: E402
+from inference import em, evaluate, loop, reparam, svi  # noqa: E402
 from inference.io import save_json, save_torch  # noqa: E402
 from zoo import comparisons, data, plots  # noqa: E402
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
@@ -284,6 +284,11 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
     held_out_binarize = "static" if binarize == "dynamic" else binarize
     if binarize == "dynamic" and args.model == "cvae":
         raise SystemExit("zoo: the CVAE trains on a static or threshold binarization")
+    if args.jit and (args.inference != "reparam" or args.iwae > 1):
+        raise SystemExit(
+            "zoo: --jit compiles the reparameterized ELBO (--inference reparam, --iwae 1); for"
+            " SVI choose a Jit loss with --loss"
+        )
     if args.model == "ssvae" and args.iwae > 1:
         raise SystemExit("zoo: the SSVAE is fitted by SVI; --iwae does not apply")
     loss = args.loss or ("TraceEnum_ELBO" if args.model == "ssvae" else "TraceMeanField_ELBO")
@@ -305,7 +310,9 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "lr": args.lr,
+            "lr_decay": args.lr_decay,
             "iwae": args.iwae,
+            "jit": args.jit,
             "loss": loss,
             "patience": args.patience,
             "seed": args.seed,
@@ -327,6 +334,16 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         saved = json.loads((out / "config.json").read_text())
         if saved["model_config"] != json.loads(json.dumps(config["model_config"])):
             raise SystemExit(f"zoo: --resume with a different model than {out} holds")
+        # an epoch's learning rate follows from these: a resumed run must agree with the saved
+        # ones (--epochs only matters when the rate decays: a constant-rate run may be extended)
+        keys = ("lr", "lr_decay") + (("epochs",) if args.lr_decay != 1 else ())
+        for key in keys:
+            was, now = saved["options"].get(key, 1.0), config["options"][key]
+            if was != now:
+                raise SystemExit(
+                    f"zoo: {out} was started with --{key.replace('_', '-')} {was}; resume it"
+                    f" with the same value (the learning-rate schedule depends on it), not {now}"
+                )
     rank = tdist.get_rank() if tdist.is_initialized() else 0
     if rank == 0:
         save_json(out / "config.json", config)  # first, so that an interrupted run can resume
@@ -348,6 +365,7 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         valid_data=None if valid is None else (valid[0] if len(valid) == 1 else valid),
         max_steps=args.max_steps,
         lr=args.lr,
+        lr_schedule=None if args.lr_decay == 1 else loop.exponential_lr(args.lr_decay, args.epochs),
     )
     if isinstance(model, HVAE):
         options["schedule"] = model.warmup(config["options"]["warmup"])
@@ -358,7 +376,7 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
     data_args = train[0] if len(train) == 1 else train
     if args.inference == "reparam":
         result = reparam.fit(
-            model.model, model.guide, data_args, num_particles=args.iwae, **options
+            model.model, model.guide, data_args, num_particles=args.iwae, jit=args.jit, **options
         )
     else:
         nesting = 1 if isinstance(model, SSVAE) else None  # y is enumerated left of the plate
@@ -860,6 +878,13 @@ def build_parser() -> argparse.ArgumentParser:
     deep.add_argument("--epochs", type=_positive_int, default=10)
     deep.add_argument("--batch-size", type=_positive_int, default=128)
     deep.add_argument("--lr", type=float, default=1e-3)
+    deep.add_argument(
+        "--lr-decay",
+        type=_unit_interval,
+        default=1.0,
+        help="factor the learning rate falls to by the last epoch, geometrically per epoch"
+        " (1 = constant; Burda et al.'s schedule ends at 0.1)",
+    )
     deep.add_argument("--z-dim", type=_positive_int, default=50)
     deep.add_argument("--hidden", type=_positive_int, nargs="+", default=[200, 200])
     deep.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
@@ -868,6 +893,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="importance-weighted bound with K particles (reparam)",
+    )
+    deep.add_argument(
+        "--jit",
+        action="store_true",
+        help="compile the ELBO with torch.jit (--inference reparam, --iwae 1; about 0.8x the"
+        " time per epoch on a CPU, benchmarks/results/vae_speed.md)",
     )
     deep.add_argument(
         "--loss",
@@ -994,6 +1025,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", choices=data.NAMES)
     fetch.set_defaults(func=cmd_data_fetch)
     return parser
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
