@@ -95,7 +95,7 @@ def test_fit_bmm_on_mnist(tmp_path):
 TINY_DEEP = ["--epochs", "2", "--z-dim", "2", "--hidden", "16", "--quiet"]
 
 DEEP = [
-    ["--inference", "reparam", "--binarize", "threshold"],
+    ["--inference", "reparam", "--jit", "--lr-decay", "0.5", "--binarize", "threshold"],
     ["--inference", "reparam", "--iwae", "3", "--binarize", "dynamic"],
     ["--inference", "svi", "--loss", "JitTraceMeanField_ELBO", "--binarize", "dynamic"],
 ]
@@ -152,6 +152,16 @@ def test_vae_resume_from_the_cli(tmp_path):
         cli.main([*base, "--resume", str(tmp_path / "elsewhere")])
     with pytest.raises(SystemExit, match="needs --inference reparam"):
         cli.main([*base, "--inference", "svi", "--iwae", "5", "--out", str(tmp_path / "x")])
+
+    # a decaying rate: 1e-3 falls to 0.5e-3 in the last epoch; a resume must keep the schedule
+    decayed = tmp_path / "decayed"
+    assert cli.main([*base, "--epochs", "3", "--lr-decay", "0.5", "--out", str(decayed)]) == 0
+    saved = torch.load(decayed / "checkpoint.pt", weights_only=True)
+    assert saved["state"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4, rel=1e-12)
+    with pytest.raises(SystemExit, match="--lr-decay 0.5; resume it with the same value"):
+        cli.main([*base, "--epochs", "3", "--resume", str(decayed)])
+    with pytest.raises(SystemExit, match="--epochs 3; resume it with the same value"):
+        cli.main([*base, "--epochs", "4", "--lr-decay", "0.5", "--resume", str(decayed)])
 
 
 @pytest.mark.parametrize("condition", ["label", "quadrants"])
