@@ -33,34 +33,14 @@ PUBLISHED = {1: 86.76, 5: 85.54}
 def zoo_command(k: int, epochs: int, run: Path, args) -> list:
     """The `zoo fit` arguments of one run."""
     # flags at their defaults stay out, so that older runs' recorded commands still match
-    return [
-        "fit",
-        "vae",
-        "--data",
-        "mnist",
-        "--binarize",
-        "dynamic",
-        "--inference",
-        "reparam",
-        *(["--jit"] if args.jit and k == 1 else []),
-        "--iwae",
-        str(k),
-        "--hidden",
-        "200",
-        "200",
-        "--z-dim",
-        "50",
-        *(["--batch-size", str(args.batch_size)] if args.batch_size != 128 else []),
-        "--epochs",
-        str(epochs),
-        *(["--lr-decay", str(args.lr_decay)] if args.lr_decay != 1 else []),
-        "--eval-samples",
-        str(args.eval_samples),
-        "--out",
-        str(run),
-        "--overwrite",
-        "--quiet",
-    ]
+    command = ["fit", "vae", "--data", "mnist", "--binarize", "dynamic", "--inference", "reparam"]
+    command += ["--jit"] if args.jit and k == 1 else []
+    command += ["--iwae", str(k), "--hidden", "200", "200", "--z-dim", "50"]
+    command += ["--batch-size", str(args.batch_size)] if args.batch_size != 128 else []
+    command += ["--epochs", str(epochs)]
+    command += ["--lr-decay", str(args.lr_decay)] if args.lr_decay != 1 else []
+    command += ["--eval-samples", str(args.eval_samples), "--out", str(run)]
+    return command + ["--overwrite", "--quiet"]
 
 
 def main(argv=None):
