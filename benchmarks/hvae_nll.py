@@ -4,6 +4,11 @@ binarized MNIST (importance sampling with the guide), active units per layer.
 
     python benchmarks/hvae_nll.py --epochs 1000 --eval-samples 5000   # near the paper's budget
     python benchmarks/hvae_nll.py --epochs 10 --eval-samples 1000     # what fits in minutes
+    python benchmarks/hvae_nll.py --epochs 500 --lr-decay 0.1 --eval-samples 5000 --reuse
+
+--lr-decay lets Adam's rate fall geometrically to that fraction of 1e-3 by the last epoch (the
+same schedule for both models); --reuse reads runs that the same command already finished, so
+a long run interrupted and resumed (`zoo fit ... --resume RUN`) can be tabulated afterwards.
 
 Both models are fitted by the reparameterized driver for the same epochs, batch size and
 learning rate; the VAE has the ladder's bottom layer sizes (hidden 512-512, z 64). Published:
@@ -26,12 +31,15 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--warmup", type=int, help="KL warm-up epochs (default: epochs / 5)")
+    parser.add_argument("--lr-decay", type=float, default=1.0)
     parser.add_argument("--eval-samples", type=int, default=1000)
+    parser.add_argument("--reuse", action="store_true", help="read runs the same command finished")
     parser.add_argument("--runs", default="runs/hvae_nll")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     shared = ["--data", "mnist", "--binarize", "dynamic", "--inference", "reparam"]
     shared += ["--epochs", str(args.epochs), "--batch-size", "100", "--lr", "0.001"]
+    shared += ["--lr-decay", str(args.lr_decay)] if args.lr_decay != 1 else []
     shared += ["--eval-samples", str(args.eval_samples), "--overwrite", "--quiet"]
     models = {
         f"ladder VAE, {args.layers} layers": ["hvae", "--layers", str(args.layers)]
@@ -42,7 +50,7 @@ def main(argv=None):
     for name, model in models.items():
         run = Path(args.runs) / f"{model[0]}-e{args.epochs}"
         command = ["fit", *model, *shared, "--out", str(run)]
-        metrics = _zoo_runs.fit(command, run)
+        metrics = _zoo_runs.fit(command, run, reuse=args.reuse)
         rows.append(
             {
                 "model": name,
