@@ -27,7 +27,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inference import reparam, svi  # noqa: E402
+from inference import loop, reparam, svi  # noqa: E402
 from zoo import data  # noqa: E402
 from zoo.vae import VAE, VAEConfig  # noqa: E402
 
@@ -64,7 +64,8 @@ class PlainLoop:
 
     def __init__(self, x, batch_size):
         self.vae, self.x, self.batch_size = make_vae(x.device), x, batch_size
-        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=1e-3)
+        # the drivers' own default optimizer (fused Adam where it can be): identical updates
+        self.optimizer = loop.adam(self.vae.parameters(), lr=1e-3)
         self.generator = torch.Generator().manual_seed(0)
         plain_epoch(self.vae, x[:1024], batch_size, self.optimizer, self.generator)  # warm-up
 

@@ -114,7 +114,8 @@ def fit(
 ) -> FitResult:
     """Fit by maximizing the reparameterized ELBO or IWAE bound with a torch optimizer.
 
-    optimizer: a callable ``params -> torch.optim.Optimizer`` (default Adam with ``lr``).
+    optimizer: a callable ``params -> torch.optim.Optimizer`` (default ``loop.adam`` with ``lr``:
+        torch's Adam, fused where it can be).
     lr_schedule: epoch (0-based) -> factor on the learning rate, e.g.
         ``loop.exponential_lr(0.1, num_epochs)``; exact on resume.
     jit: compile the K = 1 objective with torch.jit (Pyro's Jit ELBOs; static models only).
@@ -130,7 +131,7 @@ def fit(
     example = rows(data, 0, 2)
     check_reparameterizable(guide, example, model)
     params = loop.parameters(model, guide, *as_args(example))
-    opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
+    opt = optimizer(params) if optimizer is not None else loop.adam(params, lr=lr)
     objective = Objective(
         model, guide, example, num_data, num_particles, analytic_kl, data_plate, jit
     )

@@ -103,8 +103,8 @@ def fit(
     """Fit by SVI. ``data`` is a tensor or a tuple of tensors passed as the model's arguments.
 
     optim: a Pyro optimizer (e.g. ``pyro.optim.ClippedAdam({...})``, one per parameter, the
-    parameters collected every step); by default a single ``torch.optim.Adam(lr=lr)`` over the
-    parameters the model and guide create on their first run.
+    parameters collected every step); by default a single torch Adam (``loop.adam``, fused where
+    it can be) over the parameters the model and guide create on their first run.
     lr_schedule: epoch (0-based) -> factor on that Adam's learning rate, e.g.
         ``loop.exponential_lr(0.1, num_epochs)``; exact on resume. A Pyro ``optim`` brings its
         own schedule (``pyro.optim.ExponentialLR``) instead.
@@ -126,7 +126,7 @@ def fit(
         # one torch Adam over every parameter: Pyro's default optimizer keeps one Adam per
         # parameter and re-collects them by tracing every step, which costs this loop about
         # 0.1x of a small VAE's epoch (benchmarks/vae_speed.py)
-        optimizer = torch.optim.Adam(params, lr=lr)
+        optimizer = loop.adam(params, lr=lr)
         num_params = len(pyro.get_param_store())
 
         def step(batch):

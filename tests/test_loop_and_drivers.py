@@ -266,6 +266,25 @@ def test_resume_continues_exactly(tmp_path, device):
         assert torch.equal(value, expected[name]), name
 
 
+def test_default_adam_is_fused_and_takes_torch_adams_steps(device):
+    """loop.adam, the drivers' default, fuses the update where it can; 20 steps on a quadratic
+    land where torch's per-tensor Adam lands, to float32 rounding."""
+    torch.manual_seed(0)
+    start, target = torch.randn(2, 50, 30, device=device)
+    finals = []
+    for make in (loop.adam, torch.optim.Adam):
+        w = start.clone().requires_grad_()
+        optimizer = make([w], lr=1e-2)
+        for _ in range(20):
+            optimizer.zero_grad()
+            ((w - target) ** 2).sum().backward()
+            optimizer.step()
+        finals.append(w.detach())
+    assert loop.adam([w]).defaults["fused"] is True
+    assert not torch.equal(finals[0], start)
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-5, atol=1e-6)
+
+
 def test_lr_schedule_follows_the_epoch_and_resumes_exactly(tmp_path):
     """The rate of each epoch is lr * factor(epoch) (geometric from 1 to 0.1 here), also in a
     resumed run, which therefore ends on the uninterrupted run's parameters bit for bit."""
