@@ -335,10 +335,17 @@ def with_lr_schedule(
 def parameters(model, guide, *args, **kwargs):
     """Create every parameter the model and guide read (by running them once) and return
     their unconstrained leaf tensors, in a fixed order."""
+    store = pyro.get_param_store()
+    return [store._params[name] for name in parameter_names(model, guide, *args, **kwargs)]
+
+
+def parameter_names(model, guide, *args, **kwargs):
+    """The names of the Pyro parameters the model and guide read, creating any that are new
+    (a run of both that computes no log-probability, so raw data do not trip validation)."""
     with poutine.trace(param_only=True) as capture:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         poutine.replay(model, trace=guide_trace)(*args, **kwargs)
-    return [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+    return list(capture.trace.nodes)
 
 
 def _distributed() -> bool:

@@ -19,9 +19,11 @@ supplies the rest.
 
 from typing import Callable, Optional
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
+from pyro.util import ignore_jit_warnings
 
 from inference import loop
 from inference.particles import Particles, as_args, iwae_bound, num_rows, rows
@@ -59,6 +61,37 @@ def check_reparameterizable(guide, example, model=None) -> None:
                 )
 
 
+class Compiled:
+    """``fn(*args)`` (tensors in, a tensor or a tuple of tensors out) compiled by
+    ``torch.jit.trace`` as a function of the Pyro parameters' unconstrained tensors and
+    ``args``, traced once per shape of ``args`` (so a smaller last batch gets its own trace).
+
+    It does what ``pyro.ops.jit.trace`` does, less its per-call cost: Pyro's wrapper looks every
+    parameter up through the effect handlers and records a parameter trace on each call; this
+    one reads the tensors from the param store directly. It therefore needs every parameter
+    to exist before the first call: ``names`` lists them (``loop.parameter_names``).
+    """
+
+    def __init__(self, fn: Callable, names):
+        self.fn, self.names, self.traces = fn, list(names), {}
+
+    def __call__(self, *args):
+        store = pyro.get_param_store()
+        leaves = [store._params[name] for name in self.names]
+        key = tuple((a.shape, a.dtype, a.device) for a in args)
+        if key not in self.traces:
+            num = len(self.names)
+
+            def replayed(*leaves_and_args):  # the leaves are the store's own tensors
+                params = {name: store[name] for name in self.names}  # constrained from them
+                with ignore_jit_warnings():  # a no-op unless tracing: enter it here
+                    return poutine.replay(self.fn, params=params)(*leaves_and_args[num:])
+
+            with pyro.validation_enabled(False):
+                self.traces[key] = torch.jit.trace(replayed, (*leaves, *args), check_trace=False)
+        return self.traces[key](*leaves, *args)
+
+
 class Objective:
     """Minus the ELBO (K = 1) or the importance-weighted bound (K > 1), per data point of the
     whole data set of ``num_data`` points, from a minibatch."""
@@ -78,20 +111,32 @@ class Objective:
         self.model = loop.scale_data(model, data_plate, num_data)
         self.guide = loop.scale_data(guide, data_plate, num_data)
         if num_particles == 1:
-            # the model and guide above are made once, so a JIT ELBO compiles once per shape
-            name = ("Jit" if jit else "") + ("TraceMeanField_ELBO" if analytic_kl else "Trace_ELBO")
-            self.elbo = make_loss(name)
+            elbo = make_loss("TraceMeanField_ELBO" if analytic_kl else "Trace_ELBO")
+
+            def loss(*args):
+                # what Pyro's Jit ELBOs compile: the surrogate loss, which equals the ELBO in
+                # value as well as gradient when every site is reparameterized (checked up
+                # front). Pyro's public differentiable_loss adds surrogate - surrogate.item(),
+                # a device sync per step, which a trace would freeze into a constant.
+                total = 0.0
+                for model_trace, guide_trace in elbo._get_traces(self.model, self.guide, args, {}):
+                    total = total + elbo._differentiable_loss_particle(model_trace, guide_trace)[1]
+                return total / num_data
+
         else:
-            self.particles = Particles(model, guide, example, data_plate)
+            particles = Particles(model, guide, example, data_plate)
+
+            def loss(*args):
+                log_w, global_term = particles.log_weights(args, num_particles, scaled=True)
+                return -(iwae_bound(log_w).mean() + global_term.mean() / num_data)
+
+        if jit:
+            loss = Compiled(loss, loop.parameter_names(model, guide, *as_args(example)))
+        self.loss = loss
 
     def __call__(self, x) -> torch.Tensor:
         """x: the model's arguments for a minibatch, a tensor or a tuple of tensors."""
-        if self.num_particles == 1:
-            loss = self.elbo.differentiable_loss(self.model, self.guide, *as_args(x))
-            return loss / self.num_data
-        log_w, global_term = self.particles.log_weights(x, self.num_particles, scaled=True)
-        bound = iwae_bound(log_w).mean() + global_term.mean() / self.num_data
-        return -bound
+        return self.loss(*as_args(x))
 
 
 def fit(
@@ -118,7 +163,8 @@ def fit(
         torch's Adam, fused where it can be).
     lr_schedule: epoch (0-based) -> factor on the learning rate, e.g.
         ``loop.exponential_lr(0.1, num_epochs)``; exact on resume.
-    jit: compile the K = 1 objective with torch.jit (Pyro's Jit ELBOs; static models only).
+    jit: compile the objective (ELBO or IWAE bound) with torch.jit (``Compiled``; static
+        models only: no data-dependent control flow).
     validate: a held-out score to early-stop on instead of the bound on ``valid_data``.
     loop_options go to ``inference.loop.run`` (seed, patience, transform, checkpoint, resume,
     callback, schedule, progress, max_steps).

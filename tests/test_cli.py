@@ -96,7 +96,7 @@ TINY_DEEP = ["--epochs", "2", "--z-dim", "2", "--hidden", "16", "--quiet"]
 
 DEEP = [
     ["--inference", "reparam", "--jit", "--lr-decay", "0.5", "--binarize", "threshold"],
-    ["--inference", "reparam", "--iwae", "3", "--binarize", "dynamic"],
+    ["--inference", "reparam", "--iwae", "3", "--binarize", "dynamic", "--jit"],
     ["--inference", "svi", "--loss", "JitTraceMeanField_ELBO", "--binarize", "dynamic"],
 ]
 
