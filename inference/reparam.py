@@ -117,7 +117,7 @@ class Objective:
                 # what Pyro's Jit ELBOs compile: the surrogate loss, which equals the ELBO in
                 # value as well as gradient when every site is reparameterized (checked up
                 # front). Pyro's public differentiable_loss adds surrogate - surrogate.item(),
-                # a device sync per step, which a trace would freeze into a constant.
+                # which a trace would freeze into a constant: a wrong value, right gradient.
                 total = 0.0
                 for model_trace, guide_trace in elbo._get_traces(self.model, self.guide, args, {}):
                     total = total + elbo._differentiable_loss_particle(model_trace, guide_trace)[1]
