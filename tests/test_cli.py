@@ -148,6 +148,11 @@ def test_vae_resume_from_the_cli(tmp_path):
     assert cli.main([*base, "--epochs", "4", "--resume", str(out)]) == 0
     history = json.loads((out / "history.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    config = json.loads((out / "config.json").read_text())
+    assert "--resume" not in config["command"] and "--epochs 2" in config["command"]
+    assert len(config["resumes"]) == 1 and "--resume" in config["resumes"][0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fit_seconds"] == history[-1]["time"]  # both parts of the run
     with pytest.raises(SystemExit, match="nothing to resume"):
         cli.main([*base, "--resume", str(tmp_path / "elsewhere")])
     with pytest.raises(SystemExit, match="needs --inference reparam"):

@@ -344,6 +344,9 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
                     f"zoo: {out} was started with --{key.replace('_', '-')} {was}; resume it"
                     f" with the same value (the learning-rate schedule depends on it), not {now}"
                 )
+        # the run stays the one its first command started; each resume is listed after it
+        config["resumes"] = saved.get("resumes", []) + [config["command"]]
+        config["command"] = saved["command"]
     rank = tdist.get_rank() if tdist.is_initialized() else 0
     if rank == 0:
         save_json(out / "config.json", config)  # first, so that an interrupted run can resume
@@ -383,7 +386,8 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         result = svi.fit(
             model.model, model.guide, data_args, loss=loss, max_plate_nesting=nesting, **options
         )
-    seconds = time.time() - started
+    # training time summed over the run's resumes (the loop's clock continues across them)
+    seconds = result.history[-1]["time"] if result.history else time.time() - started
     if rank != 0:  # every rank holds the same parameters; rank 0 writes the run directory
         return 0
     if config["options"]["condition"] == "quadrants":  # the deterministic network to beat
