@@ -255,3 +255,18 @@ def test_fit_hvae_resumes_its_warmup_exactly(tmp_path, device):
     assert 0 <= metrics["active_units"]["z2"] <= 32
     for name in ("layer_samples.png", "active_units.png"):
         assert (split / name).exists(), name
+
+
+def test_long_run_learning_curve_zooms_on_the_late_epochs():
+    history = [
+        {"epoch": e, "objective": -100 - 100 / e, "valid_objective": -102 - 100 / e}
+        for e in range(1, 61)
+    ]
+    fig = cli._learning_curve(history, {"model": "vae", "data": "mnist"})
+    axis = fig.axes[0]
+    assert axis.get_xscale() == "log"
+    low, high = axis.get_ylim()
+    # the first tenth (epochs 1-6) is off the scale, the rest fits with a margin
+    assert -102 - 100 / 6 < low < -102 - 100 / 7 and -100 - 100 / 60 < high < -100
+    short = cli._learning_curve(history[:10], {"model": "vae", "data": "mnist"})
+    assert short.axes[0].get_xscale() == "linear"

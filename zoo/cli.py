@@ -19,6 +19,7 @@ history.json, metrics.json and PNG plots.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -520,8 +521,9 @@ def _restore_baseline(run: Path, dim, config):
     return baseline
 
 
-@torch.no_grad()
-def _deep_plots(model, config, history, out: Path, device, metrics: dict) -> None:
+def _learning_curve(history, config):
+    """Training and validation objective per epoch; a long run gets log epochs and a y range
+    fitted to its last nine tenths, so its slow late gains show."""
     fig = plots.curve(
         history,
         "objective",
@@ -529,14 +531,28 @@ def _deep_plots(model, config, history, out: Path, device, metrics: dict) -> Non
         ylabel="ELBO per data point (nats)",
         title=f"{config['model']} on {config['data']}: training objective",
     )
+    axis = fig.axes[0]
     if history and "valid_objective" in history[0]:
-        axis = fig.axes[0]
         axis.plot(
             [r["epoch"] for r in history],
             [r["valid_objective"] for r in history],
             label="validation",
         )
         axis.legend(["training", "validation"])
+    if len(history) >= 50:
+        keys = ("objective", "valid_objective")
+        late = [r.get(k) for r in history[len(history) // 10 :] for k in keys]
+        late = [v for v in late if v is not None and math.isfinite(v)]
+        low, high = min(late), max(late)
+        axis.set_xscale("log")
+        axis.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
+        axis.set_title(axis.get_title() + " (log epochs)", fontsize=10)
+    return fig
+
+
+@torch.no_grad()
+def _deep_plots(model, config, history, out: Path, device, metrics: dict) -> None:
+    fig = _learning_curve(history, config)
     plots.save(fig, out / "learning_curve.png")
     side = int(round(model.config.x_dim**0.5))
     if side * side != model.config.x_dim:
