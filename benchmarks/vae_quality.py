@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import _zoo_runs  # noqa: E402
 
 PUBLISHED = {1: 86.76, 5: 85.54}
+GOALS = {1: 88.0, 5: 87.0}  # issue 3, nats
 
 
 def zoo_command(k: int, epochs: int, run: Path, args) -> list:
@@ -53,6 +54,7 @@ def main(argv=None):
     )
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--reuse", action="store_true", help="read runs the same command finished")
+    parser.add_argument("--note", help="a line on how the runs were made (threads, machine)")
     parser.add_argument("--runs", default="runs/vae_quality")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -75,6 +77,7 @@ def main(argv=None):
                 "eval_samples": args.eval_samples,
                 "fit_seconds": metrics["fit_seconds"],
                 "published_nll": PUBLISHED[k],
+                "goal_nll": GOALS[k],
                 "command": "zoo " + " ".join(command),
             }
         )
@@ -90,14 +93,17 @@ def main(argv=None):
         "Dynamically binarized MNIST (training), fixed static draw of the test set; 784-200-200-50;"
         f" batch {args.batch_size}; {schedule}; test NLL by {args.eval_samples} importance samples"
         " per image.\n",
-        "| bound | epochs | test NLL (nats) | test -ELBO | fit seconds | published NLL |",
-        "|---|---|---|---|---|---|",
+        *([args.note + "\n"] if args.note else []),
+        "| bound | epochs | test NLL (nats) | goal | test -ELBO | fit seconds | published NLL |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         bound = "ELBO (VAE)" if r["K"] == 1 else f"IWAE K={r['K']}"
         lines.append(
-            f"| {bound} | {r['epochs']} | {r['test_nll']:.2f} | {r['test_neg_elbo']:.2f}"
-            f" | {r['fit_seconds']:.0f} | {r['published_nll']} (3280 epochs) |"
+            f"| {bound} | {r['epochs']} | {r['test_nll']:.2f} | at most {r['goal_nll']:g}"
+            f" ({'met' if r['test_nll'] <= r['goal_nll'] else 'not met'})"
+            f" | {r['test_neg_elbo']:.2f} | {r['fit_seconds']:.0f}"
+            f" | {r['published_nll']} (3280 epochs) |"
         )
     _zoo_runs.save(args.out, name, rows, lines)
 

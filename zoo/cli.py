@@ -524,11 +524,12 @@ def _restore_baseline(run: Path, dim, config):
 def _learning_curve(history, config):
     """Training and validation objective per epoch; a long run gets log epochs and a y range
     fitted to its last nine tenths, so its slow late gains show."""
+    k = (config.get("options") or {}).get("iwae") or 1
     fig = plots.curve(
         history,
         "objective",
         xkey="epoch",
-        ylabel="ELBO per data point (nats)",
+        ylabel=("ELBO" if k == 1 else f"IWAE bound (K={k})") + " per data point (nats)",
         title=f"{config['model']} on {config['data']}: training objective",
     )
     axis = fig.axes[0]
