@@ -107,11 +107,11 @@ class Objective:
         data_plate="data",
         jit=False,
     ):
-        self.num_data, self.num_particles = num_data, num_particles
-        self.model = loop.scale_data(model, data_plate, num_data)
-        self.guide = loop.scale_data(guide, data_plate, num_data)
         if num_particles == 1:
             elbo = make_loss("TraceMeanField_ELBO" if analytic_kl else "Trace_ELBO")
+            # made once, so that a compiled objective traces them once per shape
+            scaled_model = loop.scale_data(model, data_plate, num_data)
+            scaled_guide = loop.scale_data(guide, data_plate, num_data)
 
             def loss(*args):
                 # what Pyro's Jit ELBOs compile: the surrogate loss, which equals the ELBO in
@@ -119,8 +119,8 @@ class Objective:
                 # front). Pyro's public differentiable_loss adds surrogate - surrogate.item(),
                 # which a trace would freeze into a constant: a wrong value, right gradient.
                 total = 0.0
-                for model_trace, guide_trace in elbo._get_traces(self.model, self.guide, args, {}):
-                    total = total + elbo._differentiable_loss_particle(model_trace, guide_trace)[1]
+                for traces in elbo._get_traces(scaled_model, scaled_guide, args, {}):
+                    total = total + elbo._differentiable_loss_particle(*traces)[1]
                 return total / num_data
 
         else:
