@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from inference.enumeration import Enumerated, posterior_, validation_off
 from inference.result import FitResult
+from inference.sparse import SparseRows
 
 
 class ConvergenceWarning(UserWarning):
@@ -44,7 +45,7 @@ INITS = ("kmeans++", "random", "params")
 def fit(
     model: Callable,
     guide: Optional[Callable],
-    data: torch.Tensor,
+    data: Union[torch.Tensor, SparseRows],
     *,
     tol: float = 1e-4,
     max_iter: int = 500,
@@ -61,6 +62,8 @@ def fit(
 ) -> FitResult:
     """Fit ``model`` to ``data`` by EM, keeping the best of ``n_init`` restarts.
 
+    data: an (N, ...) tensor, or ``SparseRows`` of mostly-zero (N, D) data (binarized images),
+        whose chunks the model then receives as CSR tensors; see ``inference.sparse``.
     tol: stop when the mean objective (nats per data point) changes by less; scikit-learn's
         mixtures use 1e-3.
     init: "kmeans++" (default), "random" (random hard assignments), "params" (start from the
@@ -73,11 +76,12 @@ def fit(
         assumed (a full-covariance Gaussian's solves). Fewer chunks mean fewer runs of the
         model under enumeration, whose fixed cost dominates when K is small; chunks much larger
         than the cache cost time again (measured for the Bernoulli mixture at K = 500).
+        For ``SparseRows`` the size is rounded to a whole number of their tiles.
     """
     data = _check_data(data)
     if tol <= 0 or max_iter < 1 or n_init < 1:
         raise ValueError("need tol > 0, max_iter >= 1 and n_init >= 1")
-    example = data[: min(len(data), 4)]
+    example = data.rows(0, 4) if isinstance(data, SparseRows) else data[:4]
     enum = Enumerated(model, guide, example, data_plate)
     num_values = enum.num_values
     if num_values > len(data):
@@ -90,7 +94,8 @@ def fit(
     if init == "params" and n_init > 1:
         raise ValueError("init='params' starts from the current parameters; use n_init=1")
     if chunk_size is None:
-        chunk_size = _default_chunk_size(model, num_values, max(1, data[0].numel()))
+        row_size = data.shape[1] if isinstance(data, SparseRows) else data[0].numel()
+        chunk_size = _default_chunk_size(model, num_values, max(1, row_size))
     state = _State(enum, closed, data, chunk_size, m_step_iters, example)
 
     best = None
@@ -187,12 +192,21 @@ class _State:
 
     def rounding(self, objective: float) -> float:
         """How far the objective can move by rounding alone in the data's precision."""
-        eps = torch.finfo(self.data.dtype).eps if self.data.is_floating_point() else 1.2e-7
+        dtype = self.data.dtype
+        eps = torch.finfo(dtype).eps if dtype.is_floating_point else 1.2e-7
         return 4 * eps * max(1.0, abs(objective))
 
-    def chunks(self):
-        for i in range(0, self.num_data, self.chunk_size):
-            yield self.data[i : i + self.chunk_size]
+    def chunks(self, first_rows: bool = False):
+        """The data in chunks of rows (each ``(first row, chunk)`` if ``first_rows``)."""
+        if isinstance(self.data, SparseRows):
+            pairs = self.data.chunks(self.chunk_size)
+        else:
+            pairs = (
+                (i, self.data[i : i + self.chunk_size])
+                for i in range(0, self.num_data, self.chunk_size)
+            )
+        for i, x in pairs:
+            yield (i, x) if first_rows else x
 
     # ------------------------------------------------------------------------ E-step
     @torch.no_grad()
@@ -288,7 +302,9 @@ class _State:
                 )
         else:
             if init == "kmeans++":
-                labels = kmeans(self.data, num_values, kmeans_iters, generator)
+                dense = self.data.to_dense() if isinstance(self.data, SparseRows) else self.data
+                labels = kmeans(dense, num_values, kmeans_iters, generator)
+                del dense
             else:
                 labels = torch.randint(
                     num_values, (self.num_data,), generator=generator, device=self.data.device
@@ -296,12 +312,12 @@ class _State:
             resp = torch.nn.functional.one_hot(labels, num_values).to(self.data.dtype)  # (N, K)
         if self.closed is not None:
             stats = None
-            for i in range(0, self.num_data, self.chunk_size):
-                x, r = self.data[i : i + self.chunk_size], resp[i : i + self.chunk_size]
-                stats = _add(stats, self.closed.sufficient_statistics(x, r))
+            for i, x in self.chunks(first_rows=True):
+                stats = _add(stats, self.closed.sufficient_statistics(x, resp[i : i + x.shape[0]]))
             self.closed.m_step(stats)
         else:
-            self._gradient_m_step(list(resp.split(self.chunk_size)))
+            chunks = self.chunks(first_rows=True)
+            self._gradient_m_step([resp[i : i + x.shape[0]] for i, x in chunks])
 
     # ------------------------------------------------------------------------ parameter state
     def snapshot(self):
@@ -401,9 +417,15 @@ def _default_chunk_size(model, num_values: int, row_size: int) -> int:
     return max(4096, _CHUNK_VALUES // max(1, int(per_row)))
 
 
-def _check_data(data) -> torch.Tensor:
+def _check_data(data) -> Union[torch.Tensor, SparseRows]:
+    if isinstance(data, SparseRows):  # checked for shape and finite values when it was made
+        return data
     if not isinstance(data, torch.Tensor):
-        raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
+        raise TypeError(f"data must be a torch.Tensor or SparseRows, got {type(data).__name__}")
+    if data.layout != torch.strided:
+        raise TypeError(
+            f"data has layout {data.layout}: pass sparse data as inference.sparse.SparseRows(x)"
+        )
     if data.dim() == 0 or len(data) == 0:
         raise ValueError(f"data is empty (shape {tuple(data.shape)})")
     if data.is_floating_point() and not torch.isfinite(data).all():

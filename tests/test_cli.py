@@ -83,12 +83,21 @@ def test_console_script_lists_models():
 
 @requires_mnist
 def test_fit_bmm_on_mnist(tmp_path):
-    out = tmp_path / "mnist"
     argv = ["fit", "bmm", "--data", "mnist", "-k", "5", "--max-data", "1000", "--max-iter", "200"]
-    assert cli.main([*argv, "--out", str(out), "--quiet"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["empty_components"] == 0
-    assert -260 < metrics["test_log_likelihood"] < -150  # 5 components on 1000 digits
+    metrics = {}
+    for sparse in ("no", "yes"):  # the same fit on the dense images and on their sparse rows
+        out = tmp_path / sparse
+        assert cli.main([*argv, "--sparse", sparse, "--out", str(out), "--quiet"]) == 0
+        metrics[sparse] = json.loads((out / "metrics.json").read_text())
+        config = json.loads((out / "config.json").read_text())
+        assert config["options"]["sparse"] is (sparse == "yes")
+        assert metrics[sparse]["empty_components"] == 0
+        assert -260 < metrics[sparse]["test_log_likelihood"] < -150  # 5 components, 1000 digits
+    assert metrics["yes"]["iterations"] == metrics["no"]["iterations"]
+    ll = metrics["no"]["test_log_likelihood"]
+    assert metrics["yes"]["test_log_likelihood"] == pytest.approx(ll, rel=1e-6)
+    with pytest.raises(SystemExit, match="Bernoulli mixture"):
+        cli.main(["fit", "gmm", "--sparse", "yes", "--out", str(tmp_path / "g"), "--quiet"])
 
 
 # two epochs of a tiny network: every command runs, in a second or two

@@ -25,6 +25,9 @@ _instances = itertools.count()
 
 
 class Mixture(PyroModule):
+    # whether the component's log_prob and sufficient statistics take CSR data (SparseRows chunks)
+    takes_sparse_data = False
+
     def __init__(self, config):
         # A unique prefix keeps two mixtures in one session from sharing Pyro's global param store.
         super().__init__(name=f"{type(self).__name__}{next(_instances)}")
@@ -121,13 +124,21 @@ class Mixture(PyroModule):
             raise TypeError(f"data must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"data must be a floating-point tensor, got dtype {x.dtype}")
+        if x.layout != torch.strided and not self.takes_sparse_data:
+            raise TypeError(
+                f"{type(self).__name__} takes dense data, not {x.layout} (sparse rows are for"
+                " the Bernoulli mixture)"
+            )
         if x.dim() != 2 or x.shape[-1] != self.config.dim:
             raise ValueError(f"data must have shape (N, {self.config.dim}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("data is empty (N = 0)")
         if not is_validation_enabled():  # value checks cost a pass over the data
             return x.shape[0]
-        if not torch.isfinite(x).all():
+        if x.layout != torch.strided:  # a sparse block: its stored values
+            if not torch.isfinite(x.values()).all():
+                raise ValueError("data contains NaN or infinite values")
+        elif not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).any(-1).nonzero()[:5, 0].tolist()
             raise ValueError(f"data contains NaN or infinite values (rows {bad}...)")
         return x.shape[0]

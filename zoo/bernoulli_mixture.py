@@ -26,6 +26,7 @@ from pyro.distributions import constraints
 from pyro.distributions.util import broadcast_shape, is_validation_enabled
 from pyro.nn import PyroParam
 
+from inference import sparse
 from zoo._mixture import Mixture
 from zoo._mixture import relabel as _relabel
 
@@ -43,7 +44,8 @@ class ProductBernoulli(dist.TorchDistribution):
     """Independent Bernoullis over the last dimension, by logits; event_shape (D,).
 
     ``log_prob`` is one matrix product, x @ logits^T - sum softplus(logits), instead of the
-    (K, N, D) tensor that ``Bernoulli(logits).to_event(1)`` builds when z is enumerated.
+    (K, N, D) tensor that ``Bernoulli(logits).to_event(1)`` builds when z is enumerated. In that
+    enumerated case x may be a sparse CSR tensor (a block of ``inference.sparse.SparseRows``).
     """
 
     arg_constraints = {"logits": constraints.real}
@@ -67,20 +69,37 @@ class ProductBernoulli(dist.TorchDistribution):
             return torch.bernoulli(torch.sigmoid(self.logits).expand(shape))
 
     def log_prob(self, value):
+        enumerated = value.dim() == 2 and self.logits.dim() == 3 and self.logits.shape[1] == 1
+        if value.layout != torch.strided and not enumerated:
+            raise ValueError(
+                "ProductBernoulli takes sparse data only against (K, 1, D) logits, as when z is"
+                f" enumerated; got logits of shape {tuple(self.logits.shape)}"
+            )
         if self._validate_args:
-            self._validate_sample(value)
+            self._validate(value)
         bias = -F.softplus(self.logits).sum(-1)  # (..., 1) when enumerated
-        if value.dim() == 2 and self.logits.dim() == 3 and self.logits.shape[1] == 1:
-            # the enumerated case, (N, D) data against (K, 1, D) logits: one GEMM with the bias
-            # added as it is written, then viewed as (K, N)
+        if enumerated:
+            # (N, D) data against (K, 1, D) logits: one GEMM (sparse x dense for CSR data) with
+            # the bias added as it is written, then viewed as (K, N)
             log_prob = torch.addmm(bias.T, value, self.logits.squeeze(1).T).T  # (K, N)
         else:  # einsum over broadcast batch dims is dispatched to a matrix product as well
             log_prob = torch.einsum("...d,...d->...", value, self.logits) + bias
         return log_prob.expand(broadcast_shape(log_prob.shape, self.batch_shape))
 
+    def _validate(self, value):
+        if value.layout == torch.strided:
+            return self._validate_sample(value)
+        if value.shape[-1:] != self.event_shape:
+            shape = tuple(value.shape)
+            raise ValueError(f"value of shape {shape} for event shape {tuple(self.event_shape)}")
+        if not torch.all((value.values() == 0) | (value.values() == 1)):
+            raise ValueError("ProductBernoulli values must be 0 or 1")
+
 
 class BernoulliMixture(Mixture):
     """A mixture of Bernoulli products; ``.model`` and ``.guide`` go into any driver."""
+
+    takes_sparse_data = True  # x @ logits^T and the statistics work on CSR chunks of SparseRows
 
     def __init__(self, config: BMMConfig = None, **kwargs):
         config = config or BMMConfig(**kwargs)
@@ -99,10 +118,11 @@ class BernoulliMixture(Mixture):
 
     def check_data(self, x) -> int:
         num_data = super().check_data(x)
-        if is_validation_enabled() and not torch.all((x == 0) | (x == 1)):
+        values = sparse.values(x)
+        if is_validation_enabled() and not torch.all((values == 0) | (values == 1)):
             raise ValueError(
                 "a Bernoulli mixture needs binary data (0/1); got values in "
-                f"[{x.min().item():.3g}, {x.max().item():.3g}]: binarize it first, e.g. "
+                f"[{values.min().item():.3g}, {values.max().item():.3g}]: binarize it first, e.g. "
                 "data.load(name, binarize='static') or data.binarize(x, 'threshold')"
             )
         return num_data
@@ -122,7 +142,9 @@ class BernoulliMixture(Mixture):
         return 2 * num_components
 
     def sufficient_statistics(self, x: torch.Tensor, resp: torch.Tensor) -> dict:
-        return {"counts": resp.sum(0).double(), "sum_x": (resp.T @ x).double()}  # (K,), (K, D)
+        # resp^T @ x, or for CSR x (a block of SparseRows) (x^T @ resp)^T with x^T stored
+        sum_x = resp.T @ x if x.layout == torch.strided else sparse.t_matmul(x, resp).T
+        return {"counts": resp.sum(0).double(), "sum_x": sum_x.double()}  # (K,), (K, D)
 
     def m_step(self, stats: dict) -> None:
         """Closed-form MAP update of the weights and the pixel probabilities."""
