@@ -1,7 +1,7 @@
 """
 EM benchmarks, all measured in one run on this machine; prints a table and saves JSON + Markdown.
 
-    python benchmarks/em.py            # full run (about 15 minutes on 2 cores)
+    python benchmarks/em.py            # full run (about 8 minutes on 2 cores)
     python benchmarks/em.py --quick    # seconds: small sizes, to check that the script works
 
 1. GMM speed: seconds per EM iteration against scikit-learn's GaussianMixture on N=100,000,
