@@ -124,6 +124,7 @@ def main(argv=None):
     cases = [
         ("reparam driver (TraceMeanField)", reparam.fit, {}),
         ("reparam driver (TraceMeanField, jit=True)", reparam.fit, {"jit": True}),
+        ("reparam driver (TraceMeanField, jit='inductor')", reparam.fit, {"jit": "inductor"}),
         ("svi driver, Trace_ELBO", svi.fit, {"loss": "Trace_ELBO"}),
         ("svi driver, TraceMeanField_ELBO", svi.fit, {"loss": "TraceMeanField_ELBO"}),
         ("svi driver, JitTraceMeanField_ELBO (fixed)", svi.fit, {"loss": "JitTraceMeanField_ELBO"}),

@@ -17,7 +17,8 @@ the single-process result for the same global batch. The shared loop (``inferenc
 supplies the rest.
 """
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Optional, Union
 
 import pyro
 import torch
@@ -61,35 +62,92 @@ def check_reparameterizable(guide, example, model=None) -> None:
                 )
 
 
-class Compiled:
-    """``fn(*args)`` (tensors in, a tensor or a tuple of tensors out) compiled by
-    ``torch.jit.trace`` as a function of the Pyro parameters' unconstrained tensors and
-    ``args``, traced once per shape of ``args`` (so a smaller last batch gets its own trace).
+BACKENDS = ("jit", "inductor")
 
-    It does what ``pyro.ops.jit.trace`` does, less its per-call cost: Pyro's wrapper looks every
-    parameter up through the effect handlers and records a parameter trace on each call; this
-    one reads the tensors from the param store directly. It therefore needs every parameter
-    to exist before the first call: ``names`` lists them (``loop.parameter_names``).
+
+class Compiled:
+    """``fn(*args)`` (tensors in, a tensor or a tuple of tensors out) compiled as a function of
+    the Pyro parameters' unconstrained tensors and ``args``, once per shape of ``args`` (so a
+    smaller last batch gets its own graph).
+
+    backend "jit": ``torch.jit.trace``. It does what ``pyro.ops.jit.trace`` does, less its
+        per-call cost: Pyro's wrapper looks every parameter up through the effect handlers and
+        records a parameter trace on each call; this one reads the tensors from the param store.
+    backend "inductor": the same function recorded op by op (``make_fx``, which runs it once
+        and keeps the tensor operations, Pyro's bookkeeping gone) and compiled by
+        ``torch.compile``: elementwise operations are fused into generated C++ (a C++ compiler
+        must be installed) or Triton kernels. Compiling takes seconds per shape, once.
+
+    Either way every parameter must exist before the first call: ``names`` lists them
+    (``loop.parameter_names``). Only static programs compile: no data-dependent control flow.
     """
 
-    def __init__(self, fn: Callable, names):
-        self.fn, self.names, self.traces = fn, list(names), {}
+    def __init__(self, fn: Callable, names, backend: str = "jit"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        self.fn, self.names, self.backend, self.traces = fn, list(names), backend, {}
 
     def __call__(self, *args):
         store = pyro.get_param_store()
         leaves = [store._params[name] for name in self.names]
         key = tuple((a.shape, a.dtype, a.device) for a in args)
         if key not in self.traces:
-            num = len(self.names)
-
-            def replayed(*leaves_and_args):  # the leaves are the store's own tensors
-                params = {name: store[name] for name in self.names}  # constrained from them
-                with ignore_jit_warnings():  # a no-op unless tracing: enter it here
-                    return poutine.replay(self.fn, params=params)(*leaves_and_args[num:])
-
             with pyro.validation_enabled(False):
-                self.traces[key] = torch.jit.trace(replayed, (*leaves, *args), check_trace=False)
+                compile_ = self._jit if self.backend == "jit" else self._inductor
+                self.traces[key] = compile_(store, leaves, args)
         return self.traces[key](*leaves, *args)
+
+    def _replayed(self, store):
+        num = len(self.names)
+
+        def replayed(*leaves_and_args):  # the leaves are the store's own tensors
+            params = {name: store[name] for name in self.names}  # constrained from them
+            with ignore_jit_warnings():  # a no-op unless tracing: enter it here
+                return poutine.replay(self.fn, params=params)(*leaves_and_args[num:])
+
+        return replayed
+
+    def _jit(self, store, leaves, args):
+        return torch.jit.trace(self._replayed(store), (*leaves, *args), check_trace=False)
+
+    def _inductor(self, store, leaves, args):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        replayed, num = self._replayed(store), len(self.names)
+
+        def pure(*leaves_and_args):
+            # make_fx hands in stand-ins for the leaves: put them in the store while recording
+            saved = [store._params[name] for name in self.names]
+            try:
+                for name, leaf in zip(self.names, leaves_and_args[:num]):
+                    store._params[name] = leaf
+                return replayed(*leaves_and_args)
+            finally:
+                for name, leaf in zip(self.names, saved):
+                    store._params[name] = leaf
+
+        # Pyro's ELBOs read the loss as a Python float for logging (torch_item), which would be
+        # a data-dependent read of a recorded tensor; the surrogate, which is returned, is not
+        with _no_float_reads():
+            graph = make_fx(pure)(*leaves, *args)
+        return torch.compile(graph, dynamic=False)
+
+
+@contextlib.contextmanager
+def _no_float_reads():
+    """Let Pyro's ELBO modules keep their float-valued loss a tensor while a graph is recorded."""
+    import pyro.infer.trace_elbo as trace_elbo
+    import pyro.infer.trace_mean_field_elbo as mean_field
+
+    modules = (trace_elbo, mean_field)
+    saved = [module.torch_item for module in modules]
+    try:
+        for module in modules:
+            module.torch_item = lambda x: x
+        yield
+    finally:
+        for module, item in zip(modules, saved):
+            module.torch_item = item
 
 
 class Objective:
@@ -131,7 +189,8 @@ class Objective:
                 return -(iwae_bound(log_w).mean() + global_term.mean() / num_data)
 
         if jit:
-            loss = Compiled(loss, loop.parameter_names(model, guide, *as_args(example)))
+            names = loop.parameter_names(model, guide, *as_args(example))
+            loss = Compiled(loss, names, backend="jit" if jit is True else jit)
         self.loss = loss
 
     def __call__(self, x) -> torch.Tensor:
@@ -146,7 +205,7 @@ def fit(
     *,
     num_particles: int = 1,
     analytic_kl: bool = True,
-    jit: bool = False,
+    jit: Union[bool, str] = False,
     lr: float = 1e-3,
     optimizer: Optional[Callable] = None,
     lr_schedule: Optional[Callable[[int], float]] = None,
@@ -163,7 +222,8 @@ def fit(
         torch's Adam, fused where it can be).
     lr_schedule: epoch (0-based) -> factor on the learning rate, e.g.
         ``loop.exponential_lr(0.1, num_epochs)``; exact on resume.
-    jit: compile the objective (ELBO or IWAE bound) with torch.jit (``Compiled``; static
+    jit: compile the objective (ELBO or IWAE bound): True or "jit" with torch.jit, "inductor"
+        with torch.compile, which also fuses its elementwise operations (``Compiled``; static
         models only: no data-dependent control flow).
     validate: a held-out score to early-stop on instead of the bound on ``valid_data``.
     loop_options go to ``inference.loop.run`` (seed, patience, transform, checkpoint, resume,

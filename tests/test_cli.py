@@ -279,3 +279,13 @@ def test_long_run_learning_curve_zooms_on_the_late_epochs():
     assert -102 - 100 / 6 < low < -102 - 100 / 7 and -100 - 100 / 60 < high < -100
     short = cli._learning_curve(history[:10], {"model": "vae", "data": "mnist"})
     assert short.axes[0].get_xscale() == "linear"
+
+
+def test_jit_flag_picks_the_compiler():
+    """--jit alone is torch.jit (as before it took a value); --jit inductor is torch.compile."""
+    parser = cli.build_parser()
+    assert parser.parse_args(["fit", "vae"]).jit is False
+    assert parser.parse_args(["fit", "vae", "--jit", "--iwae", "5"]).jit == "jit"
+    assert parser.parse_args(["fit", "vae", "--jit", "inductor"]).jit == "inductor"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fit", "vae", "--jit", "xla"])

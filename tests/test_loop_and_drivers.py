@@ -171,17 +171,17 @@ def test_svi_fits_a_vae_with_each_loss(loss):
     assert np.isfinite(result.history[-1]["valid_objective"])
 
 
-@pytest.mark.parametrize("k", [1, 5])
-def test_compiled_objective_equals_the_eager_one(k, device):
-    """jit=True: the same value and gradient as the eager objective for the same random draws
-    (a trace that froze a Python number, as Pyro's public differentiable_loss would, fails the
-    value), with its own trace for a smaller last batch."""
+@pytest.mark.parametrize("k, backend", [(1, "jit"), (5, "jit"), (1, "inductor")])
+def test_compiled_objective_equals_the_eager_one(k, backend, device):
+    """jit="jit" or "inductor": the same value and gradient as the eager objective for the same
+    random draws (a trace that froze a Python number, as Pyro's public differentiable_loss would,
+    fails the value), with its own trace for a smaller last batch."""
     x = binary_batch(100).to(device)
     vae = small_vae().to(device)
     pyro.clear_param_store()
     params = loop.parameters(vae.model, vae.guide, x[:2])
     eager = reparam.Objective(vae.model, vae.guide, x[:2], 100, num_particles=k)
-    compiled = reparam.Objective(vae.model, vae.guide, x[:2], 100, num_particles=k, jit=True)
+    compiled = reparam.Objective(vae.model, vae.guide, x[:2], 100, num_particles=k, jit=backend)
     for batch in (x[:64], x[64:]):
         compiled(batch)  # trace this shape
         results = []

@@ -939,9 +939,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deep.add_argument(
         "--jit",
-        action="store_true",
-        help="compile the ELBO or IWAE bound with torch.jit (--inference reparam; a shorter"
-        " epoch, benchmarks/results/vae_speed.md; models without data-dependent branches)",
+        nargs="?",
+        const="jit",
+        default=False,
+        choices=reparam.BACKENDS,
+        help="compile the ELBO or IWAE bound (--inference reparam; models without data-dependent"
+        " branches): with torch.jit, or with --jit inductor by torch.compile, which fuses"
+        " elementwise work (needs a C++ compiler on CPU; half a minute to compile). Shorter"
+        " epochs: benchmarks/results/vae_speed.md",
     )
     deep.add_argument(
         "--loss",
