@@ -10,7 +10,8 @@ VAE and IWAE quality on dynamically binarized MNIST, with the architecture of Bu
 --epochs takes one budget for both bounds or one each (VAE, then IWAE, which costs about twice
 as much per epoch). --lr-decay 0.1 lets the rate fall geometrically to a tenth by the last
 epoch, a smooth form of Burda et al.'s schedule (which spends most of its 3280 epochs at a
-tenth of the first rate). --jit K [K ...] compiles the bound of those runs (1: the VAE).
+tenth of the first rate). --jit K [K ...] compiles the bound of those runs (1: the VAE), with
+torch.jit or, given --compiler inductor, with torch.compile.
 
 Each run goes through the `zoo` command line, so its run directory (config.json with the exact
 command, metrics.json, plots) lands under --runs; the table is saved to benchmarks/results.
@@ -35,7 +36,8 @@ def zoo_command(k: int, epochs: int, run: Path, args) -> list:
     """The `zoo fit` arguments of one run."""
     # flags at their defaults stay out, so that older runs' recorded commands still match
     command = ["fit", "vae", "--data", "mnist", "--binarize", "dynamic", "--inference", "reparam"]
-    command += ["--jit"] if k in args.jit else []
+    if k in args.jit:
+        command += ["--jit"] + ([args.compiler] if args.compiler != "jit" else [])
     command += ["--iwae", str(k), "--hidden", "200", "200", "--z-dim", "50"]
     command += ["--batch-size", str(args.batch_size)] if args.batch_size != 128 else []
     command += ["--epochs", str(epochs)]
@@ -51,6 +53,12 @@ def main(argv=None):
     parser.add_argument("--lr-decay", type=float, default=1.0)
     parser.add_argument(
         "--jit", type=int, nargs="+", default=[], help="compile the bound for these K (1, 5)"
+    )
+    parser.add_argument(
+        "--compiler",
+        choices=("jit", "inductor"),
+        default="jit",
+        help="what --jit compiles with: torch.jit, or torch.compile (zoo fit --jit inductor)",
     )
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--reuse", action="store_true", help="read runs the same command finished")
