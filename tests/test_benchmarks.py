@@ -23,10 +23,16 @@ def test_em_benchmark_quick(tmp_path):
     assert {"scikit-learn (float64)", "zoo EM (float64)"} <= set(rows)
     # same start, same algorithm: the final log-likelihoods agree
     assert rows["zoo EM (float64)"]["ll_rel_diff_vs_sklearn"] < 1e-6
-    assert [r["K"] for r in report["bmm"]["runs"]] == [10, 20]
-    for run in report["bmm"]["runs"]:  # the ceilings beside the achieved rate are measured
+    runs = report["bmm"]["runs"]
+    assert [r["K"] for r in runs] == [10, 10, 20, 20]  # each K on dense data, then sparse rows
+    assert [r["data"] == "dense" for r in runs] == [True, False, True, False]
+    for run in runs:  # the ceilings beside the achieved rate are measured
         assert run["products_only_gflops"] > 0 and run["read_bandwidth_gb_s"] > 0
-        assert 0 < run["roofline_gflops"] <= run["matmul_gflops_adjacent"]
+        if run["data"] == "dense":
+            assert 0 < run["roofline_gflops"] <= run["matmul_gflops_adjacent"]
+    for dense, sparse in (runs[:2], runs[2:]):  # the same fit, in another order of arithmetic
+        assert sparse["iterations"] == dense["iterations"]
+        assert abs(sparse["test_log_likelihood"] / dense["test_log_likelihood"] - 1) < 1e-6
     assert (tmp_path / "em-quick.md").read_text().startswith("# EM benchmark")
 
 
@@ -45,7 +51,7 @@ def test_vae_speed_benchmark_quick(tmp_path):
         text=True,
     )
     report = json.loads((tmp_path / "vae_speed-quick.json").read_text())
-    assert len(report["rows"]) == 10  # five drivers, validation off and on
+    assert len(report["rows"]) == 12  # six drivers, validation off and on
     for row in report["rows"].values():  # driver and plain epochs come in timed pairs
         assert row["pairs"] and all(d > 0 and p > 0 for d, p in row["pairs"])
         assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
