@@ -20,13 +20,9 @@ Nothing here knows about any model.
 
 import contextlib
 import warnings
-import weakref
 from typing import List, Tuple
 
 import torch
-
-# id(chunk) -> [(first row, CSR of the transpose of a tile)], for as long as the chunk lives
-_TRANSPOSES = {}
 
 
 class SparseRows:
@@ -101,9 +97,10 @@ class SparseRows:
                 start = j * self.tile_rows
                 chunk = self.rows(start, start + tiles * self.tile_rows)
                 last = min(j + tiles, len(self._tiles))
-                parts = [(i * self.tile_rows - start, self._tiles[i]) for i in range(j, last)]
-                _TRANSPOSES[id(chunk)] = parts
-                weakref.finalize(chunk, _TRANSPOSES.pop, id(chunk), None)
+                # (first row within the chunk, CSR of that tile's transpose), for t_matmul
+                chunk.row_tiles = [
+                    (i * self.tile_rows - start, self._tiles[i]) for i in range(j, last)
+                ]
                 made.append((start, chunk))
             self._chunks[tiles] = made
         return self._chunks[tiles]
@@ -133,7 +130,7 @@ def t_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x^T @ y for a dense x, or for a CSR x (fast when it is a chunk of ``SparseRows``)."""
     if x.layout == torch.strided:
         return x.T @ y
-    tiles = _TRANSPOSES.get(id(x))
+    tiles = getattr(x, "row_tiles", None)
     if tiles is None:  # a CSR tensor from elsewhere: transpose it (a sort of its entries)
         with _beta_ok():
             return x.t().to_sparse_csr() @ y
