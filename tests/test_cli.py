@@ -289,3 +289,39 @@ def test_jit_flag_picks_the_compiler():
     assert parser.parse_args(["fit", "vae", "--jit", "inductor"]).jit == "inductor"
     with pytest.raises(SystemExit):
         parser.parse_args(["fit", "vae", "--jit", "xla"])
+
+
+def test_fit_m1_m2_stacks_on_a_fitted_vae(tmp_path, capsys):
+    """`zoo fit ssvae --stack-on RUN` (Kingma's M1+M2): M2 over the latent space of the VAE in
+    RUN, which stays frozen; the run records which VAE (by digest) and refuses to resume on
+    another; evaluate and sample work on it like on any SSVAE run."""
+    base = ["--data", "digits", "--binarize", "threshold", "--quiet", "--batch-size", "64"]
+    vae_run, run = tmp_path / "m1", tmp_path / "m1m2"
+    m1 = ["fit", "vae", *base, "--epochs", "15", "--z-dim", "6", "--hidden", "64"]
+    assert cli.main([*m1, "--out", str(vae_run)]) == 0
+    argv = ["fit", "ssvae", *base, "--labels", "50", "--stack-on", str(vae_run), "--epochs", "2"]
+    argv += ["--hidden", "32", "--z-dim", "4", "--eval-samples", "5"]
+    assert cli.main([*argv, "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    units = config["model_config"]["stack_units"]
+    assert 0 < len(units) <= 6 and config["model_config"]["likelihood"] == "gaussian"
+    assert config["options"]["stack_on"]["run"] == str(vae_run)
+    m1_state = torch.load(vae_run / "params.pt", weights_only=True)
+    state = torch.load(run / "params.pt", weights_only=True)
+    for name, value in m1_state.items():  # M1 saved inside the run, untouched by training
+        assert torch.equal(state[f"m1.{name}"], value), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["test_log_likelihood"] > metrics["test_elbo"] - 1.0
+    assert cli.main(["evaluate", str(run), "--num-samples", "5"]) == 0
+    assert cli.main(["sample", str(run), "--num-samples", "10"]) == 0
+
+    capsys.readouterr()
+    m1_state["decoder.0.bias"] += 1.0  # a different M1 under the same path
+    torch.save(m1_state, vae_run / "params.pt")
+    with pytest.raises(SystemExit, match="resume it on the same VAE"):
+        cli.main([*argv, "--epochs", "3", "--resume", str(run)])
+    with pytest.raises(SystemExit, match="needs a VAE fitted on digits"):
+        cli.main([*argv[:-6], "--stack-on", str(run), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no fitted run there"):
+        cli.main([*argv[:-6], "--stack-on", str(tmp_path), "--out", str(tmp_path / "y")])

@@ -1,3 +1,5 @@
+import dataclasses
+import json
 import math
 
 import pyro
@@ -11,6 +13,7 @@ from inference import svi
 from zoo import data
 from zoo.nets import mlp
 from zoo.ssvae import SSVAE, SSVAEConfig
+from zoo.vae import VAE, VAEConfig
 
 
 def small_model(alpha=46.0, enumerate=True):
@@ -216,3 +219,142 @@ def test_ssvae_resumes_exactly_under_the_svi_driver(tmp_path, device):
     (tmp_path / "ckpt.pt").unlink()
     run(2, False)
     assert run(4, True) == straight
+
+
+# --------------------------------------------------------------------- M1+M2 (stacked)
+
+
+def small_stack(alpha=46.0, enumerate=True, units=(0, 2, 3)):
+    """M2 over 3 of the 4 latent units of a small VAE (M1) of 12 pixels."""
+    torch.manual_seed(0)
+    m1 = VAE(VAEConfig(x_dim=12, z_dim=4, hidden=(8,)))
+    config = SSVAEConfig(
+        x_dim=12,
+        z_dim=3,
+        hidden=(8,),
+        alpha=alpha,
+        enumerate=enumerate,
+        likelihood="gaussian",
+        stack=m1.config,
+        stack_units=units,
+    )
+    model = SSVAE(config)
+    model.m1.load_state_dict(m1.state_dict())
+    with torch.no_grad():
+        model.log_scale.normal_(0.0, 0.3)  # away from 1, so a wrong scale would show
+    return model, m1
+
+
+def explicit_stacked_loss(model, m1, x, y, z1, z):
+    """Minus the M1+M2 objective written out by hand, at the guide's draws z1 (N, 4) and
+    z (C, N, 3): M2's objective with h = z1[units] in place of x, where
+    L(x, k) = log p(x | z1) + log p(z1 | k, z_k) + log p(k) + log p(z_k)
+              - log q(z_k | h, k) - log q(z1 | x),
+    p(z1 | k, z_k) is M2's Gaussian on the modelled units and Normal(0, 1) on the others."""
+    units = torch.tensor(model.config.stack_units)
+    others = torch.tensor([u for u in range(4) if u not in model.config.stack_units])
+    c = model.config.num_classes
+    h = z1[:, units]
+    log_q_y = torch.log_softmax(model.classifier(h), -1)
+    total = torch.zeros(len(x))
+    for n in range(len(x)):
+        loc1, scale1 = m1.encoder(x[n : n + 1])
+        m1_terms = (
+            dist.Bernoulli(logits=m1.decoder(z1[n])).log_prob(x[n]).sum()
+            - dist.Normal(loc1[0], scale1[0]).log_prob(z1[n]).sum()
+            + dist.Normal(0.0, 1.0).log_prob(z1[n, others]).sum()
+        )
+        terms = []
+        for k in range(c):
+            y_k = torch.nn.functional.one_hot(torch.tensor(k), c).float()
+            loc, scale = model.encoder(h[n], y_k)
+            mean = model.decoder(torch.cat([z[k, n], y_k]))
+            value = (
+                m1_terms
+                + dist.Normal(mean, model.log_scale.exp()).log_prob(h[n]).sum()
+                + math.log(1.0 / c)
+                + dist.Normal(0.0, 1.0).log_prob(z[k, n]).sum()
+                - dist.Normal(loc, scale).log_prob(z[k, n]).sum()
+            )
+            terms.append(value)
+        if y[n] >= 0:
+            total[n] = terms[y[n]] + model.config.alpha * log_q_y[n, y[n]]
+        else:
+            q = log_q_y[n].exp()
+            total[n] = sum(q[k] * (terms[k] - log_q_y[n, k]) for k in range(c))
+    return -total.sum()
+
+
+def test_stacked_loss_equals_the_explicit_sum_and_leaves_m1_alone():
+    model, m1 = small_stack()
+    x = torch.bernoulli(torch.rand(5, 12, generator=torch.Generator().manual_seed(1)))
+    y = torch.tensor([2, -1, 0, -1, 9])
+    draws = {}
+
+    def recording_guide(x, y):
+        trace = poutine.trace(model.guide).get_trace(x, y)
+        draws["z1"] = trace.nodes["z1"]["value"]
+        draws["z"] = trace.nodes["z"]["value"].detach()
+
+    pyro.clear_param_store()
+    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        model.model, recording_guide, x, y
+    )
+    assert draws["z1"].shape == (5, 4) and draws["z"].shape == (10, 5, 3)
+    expected = explicit_stacked_loss(model, m1, x, y, draws["z1"], draws["z"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # M1 is frozen: its weights are buffers, out of Pyro's parameter store and the gradient
+    assert not any(name.startswith("m1.") for name, _ in model.named_parameters())
+    assert not any("m1." in name for name in pyro.get_param_store().keys())
+    # at fixed draws: the parameters that the path of z does not reach
+    params = [*model.classifier.parameters(), *model.decoder.parameters(), model.log_scale]
+    grads = torch.autograd.grad(loss, params)
+    want = torch.autograd.grad(expected, params)
+    for got, ref in zip(grads, want):
+        assert ref.abs().max() > 0.1
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_elbo_by_label_is_the_elbo_with_that_label_observed():
+    model, _ = small_stack(alpha=0.0, enumerate=False)
+    x = torch.bernoulli(torch.rand(4, 12, generator=torch.Generator().manual_seed(3)))
+    got = model.elbo_by_label(x, num_samples=20000)
+    elbo = Trace_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=1)
+    with torch.no_grad():
+        for k in (0, 7):
+            want = -elbo.loss(model.model, model.guide, x, torch.full((4,), k))
+            assert got[:, k].sum().item() == pytest.approx(want, rel=2e-3)
+
+
+def test_stacked_on_keeps_the_active_units_and_round_trips():
+    """``stacked_on`` models the VAE units whose posterior mean varies over the data (Burda's
+    Var_x E_q[u | x] > 0.01); a unit whose encoder ignores x is left to M1's prior. The saved
+    config (JSON) and state dict rebuild the same classifier, M1 included."""
+    torch.manual_seed(0)
+    m1 = VAE(VAEConfig(x_dim=12, z_dim=4, hidden=(8,)))
+    with torch.no_grad():
+        m1.encoder.loc.weight[1].zero_()  # unit 1: the same posterior mean for every x
+        m1.encoder.loc.weight.mul_(10.0)
+    x = torch.bernoulli(torch.rand(300, 12, generator=torch.Generator().manual_seed(0)))
+    means = m1.encode(x)[0]
+    expected = torch.nonzero(means.var(0) > 0.01).squeeze(-1)
+    assert 1 not in expected.tolist() and len(expected) >= 2
+    assert torch.equal(m1.active_units(x), expected)
+    model = SSVAE.stacked_on(m1, x, z_dim=3, hidden=(8,))
+    assert model.config.stack_units == tuple(expected.tolist())
+    assert model.classifier[0].in_features == len(expected)
+    torch.testing.assert_close(model.features(x), means[:, expected])
+
+    saved = json.loads(json.dumps(dataclasses.asdict(model.config)))
+    again = SSVAE(SSVAEConfig(**saved))
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again.predict_proba(x), model.predict_proba(x))
+    assert again.generate(torch.tensor([0, 5])).shape == (2, 12)
+    assert again.analogies(x[:3]).shape == (3, 10, 12)
+
+    with pytest.raises(ValueError, match="Bernoulli decoder"):
+        SSVAE.stacked_on(VAE(VAEConfig(x_dim=12, z_dim=4, likelihood="gaussian")), x)
+    with pytest.raises(ValueError, match="stack_units must lie in 0 .. 3"):
+        SSVAE(SSVAEConfig(x_dim=12, likelihood="gaussian", stack=m1.config, stack_units=(0, 4)))
+    with pytest.raises(ValueError, match="likelihood='gaussian'"):
+        SSVAE(SSVAEConfig(x_dim=12, stack=m1.config))

@@ -5,6 +5,7 @@ The ``zoo`` command: the one place that ties models to drivers.
     zoo fit gmm --data faithful --out runs/gmm-faithful
     zoo fit bmm --data mnist --components 100 --out runs/bmm-mnist
     zoo fit ssvae --labels 100 --epochs 50
+    zoo fit ssvae --labels 100 --stack-on runs/vae-mnist     # M1+M2: M2 over a VAE's latents
     zoo fit hvae --layers 2 --epochs 100 --warmup 20
     zoo compare gmm --data faithful --inference em,svi,nuts,sklearn --seeds 3
     zoo evaluate runs/bmm-mnist
@@ -18,6 +19,7 @@ history.json, metrics.json and PNG plots.
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -314,7 +316,11 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
     train_binarize = None if binarize == "dynamic" else binarize
     x, _ = _load(data_name, "train", train_binarize, 1)
     binary = binarize is not None
-    model = entry.model_class(entry.config_from_args(args, x.shape[1], binary)).to(device)
+    model = entry.model_class(entry.config_from_args(args, x.shape[1], binary))
+    stack = None
+    if args.stack_on:
+        model, stack = _stack(args, model, data_name, binarize)
+    model.to(device)
     config = {
         "model": args.model,
         "model_config": dataclasses.asdict(model.config),
@@ -338,6 +344,7 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
             "given": args.given,
             "labels": args.labels if args.model == "ssvae" else None,
             "label_seed": args.label_seed if args.model == "ssvae" else None,
+            "stack_on": stack,
             "warmup": _warmup_epochs(args) if args.model == "hvae" else None,
         },
         "command": "zoo " + " ".join(shlex.quote(a) for a in args.argv),
@@ -361,6 +368,11 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
                     f"zoo: {out} was started with --{key.replace('_', '-')} {was}; resume it"
                     f" with the same value (the learning-rate schedule depends on it), not {now}"
                 )
+        if saved["options"].get("stack_on") != config["options"]["stack_on"]:
+            raise SystemExit(
+                f"zoo: {out} was started on M1 {saved['options'].get('stack_on')}; resume it on"
+                f" the same VAE, not {stack}"
+            )
         # the run stays the one its first command started; each resume is listed after it
         config["resumes"] = saved.get("resumes", []) + [config["command"]]
         config["command"] = saved["command"]
@@ -424,6 +436,34 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
     _deep_plots(model, config, result.history, out, device, metrics)
     _print_metrics(out, metrics)
     return 0
+
+
+def _stack(args, m2: SSVAE, data_name, binarize):
+    """M1+M2: the SSVAE ``m2`` rebuilt over the latent space of the VAE run ``--stack-on``,
+    with the units that VAE uses on the training images. Returns the model and what the run
+    records of its M1 (path and a digest of its weights, checked on resume)."""
+    if args.model != "ssvae":
+        raise SystemExit("zoo: --stack-on is for the SSVAE (M1+M2)")
+    run = Path(args.stack_on)
+    if not (run / "params.pt").exists():
+        raise SystemExit(f"zoo: --stack-on {run}: no fitted run there (no params.pt)")
+    m1, m1_config = _restore(run)
+    if m1_config["model"] != "vae" or m1_config["data"] != data_name:
+        raise SystemExit(
+            f"zoo: --stack-on needs a VAE fitted on {data_name}; {run} holds a"
+            f" {m1_config['model']} fitted on {m1_config['data']}"
+        )
+    x, _ = _load(data_name, "train", None if binarize == "dynamic" else binarize, args.max_data)
+    if binarize == "dynamic":  # the units in use, judged on one draw of the training pixels
+        x = data.binarize(x, "static", seed=0)
+    kept = ("z_dim", "hidden", "alpha", "enumerate", "num_classes")
+    options = {key: getattr(m2.config, key) for key in kept}
+    try:
+        model = SSVAE.stacked_on(m1, x, **options)
+    except ValueError as error:
+        raise SystemExit(f"zoo: --stack-on {run}: {error}") from None
+    digest = hashlib.sha256((run / "params.pt").read_bytes()).hexdigest()
+    return model, {"run": str(run), "params_sha256": digest}
 
 
 _QUADRANT_SEEDS = {"train": 0, "valid": 1, "test": 2}
@@ -987,6 +1027,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=46.0,
         help="SSVAE: weight of the classification term on labelled data (0 = none)",
+    )
+    deep.add_argument(
+        "--stack-on",
+        metavar="RUN",
+        help="SSVAE: Kingma's M1+M2, an M2 over the latent space of the fitted VAE in RUN"
+        " (kept frozen) instead of over the pixels",
     )
     deep.add_argument(
         "--sample-y",

@@ -22,6 +22,23 @@ classification term (site ``y_classify``, weight ``alpha``) trains q(y | x) on t
 which the ELBO alone does not do. Kingma et al. used alpha = 0.1 N; Pyro's tutorial uses 46 with
 the same per-point scaling as here, which we take as the default.
 
+M1+M2, the paper's stacked model (``SSVAE.stacked_on(vae, x)``, ``zoo fit ssvae --stack-on``):
+M2 generates the latent z1 of a VAE fitted beforehand on all the images (M1), and M1 generates
+the pixels from it:
+
+    z1[n] ~ Normal(decoder(z[n], y[n]), scale(...))    on the units of z1 that M1 uses
+          ~ Normal(0, 1)                               on its collapsed units
+    x[n]  ~ p_M1(x | z1[n])
+    q(z1[n] | x[n]) = q_M1(z1 | x[n])                  M1's encoder, a fresh draw every step
+    q(y[n] | x[n], z1[n]) = Categorical(classifier(z1[n]))
+
+M1 stays frozen (its weights are buffers, saved with the model but invisible to Pyro and the
+optimizers), so the gradients are those of M2 fitted to draws of z1, as in the paper; the
+objective above gains log p_M1(x | z1) - log q_M1(z1 | x), which makes it a bound on log p(x)
+that the importance-sampled evaluation can use. Only the units whose posterior mean varies over
+the images are modelled (Kingma et al. drop the others too): a collapsed unit is pure noise to
+a classifier. Prediction uses the posterior mean of z1.
+
 References: Kingma et al. (2014), Semi-Supervised Learning with Deep Generative Models;
 Pyro's SS-VAE tutorial (networks 784-500-10, 794-500-50, 60-500-784).
 """
@@ -38,6 +55,7 @@ from pyro.distributions.util import broadcast_shape
 from torch import nn
 
 from zoo.nets import check_rows, mlp
+from zoo.vae import VAE, VAEConfig
 
 _POINT_MASS = -3.0e4  # logit of the classes a labelled row cannot take: exp() is exactly 0
 
@@ -49,7 +67,10 @@ class SSVAEConfig:
     z_dim: int = 50
     hidden: Tuple[int, ...] = (500,)
     alpha: float = 46.0  # weight of the classification term on labelled data
+    likelihood: str = "bernoulli"  # of what M2 generates: "bernoulli" (images) or "gaussian"
     enumerate: bool = True  # sum over y in the guide (TraceEnum_ELBO); False samples it
+    stack: Optional[VAEConfig] = None  # M1+M2: the frozen VAE (M1) whose latent M2 models
+    stack_units: Optional[Tuple[int, ...]] = None  # the M1 units M2 models (None: all)
 
 
 class _JointEncoder(nn.Module):
@@ -82,15 +103,30 @@ class SSVAE(nn.Module):
         super().__init__()
         config = config or SSVAEConfig(**kwargs)
         config.hidden = tuple(config.hidden)
+        if isinstance(config.stack, dict):  # as saved in a run's config.json
+            config.stack = VAEConfig(**config.stack)
         if not config.hidden:
             raise ValueError("the SSVAE needs at least one hidden layer")
         if config.alpha < 0:
             raise ValueError(f"alpha must be non-negative, got {config.alpha}")
+        if config.likelihood not in ("bernoulli", "gaussian"):
+            raise ValueError(
+                f"likelihood must be 'bernoulli' or 'gaussian', not {config.likelihood!r}"
+            )
         self.config = config
+        self.m1 = None
+        h_dim = config.x_dim  # what M2 generates and classifies: x, or M1's latent units
+        if config.stack is not None:
+            self.m1, units = _frozen_m1(config)
+            config.stack_units = tuple(units.tolist())
+            self.register_buffer("_units", units, persistent=False)
+            h_dim = len(units)
         c = config.num_classes
-        self.classifier = mlp([config.x_dim, *config.hidden, c])  # logits of q(y | x)
-        self.encoder = _JointEncoder(config.x_dim, c, config.hidden, config.z_dim)
-        self.decoder = mlp([config.z_dim + c, *reversed(config.hidden), config.x_dim])
+        self.classifier = mlp([h_dim, *config.hidden, c])  # logits of q(y | h)
+        self.encoder = _JointEncoder(h_dim, c, config.hidden, config.z_dim)
+        self.decoder = mlp([config.z_dim + c, *reversed(config.hidden), h_dim])
+        if config.likelihood == "gaussian":
+            self.log_scale = nn.Parameter(torch.zeros(h_dim))  # (H,), one per feature
         self._pyro_name = name  # stable: checkpoints are keyed by it (see zoo.vae)
 
     # ------------------------------------------------------------------ model and guide
@@ -106,26 +142,72 @@ class SSVAE(nn.Module):
             y_latent = pyro.sample("y", prior_y.mask(~labelled))  # (N, C) or (C, 1, C)
             y_all = torch.where(labelled.unsqueeze(-1), y_onehot, y_latent)
             z = pyro.sample("z", prior_z)  # (..., N, Z)
-            logits = self.decoder(_concat(z, y_all))  # (..., N, X)
-            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+            if self.m1 is None:
+                h = pyro.sample("x", self.likelihood(z, y_all), obs=x)  # (N, X): h is x
+            else:  # M1+M2: M2 generates M1's latent z1, and M1 generates x from it
+                z1 = pyro.sample("z1", self._z1_prior(z, y_all))  # (N, Z1), the guide's draw
+                pyro.sample("x", self.m1.likelihood(z1), obs=x)
+                h = z1[..., self._units]
             if self.config.alpha > 0:
                 with poutine.scale(scale=self.config.alpha):
-                    classify = dist.OneHotCategorical(logits=self.classifier(x))
+                    classify = dist.OneHotCategorical(logits=self.classifier(h))
                     pyro.sample("y_classify", classify.mask(labelled), obs=y_onehot)
 
     def guide(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         pyro.module(self._pyro_name, self)
         labelled, y_onehot = self._labels(x, y)
-        logits = self.classifier(x)  # (N, C)
         # labelled rows: all mass on the known label, so log q = 0 and the sum over y is L(x, y)
         known = (y_onehot - 1.0) * -_POINT_MASS
-        logits = torch.where(labelled.unsqueeze(-1), known, logits)
         infer = {"enumerate": "parallel"} if self.config.enumerate else {}
         with pyro.plate("data", len(x)):
+            h = x
+            if self.m1 is not None:  # a fresh draw of M1's z1 for every image and step
+                z1 = pyro.sample("z1", dist.Normal(*self.m1.encoder(x)).to_event(1))
+                h = z1[..., self._units]
+            logits = torch.where(labelled.unsqueeze(-1), known, self.classifier(h))  # (N, C)
             y_latent = pyro.sample("y", dist.OneHotCategorical(logits=logits), infer=infer)
             y_all = torch.where(labelled.unsqueeze(-1), y_onehot, y_latent)  # (..., N, C)
-            loc, scale = self.encoder(x, y_all)
+            loc, scale = self.encoder(h, y_all)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def likelihood(self, z: torch.Tensor, y: torch.Tensor):
+        """What M2 generates from style z (..., N, Z) and one-hot labels y (..., N, C): p(x | y, z),
+        or with a stack p(h | y, z) of the M1 units it models (the rest: ``_z1_prior``)."""
+        out = self.decoder(_concat(z, y))  # (..., N, H)
+        if self.config.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=out).to_event(1)
+        return dist.Normal(out, self.log_scale.exp()).to_event(1)
+
+    def _z1_prior(self, z: torch.Tensor, y: torch.Tensor):
+        """p(z1 | y, z) of M1+M2 over all of M1's units: M2's Gaussian on the units it models,
+        M1's own prior Normal(0, 1) on the collapsed ones (their posterior is that prior)."""
+        h = self.likelihood(z, y).base_dist  # Normal, (..., N, H)
+        width = self.config.stack.z_dim
+        loc = h.loc.new_zeros(h.loc.shape[:-1] + (width,)).index_copy(-1, self._units, h.loc)
+        scale = h.loc.new_ones(loc.shape).index_copy(-1, self._units, h.scale)
+        return dist.Normal(loc, scale).to_event(1)
+
+    @classmethod
+    def stacked_on(cls, m1: VAE, x: torch.Tensor, threshold: float = 0.01, **kwargs) -> "SSVAE":
+        """Kingma et al.'s M1+M2: an M2 that models the latent z1 of a fitted VAE ``m1`` (kept
+        frozen) instead of the images. It models the units of z1 active on the images ``x``
+        (``VAE.active_units``: Var_x E_q[u | x] > threshold); the collapsed ones keep M1's
+        prior. ``kwargs`` set the M2 part (hidden, z_dim, alpha, ...)."""
+        if not isinstance(m1, VAE) or m1.config.likelihood != "bernoulli":
+            raise ValueError("M1+M2 stacks on a zoo.vae.VAE with a Bernoulli decoder")
+        units = m1.active_units(x, threshold)
+        if len(units) == 0:
+            raise ValueError("no unit of the VAE is active on x: it has nothing to give M2")
+        config = SSVAEConfig(
+            **kwargs,
+            x_dim=m1.config.x_dim,
+            likelihood="gaussian",
+            stack=m1.config,
+            stack_units=tuple(units.tolist()),
+        )
+        model = cls(config)
+        model.m1.load_state_dict(m1.state_dict())
+        return model
 
     # ------------------------------------------------------------------------ helpers
 
@@ -133,7 +215,7 @@ class SSVAE(nn.Module):
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """q(y | x): (N, X) -> (N, C) class probabilities."""
         self._check(x)
-        return torch.softmax(self.classifier(x), -1)
+        return torch.softmax(self.classifier(self.features(x)), -1)
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,24 +244,37 @@ class SSVAE(nn.Module):
         self._check(x)
         c = self.config.num_classes
         prior_z = dist.Normal(x.new_zeros(self.config.z_dim), 1.0).to_event(1)
+        h, m1_terms = x, 0.0
+        if self.m1 is not None:  # the same z1 draws for every label: log p(x|z1) - log q(z1|x)
+            q_z1 = dist.Normal(*self.m1.encoder(x)).to_event(1)
+            z1 = q_z1.sample((num_samples,))  # (S, N, Z1)
+            m1_terms = self.m1.likelihood(z1).log_prob(x) - q_z1.log_prob(z1)  # (S, N)
+            h = z1[..., self._units]
         out = []
         for k in range(c):
             y = self._one_hot(torch.full((len(x),), k, device=x.device))
-            loc, scale = self.encoder(x, y)
+            loc, scale = self.encoder(h, y)
             q_z = dist.Normal(loc, scale).to_event(1)
-            z = q_z.rsample((num_samples,))  # (S, N, Z)
-            logits = self.decoder(_concat(z, y))
-            log_px = dist.Bernoulli(logits=logits).to_event(1).log_prob(x)
-            out.append((log_px + prior_z.log_prob(z) - q_z.log_prob(z)).mean(0) - math.log(c))
+            if self.m1 is None:
+                z = q_z.rsample((num_samples,))  # (S, N, Z)
+                log_p = self.likelihood(z, y).log_prob(x)
+            else:
+                z = q_z.rsample()  # (S, N, Z): one per draw of z1
+                log_p = self._z1_prior(z, y).log_prob(z1)
+            value = log_p + prior_z.log_prob(z) - q_z.log_prob(z) + m1_terms
+            out.append(value.mean(0) - math.log(c))
         return torch.stack(out, -1)
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Pixel probabilities of p(x | y, z) for class indices (N,); z ~ p(z) unless given."""
+        """Mean of p(x | y, z), pixel probabilities, for class indices (N,); z ~ p(z) unless
+        given. With a stack, M1 decodes the mean of p(z1 | y, z)."""
         y = self._one_hot(labels)
         if z is None:
             z = torch.randn(len(labels), self.config.z_dim, device=y.device)
-        return torch.sigmoid(self.decoder(_concat(z, y)))
+        if self.m1 is not None:
+            return self.m1.decode(self._z1_prior(z, y).mean)
+        return self.likelihood(z, y).mean
 
     @torch.no_grad()
     def analogies(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -187,11 +282,19 @@ class SSVAE(nn.Module):
         then decode that z with every class. (N, X) -> (N, C, X)."""
         self._check(x)
         labels = self.classify(x) if y is None else y
-        loc, _ = self.encoder(x, self._one_hot(labels))  # (N, Z): the style of each image
+        loc, _ = self.encoder(self.features(x), self._one_hot(labels))  # (N, Z): each style
         c = self.config.num_classes
         classes = torch.arange(c, device=x.device)
         out = [self.generate(classes, z.expand(c, -1)) for z in loc]
         return torch.stack(out)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What q(y | .) and q(z | ., y) see when predicting: the images, or with a stack the
+        posterior mean of M1's modelled units. (N, X) -> (N, H)."""
+        if self.m1 is None:
+            return x
+        return self.m1.encoder(x)[0][..., self._units]
 
     def _one_hot(self, labels: torch.Tensor) -> torch.Tensor:
         device = self.decoder[0].weight.device
@@ -217,6 +320,30 @@ class SSVAE(nn.Module):
 
     def _check(self, x) -> None:
         check_rows(x, self.config.x_dim)
+
+
+def _frozen_m1(config: SSVAEConfig):
+    """M1 of M1+M2 with its weights as buffers: saved with the model, never trained (Pyro and
+    the optimizers only see parameters). Returns the VAE and the indices of the units M2 models."""
+    if config.stack.x_dim != config.x_dim or config.stack.likelihood != "bernoulli":
+        raise ValueError(
+            f"the stacked VAE must model the same {config.x_dim} binary pixels, got x_dim"
+            f" {config.stack.x_dim} and a {config.stack.likelihood} decoder"
+        )
+    if config.likelihood != "gaussian":
+        raise ValueError("with a stack M2 generates a continuous latent: likelihood='gaussian'")
+    m1 = VAE(config.stack, name="m1")
+    for module in m1.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            delattr(module, name)
+            module.register_buffer(name, param.detach())
+    width = config.stack.z_dim
+    units = torch.arange(width) if config.stack_units is None else torch.tensor(config.stack_units)
+    if units.dim() != 1 or len(units) == 0 or units.unique().numel() != len(units):
+        raise ValueError(f"stack_units must be distinct unit indices, got {config.stack_units}")
+    if units.min() < 0 or units.max() >= width:
+        raise ValueError(f"stack_units must lie in 0 .. {width - 1}, got {config.stack_units}")
+    return m1, units.long()
 
 
 def _concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,13 @@ class VAE(nn.Module):
         return self.encoder(x)
 
     @torch.no_grad()
+    def active_units(self, x: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:
+        """Indices of the latent units in use: Var_x(E_q[z_u | x]) > threshold over the rows
+        of ``x`` (Burda et al. 2016). The others have collapsed onto the prior, (U,) integers."""
+        means = torch.cat([self.encode(chunk)[0] for chunk in x.split(4096)])
+        return torch.nonzero(means.var(0) > threshold).squeeze(-1)
+
+    @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Mean of p(x | z): pixel probabilities or Gaussian means, (N, X)."""
         out = self.decoder(z)
