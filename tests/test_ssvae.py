@@ -21,35 +21,41 @@ def small_model(alpha=46.0, enumerate=True):
     return SSVAE(SSVAEConfig(x_dim=12, z_dim=3, hidden=(8,), alpha=alpha, enumerate=enumerate))
 
 
-def explicit_loss(model, x, y, z):
+def explicit_objective(model, h, y, bound):
     """Minus the M2 objective written out by hand from the networks:
-    labelled rows   L(x, y) + alpha * log q(y | x);
-    unlabelled rows sum_k q(k | x) [L(x, k) - log q(k | x)],
-    with L(x, k) = log p(x | k, z_k) + log p(k) + log p(z_k) - log q(z_k | x, k) at the given
-    draws z: (C, N, Z), one per class (the guide's draws under enumeration)."""
+    labelled rows   L(x, y) + alpha * log q(y | h);
+    unlabelled rows sum_k q(k | h) [L(x, k) - log q(k | h)],
+    with q(y | h) the classifier on h (the images, or M1's units) and L(x_n, k) = bound(n, k)."""
     c = model.config.num_classes
-    log_q_y = torch.log_softmax(model.classifier(x), -1)  # (N, C)
-    total = torch.zeros(len(x))
-    for n in range(len(x)):
-        terms = []
-        for k in range(c):
-            y_k = torch.nn.functional.one_hot(torch.tensor(k), c).float()
-            z_k = z[k, n]
-            loc, scale = model.encoder(x[n], y_k)
-            log_px = dist.Bernoulli(logits=model.decoder(torch.cat([z_k, y_k]))).log_prob(x[n])
-            value = (
-                log_px.sum()
-                + math.log(1.0 / c)
-                + dist.Normal(0.0, 1.0).log_prob(z_k).sum()
-                - dist.Normal(loc, scale).log_prob(z_k).sum()
-            )
-            terms.append(value)
+    log_q_y = torch.log_softmax(model.classifier(h), -1)  # (N, C)
+    total = torch.zeros(len(h))
+    for n in range(len(h)):
+        terms = [bound(n, k) for k in range(c)]
         if y[n] >= 0:
             total[n] = terms[y[n]] + model.config.alpha * log_q_y[n, y[n]]
         else:
             q = log_q_y[n].exp()
             total[n] = sum(q[k] * (terms[k] - log_q_y[n, k]) for k in range(c))
     return -total.sum()
+
+
+def explicit_loss(model, x, y, z):
+    """M2's loss with L(x, k) = log p(x | k, z_k) + log p(k) + log p(z_k) - log q(z_k | x, k)
+    at the given draws z: (C, N, Z), one per class (the guide's draws under enumeration)."""
+    c = model.config.num_classes
+
+    def bound(n, k):
+        y_k = torch.nn.functional.one_hot(torch.tensor(k), c).float()
+        loc, scale = model.encoder(x[n], y_k)
+        log_px = dist.Bernoulli(logits=model.decoder(torch.cat([z[k, n], y_k]))).log_prob(x[n])
+        return (
+            log_px.sum()
+            + math.log(1.0 / c)
+            + dist.Normal(0.0, 1.0).log_prob(z[k, n]).sum()
+            - dist.Normal(loc, scale).log_prob(z[k, n]).sum()
+        )
+
+    return explicit_objective(model, x, y, bound)
 
 
 def enumerated_loss_and_draws(model, x, y):
@@ -255,34 +261,23 @@ def explicit_stacked_loss(model, m1, x, y, z1, z):
     others = torch.tensor([u for u in range(4) if u not in model.config.stack_units])
     c = model.config.num_classes
     h = z1[:, units]
-    log_q_y = torch.log_softmax(model.classifier(h), -1)
-    total = torch.zeros(len(x))
-    for n in range(len(x)):
+
+    def bound(n, k):
         loc1, scale1 = m1.encoder(x[n : n + 1])
-        m1_terms = (
+        y_k = torch.nn.functional.one_hot(torch.tensor(k), c).float()
+        loc, scale = model.encoder(h[n], y_k)
+        mean = model.decoder(torch.cat([z[k, n], y_k]))
+        return (
             dist.Bernoulli(logits=m1.decoder(z1[n])).log_prob(x[n]).sum()
             - dist.Normal(loc1[0], scale1[0]).log_prob(z1[n]).sum()
             + dist.Normal(0.0, 1.0).log_prob(z1[n, others]).sum()
+            + dist.Normal(mean, model.log_scale.exp()).log_prob(h[n]).sum()
+            + math.log(1.0 / c)
+            + dist.Normal(0.0, 1.0).log_prob(z[k, n]).sum()
+            - dist.Normal(loc, scale).log_prob(z[k, n]).sum()
         )
-        terms = []
-        for k in range(c):
-            y_k = torch.nn.functional.one_hot(torch.tensor(k), c).float()
-            loc, scale = model.encoder(h[n], y_k)
-            mean = model.decoder(torch.cat([z[k, n], y_k]))
-            value = (
-                m1_terms
-                + dist.Normal(mean, model.log_scale.exp()).log_prob(h[n]).sum()
-                + math.log(1.0 / c)
-                + dist.Normal(0.0, 1.0).log_prob(z[k, n]).sum()
-                - dist.Normal(loc, scale).log_prob(z[k, n]).sum()
-            )
-            terms.append(value)
-        if y[n] >= 0:
-            total[n] = terms[y[n]] + model.config.alpha * log_q_y[n, y[n]]
-        else:
-            q = log_q_y[n].exp()
-            total[n] = sum(q[k] * (terms[k] - log_q_y[n, k]) for k in range(c))
-    return -total.sum()
+
+    return explicit_objective(model, h, y, bound)
 
 
 def test_stacked_loss_equals_the_explicit_sum_and_leaves_m1_alone():
