@@ -112,6 +112,7 @@ def main(argv=None):
                     "generative_test_accuracy": 100 * metrics["generative_accuracy"],
                     "baseline_test_accuracy": baseline,
                     "fit_seconds": metrics["fit_seconds"],
+                    "run": str(run),
                     "command": "zoo " + " ".join(command),
                 }
             )
@@ -125,9 +126,14 @@ def main(argv=None):
     if stacked:
         m1 = json.loads((Path(args.stack_on) / "config.json").read_text())
         m1_metrics = json.loads((Path(args.stack_on) / "metrics.json").read_text())
+        units = json.loads((Path(rows[0]["run"]) / "config.json").read_text())["model_config"]
         lines += [
-            f"M1 ({args.stack_on}, test NLL {-m1_metrics['test_log_likelihood']:.2f} nats):\n",
+            f"M1 ({args.stack_on}, test NLL {-m1_metrics['test_log_likelihood']:.2f} nats),"
+            " fitted on the same 50k training images without their labels:\n",
             f"    {m1['command']}\n",
+            f"M2 models the {len(units['stack_units'])} of its {units['stack']['z_dim']} latent"
+            " units whose posterior mean varies over the images (Var_x E_q[u | x] > 0.01)."
+            f" Mean fit time per run: {statistics.mean(r['fit_seconds'] for r in rows):.0f} s.\n",
         ]
     lines += [
         f"| labels | draws | {what} test accuracy (mean +- sd) | per draw | labelled-only"
