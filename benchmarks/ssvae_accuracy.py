@@ -85,11 +85,11 @@ def main(argv=None):
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     stacked = args.stack_on is not None
-    name = f"{'m1m2-' if stacked else ''}labels{{}}-seed{{}}-e{args.epochs}"
+    prefix = "m1m2-" if stacked else ""  # of the run directories and of the results file
     rows = []
     for labels in args.labels:
         for seed in args.seeds:
-            run = Path(args.runs) / name.format(labels, seed)
+            run = Path(args.runs) / f"{prefix}labels{labels}-seed{seed}-e{args.epochs}"
             command = ["fit", "ssvae", "--labels", str(labels), "--label-seed", str(seed)]
             if stacked:
                 command += ["--stack-on", args.stack_on, "--hidden", "500", "--z-dim", "10"]
@@ -150,8 +150,7 @@ def main(argv=None):
             f" | {_mean_sd(base)} | {_mean_sd(gen)} | {PYRO[labels]} | {PYRO_BASELINE[labels]} |"
             f" {KINGMA[labels]} | {KINGMA_M1M2[labels]} |"
         )
-    stem = f"ssvae_accuracy-{'m1m2-' if stacked else ''}e{args.epochs}"
-    _zoo_runs.save(args.out, stem, rows, lines)
+    _zoo_runs.save(args.out, f"ssvae_accuracy-{prefix}e{args.epochs}", rows, lines)
 
 
 def _mean_sd(values) -> str:

@@ -299,8 +299,8 @@ def test_fit_m1_m2_stacks_on_a_fitted_vae(tmp_path, capsys):
     vae_run, run = tmp_path / "m1", tmp_path / "m1m2"
     m1 = ["fit", "vae", *base, "--epochs", "15", "--z-dim", "6", "--hidden", "64"]
     assert cli.main([*m1, "--out", str(vae_run)]) == 0
-    argv = ["fit", "ssvae", *base, "--labels", "50", "--stack-on", str(vae_run), "--epochs", "2"]
-    argv += ["--hidden", "32", "--z-dim", "4", "--eval-samples", "5"]
+    ssvae = ["fit", "ssvae", *base, "--labels", "50", "--epochs", "2", "--hidden", "32"]
+    argv = [*ssvae, "--z-dim", "4", "--eval-samples", "5", "--stack-on", str(vae_run)]
     assert cli.main([*argv, "--out", str(run)]) == 0
     config = json.loads((run / "config.json").read_text())
     units = config["model_config"]["stack_units"]
@@ -322,6 +322,6 @@ def test_fit_m1_m2_stacks_on_a_fitted_vae(tmp_path, capsys):
     with pytest.raises(SystemExit, match="resume it on the same VAE"):
         cli.main([*argv, "--epochs", "3", "--resume", str(run)])
     with pytest.raises(SystemExit, match="needs a VAE fitted on digits"):
-        cli.main([*argv[:-6], "--stack-on", str(run), "--out", str(tmp_path / "x")])
+        cli.main([*ssvae, "--stack-on", str(run), "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="no fitted run there"):
-        cli.main([*argv[:-6], "--stack-on", str(tmp_path), "--out", str(tmp_path / "y")])
+        cli.main([*ssvae, "--stack-on", str(tmp_path), "--out", str(tmp_path / "y")])
