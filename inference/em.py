@@ -1,11 +1,14 @@
 """
-Expectation-maximization for any Pyro model whose latent variable is one enumerable discrete site
-per data point and whose parameters are point estimates (``pyro.param`` or ``PyroParam``).
+Expectation-maximization for any Pyro model whose latent variables are discrete, enumerable and
+local to a data point (one per point, as in a mixture, or a Markov chain of them under
+``pyro.markov``, as in an HMM) and whose parameters are point estimates (``pyro.param``,
+``pyro.module`` or ``PyroParam``).
 
     result = em.fit(model, guide, x, tol=1e-6, max_iter=500, n_init=1, init="kmeans++")
 
-E-step: the posterior over the discrete latent, computed from the model itself by parallel
-enumeration (``inference.enumeration``); no hand-written E-step. M-step: if the object that owns
+E-step: the posterior over the discrete latents, computed from the model itself by parallel
+enumeration (``inference.enumeration``: for a chain, variable elimination along it, the
+forward-backward algorithm); no hand-written E-step or recursion. M-step: if the object that owns
 ``model`` offers ``sufficient_statistics(x, resp) -> dict`` and ``m_step(stats)`` (the zoo's
 mixtures do), the closed form; otherwise gradient-based maximization (L-BFGS) of the expected
 complete-data log-likelihood plus any log prior the model adds with ``pyro.factor``.
@@ -30,7 +33,7 @@ import torch
 from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
-from inference.enumeration import Enumerated, posterior_, validation_off
+from inference.enumeration import Enumerated, validation_off
 from inference.result import FitResult
 from inference.sparse import SparseRows
 
@@ -56,7 +59,7 @@ def fit(
     m_step: str = "auto",
     m_step_iters: int = 100,
     chunk_size: Optional[int] = None,
-    data_plate: str = "data",
+    data_plate: Optional[str] = None,
     callback: Optional[Callable[[dict], None]] = None,
     progress: bool = False,
 ) -> FitResult:
@@ -84,19 +87,36 @@ def fit(
     example = data.rows(0, 4) if isinstance(data, SparseRows) else data[:4]
     enum = Enumerated(model, guide, example, data_plate)
     num_values = enum.num_values
-    if num_values > len(data):
+    if isinstance(init, str) and init not in INITS:
+        raise ValueError(f"init must be one of {INITS} or an (N, K) tensor, not {init!r}")
+    if not enum.single:
+        if not (isinstance(init, str) and init == "params"):
+            raise ValueError(
+                f"the model has several discrete latents per data point ({enum.latents[:3]}"
+                f"{', ...' if len(enum.latents) > 3 else ''}): initialization by k-means or by"
+                " random assignments is for one latent; give the parameters their starting"
+                " values in the model (pyro.param's init) and pass init='params'"
+            )
+        if m_step == "closed":
+            raise ValueError("m_step='closed' is for one discrete latent per data point")
+        m_step = "gradient"
+        num_values = 1  # for the chunk size below
+    elif num_values > len(data):
         raise ValueError(
             f"cannot fit {num_values} components to {len(data)} data points (K larger than N)"
         )
     closed = _closed_form(model, m_step)
-    if isinstance(init, str) and init not in INITS:
-        raise ValueError(f"init must be one of {INITS} or an (N, K) tensor, not {init!r}")
     if init == "params" and n_init > 1:
         raise ValueError("init='params' starts from the current parameters; use n_init=1")
     if chunk_size is None:
         row_size = data.shape[1] if isinstance(data, SparseRows) else data[0].numel()
         chunk_size = _default_chunk_size(model, num_values, max(1, row_size))
     state = _State(enum, closed, data, chunk_size, m_step_iters, example)
+    if not state.params:
+        raise ValueError(
+            "the model reads no parameters to fit (pyro.param, pyro.module or PyroParam): EM"
+            " has nothing to maximize"
+        )
 
     best = None
     for restart in range(n_init):
@@ -109,7 +129,8 @@ def fit(
             best, best_params = result, state.snapshot()
     state.restore(best_params)
     best.params = state.constrained()
-    best.extra["num_components"] = num_values
+    best.extra["num_components"] = enum.num_values
+    best.extra["latents"] = list(enum.latents)
     if not best.converged:
         warnings.warn(
             f"EM did not converge: {best.stop_reason} (last change "
@@ -219,8 +240,7 @@ class _State:
         total, global_term, stats, resps = 0.0, None, None, []
         with pyro.validation_enabled(validate):
             for x in self.chunks():
-                local, glob = self.enum.log_joint(x)  # (n, K), ()
-                log_px, resp = posterior_(local)  # (n,), (n, K)
+                log_px, resp, glob = self.enum.posterior(x)  # (n,), (n, K) or per factor, ()
                 total += log_px.double().sum().item()
                 if global_term is None:
                     global_term = glob.double().item()
@@ -250,8 +270,7 @@ class _State:
         """Q(params) / N = (sum_n sum_k r[n, k] log p(x[n], z[n] = k) + log prior) / N."""
         total = 0.0
         for i, (x, resp) in enumerate(zip(self.chunks(), resps)):
-            local, glob = self.enum.log_joint(x)
-            q = torch.where(resp > 0, resp * local, torch.zeros_like(local)).sum()
+            q, glob = self.enum.expected(x, resp)
             if i == 0:
                 q = q + glob
             q = q / self.num_data
@@ -421,7 +440,11 @@ def _check_data(data) -> Union[torch.Tensor, SparseRows]:
     if isinstance(data, SparseRows):  # checked for shape and finite values when it was made
         return data
     if not isinstance(data, torch.Tensor):
-        raise TypeError(f"data must be a torch.Tensor or SparseRows, got {type(data).__name__}")
+        raise TypeError(
+            f"em.fit takes the data as one torch.Tensor (or SparseRows), not"
+            f" {type(data).__name__}; for a model of several arguments, fit it by svi.fit with"
+            " TraceEnum_ELBO and an empty guide (MAP), which takes tuples and keyword data"
+        )
     if data.layout != torch.strided:
         raise TypeError(
             f"data has layout {data.layout}: pass sparse data as inference.sparse.SparseRows(x)"

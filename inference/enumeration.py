@@ -1,5 +1,7 @@
 """
-The exact E-step of any Pyro model with one enumerable discrete latent per data point.
+The exact E-step of any Pyro model whose latent variables are discrete, enumerable and local to
+a data point: one per point (mixtures, the fast path below) or several (a Markov chain of states
+under ``pyro.markov``, as in an HMM; see ``Enumerated``).
 
 Given a model such as::
 
@@ -17,22 +19,45 @@ model it runs.
 """
 
 import math
-from typing import Dict, Tuple
+from collections import OrderedDict
+from typing import Dict, Optional, Tuple
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import broadcast_shape
 from pyro.infer.enum import config_enumerate
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.util import site_is_subsample
+
+from inference.batching import arguments, data_plates, same_random_state
 
 
 class Enumerated:
-    """Wraps ``model`` to give ``log_joint(x) -> (log p(x, z=k) (N, K), global log prior)``."""
+    """The exact posterior of a model's discrete latents, by Pyro's parallel enumeration.
 
-    def __init__(self, model, guide=None, example=None, data_plate: str = "data"):
+    One discrete latent per data point (mixtures): ``log_joint(x) -> (log p(x, z=k) (N, K),
+    global log prior)``, the fast path. Several discrete latents per data point, such as a
+    Markov chain of states under ``pyro.markov`` (an HMM): the log-factors of the enumerated
+    trace are contracted by variable elimination (``pyro.ops.contract``, as TraceEnum_ELBO
+    does; forward-backward for a chain) to log p(x[n]), and the posterior weight of every entry
+    of every factor is the gradient of log p(x) with respect to it. Either way ``posterior(x)``
+    gives log p(x[n]) and those weights, and ``expected(x, weights)`` the expected
+    complete-data log-likelihood, differentiable in the parameters (EM's Q).
+    """
+
+    def __init__(self, model, guide=None, example=None, data_plate: Optional[str] = None):
         self.model = model
-        self.data_plate = data_plate
+        dense = example.to_dense() if _is_sparse(example) else example
+        with same_random_state():
+            plates = data_plates(model, None, dense, data_plate, per_point=True)
+        if len(plates) > 1:
+            raise ValueError(
+                f"plates {list(plates)} all follow the data points: EM needs one data plate;"
+                " name it with data_plate="
+            )
+        self.data_plate = plates[0]
         self._inspect(guide, example)
         self._enum_model = poutine.enum(
             config_enumerate(model, default="parallel"),
@@ -40,7 +65,8 @@ class Enumerated:
         )
 
     def _inspect(self, guide, example):
-        trace = poutine.trace(self.model).get_trace(example)
+        with same_random_state():
+            trace = poutine.trace(self.model).get_trace(*arguments(example)[0])
         latents, plates = [], {}
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
@@ -48,6 +74,11 @@ class Enumerated:
             for frame in site["cond_indep_stack"]:
                 if frame.vectorized:
                     plates[frame.name] = frame.dim
+                elif frame.name == self.data_plate:
+                    raise ValueError(
+                        f"pyro.plate({self.data_plate!r}) is sequential (a for loop over data"
+                        " points): EM needs it vectorized, `with pyro.plate(...)`"
+                    )
             if site["is_observed"]:
                 continue
             latents.append(name)
@@ -58,44 +89,118 @@ class Enumerated:
                     " EM needs every latent variable to be enumerable; make continuous unknowns"
                     " pyro.param point estimates, or fit the model with svi.fit"
                 )
-        if self.data_plate not in plates:
-            raise ValueError(
-                f"the model has no pyro.plate named {self.data_plate!r} over the data points "
-                f"(plates found: {sorted(plates) or 'none'}); name it so, or pass data_plate="
-            )
-        if len(latents) != 1:
-            raise ValueError(
-                "EM enumerates exactly one discrete latent per data point; the model has "
-                f"{len(latents)}: {latents}"
-            )
-        site = trace.nodes[latents[0]]
-        if not in_plate(site, self.data_plate):
-            raise ValueError(f"latent site {latents[0]!r} must be inside the data plate")
+            if not in_plate(site, self.data_plate):
+                raise ValueError(
+                    f"latent site {name!r} must be inside the data plate"
+                    f" {self.data_plate!r}: EM needs every discrete latent local to a data point"
+                )
+        if not latents:
+            raise ValueError("the model has no latent variable: fit it by svi.fit (MAP) instead")
         if guide is not None:
-            guide_trace = poutine.trace(guide).get_trace(example)
+            with same_random_state():
+                guide_trace = poutine.trace(guide).get_trace(*arguments(example)[0])
             sampled = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"]
             if sampled:
                 raise ValueError(
                     f"the guide samples {sampled}; EM computes the exact posterior of the discrete"
                     " latent itself, so the guide must be empty (parameters are point estimates)"
                 )
+        self.latents = latents
+        self.single = len(latents) == 1
         self.latent = latents[0]
-        self.num_values = int(site["fn"].enumerate_support(expand=False).shape[0])
+        site = trace.nodes[latents[0]]
+        self.num_values = (
+            int(site["fn"].enumerate_support(expand=False).shape[0]) if self.single else None
+        )
         self.max_plate_nesting = max(-dim for dim in plates.values())
         self.data_dim = plates[self.data_plate]
         self.param_names = [n for n, s in trace.nodes.items() if s["type"] == "param"]
 
     def params(self, example) -> Dict[str, torch.Tensor]:
-        """The unconstrained leaf tensor of every parameter the model reads, by name."""
-        trace = poutine.trace(self.model, param_only=True).get_trace(example)
-        return {n: s["value"].unconstrained() for n, s in trace.nodes.items()}
+        """The unconstrained leaf tensor of every parameter the model reads, by name (and
+        those of an ``nn.Module`` owning the model that no param site reports)."""
+        from inference.loop import Parameters
 
+        return Parameters(self.model, None, example).leaves
+
+    # ---------------------------------------------------------------- both structures
+    def posterior(self, x):
+        """log p(x[n]) (n,), the posterior weights (an (n, K) tensor for one latent, a dict of
+        per-factor weights otherwise) and the global log term (priors outside the data plate)."""
+        if self.single:
+            local, glob = self.log_joint(x)  # (n, K), ()
+            log_px, resp = posterior_(local)
+            return log_px, resp, glob
+        factors, glob, sum_dims, target, symbol_to_dim = self._factors(x)
+        with torch.enable_grad():
+            leaves = OrderedDict()
+            tree = OrderedDict()
+            for ordinal, terms in factors.items():
+                for name, log_prob in terms:
+                    leaf = log_prob.detach().requires_grad_()
+                    leaf._pyro_dims = log_prob._pyro_dims
+                    leaves[name] = leaf
+                    tree.setdefault(ordinal, []).append(leaf)
+            log_px = contract_to_tensor(tree, sum_dims, target_ordinal=target)
+            log_px = packed.unpack(log_px, symbol_to_dim)
+            log_px = log_px.reshape(-1) if log_px.dim() else log_px.reshape(1)  # (n,)
+            grads = torch.autograd.grad(log_px.sum(), list(leaves.values()))
+        weights = {name: g.detach() for name, g in zip(leaves, grads)}
+        return log_px.detach(), weights, glob
+
+    def expected(self, x, weights):
+        """sum_n E_posterior[log p(x[n], z[n])] under ``weights`` (from ``posterior``), and the
+        global log term; both differentiable in the parameters."""
+        if self.single:
+            local, glob = self.log_joint(x)
+            zero = torch.zeros_like(local)
+            return torch.where(weights > 0, weights * local, zero).sum(), glob
+        factors, glob, _, _, _ = self._factors(x)
+        total = 0.0
+        for terms in factors.values():
+            for name, log_prob in terms:
+                w = weights[name]
+                total = total + torch.where(w > 0, w * log_prob, torch.zeros_like(w)).sum()
+        return total, glob
+
+    def log_px(self, x) -> torch.Tensor:
+        """log p(x[n]) per data point, (n,)."""
+        return self.posterior(x)[0]
+
+    def _factors(self, x):
+        """The packed log-factors of the enumerated trace inside the data plate, by ordinal;
+        the global term; the enumerated symbols; the data plate's ordinal; symbol -> dim."""
+        trace = poutine.trace(self._enum_model).get_trace(*arguments(x)[0])
+        trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
+        trace.pack_tensors()
+        sum_dims, factors = set(), OrderedDict()
+        global_term = torch.zeros(())
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None:
+                sum_dims.add(site["infer"]["_enumerate_symbol"])
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            log_prob = site["packed"]["log_prob"]
+            if not in_plate(site, self.data_plate):
+                global_term = global_term + site["log_prob"].sum()
+                continue
+            ordinal = frozenset(
+                trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+            )
+            factors.setdefault(ordinal, []).append((name, log_prob))
+        target = frozenset({trace.plate_to_symbol[self.data_plate]})
+        return factors, global_term, sum_dims, target, trace.symbol_to_dim
+
+    # ---------------------------------------------------------------- one latent
     def log_joint(self, x) -> Tuple[torch.Tensor, torch.Tensor]:
         """(N, K) log p(x[n], z[n] = k) from sites in the data plate, and the global log term.
 
         The (N, K) tensor is always newly allocated here (the latent site and the observed site
         are summed into it), so a caller under ``torch.no_grad`` may overwrite it in place.
         """
+        if not self.single:
+            raise ValueError(f"log_joint is for one discrete latent; the model has {self.latents}")
         trace = poutine.trace(self._enum_model).get_trace(x)
         trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
         ndim = self.max_plate_nesting + 1  # enumeration dim, then the plates
@@ -123,6 +228,10 @@ class Enumerated:
         if not owned or local.shape != shape:
             local = local.expand(shape).clone(memory_format=torch.contiguous_format)
         return local.T, global_term
+
+
+def _is_sparse(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.layout != torch.strided
 
 
 def in_plate(site, plate: str) -> bool:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from inference.enumeration import Enumerated, posterior_, validation_off
-from inference.particles import Particles, as_args, num_rows, rows
+from inference.batching import Rows, arguments, same_random_state
+from inference.enumeration import Enumerated, validation_off
+from inference.particles import Particles
 
 
 @torch.no_grad()
@@ -31,7 +32,9 @@ def log_likelihood(
     num_samples: int = 1000,
     batch_size: int = 500,
     particle_batch: int = 100,
-    data_plate: str = "data",
+    data_plate: Optional[str] = None,
+    batch_dims=None,
+    vectorize_particles: Optional[bool] = None,
 ) -> torch.Tensor:
     """log p(x[n]) in nats, shape (N,).
 
@@ -40,54 +43,77 @@ def log_likelihood(
     log (1/K) sum_k p(x, z_k) / q(z_k | x) with K = ``num_samples``, computed in chunks of
     ``particle_batch`` particles and ``batch_size`` data points so that K = 5000 on 10,000
     MNIST images fits in memory. The estimate is a stochastic lower bound in expectation that
-    tightens as K grows.
+    tightens as K grows. x: a tensor, a tuple or a mapping of the model's arguments (as the
+    drivers take them); particles are vectorized where the program broadcasts over them, one
+    at a time otherwise (``inference.particles``).
     """
-    if not isinstance(x, (torch.Tensor, tuple, list)) or num_rows(x) == 0:
-        raise ValueError("x must be a non-empty tensor (or a tuple of the model's arguments)")
-    n = num_rows(x)
-    example = rows(x, 0, 4)
+    rows = _rows(x, batch_dims)
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        _check_count(name, value)
+    _check_count("particle_batch", particle_batch)
+    n = rows.num_data
+    example = rows.slice(0, 4)
     if _enumerable(model, example):
+        if rows.kind != "tensor":
+            raise ValueError("exact log-likelihoods by enumeration take the data as one tensor")
         enum = Enumerated(model, guide, example, data_plate)
         with validation_off():
             return torch.cat(
-                [
-                    posterior_(enum.log_joint(x[i : i + batch_size])[0])[0]
-                    for i in range(0, n, batch_size)
-                ]
+                [enum.log_px(rows.slice(i, i + batch_size)) for i in range(0, n, batch_size)]
             )
     if guide is None:
         raise ValueError(
             "the model has continuous latent variables: importance sampling needs a guide"
         )
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    particles = Particles(model, guide, example, data_plate)
+    particles = Particles(model, guide, example, data_plate, batch_dims, vectorize_particles)
     out = []
     for i in range(0, n, batch_size):
-        chunk = rows(x, i, i + batch_size)
-        running = torch.full((num_rows(chunk),), -math.inf, device=as_args(x)[0].device)
+        chunk = rows.slice(i, i + batch_size)
+        running = None
         for k in range(0, num_samples, particle_batch):
             log_w, _ = particles.log_weights(chunk, min(particle_batch, num_samples - k))
-            running = torch.logaddexp(running, log_w.logsumexp(0))
+            step = log_w.logsumexp(0)
+            running = step if running is None else torch.logaddexp(running, step)
         out.append(running - math.log(num_samples))
     return torch.cat(out)
 
 
 @torch.no_grad()
 def elbo(
-    model, guide, x, *, num_samples: int = 1, batch_size: int = 500, data_plate: str = "data"
+    model,
+    guide,
+    x,
+    *,
+    num_samples: int = 1,
+    batch_size: int = 500,
+    data_plate: Optional[str] = None,
+    batch_dims=None,
 ) -> torch.Tensor:
     """The ELBO per data point, E_q[log p(x, z) - log q(z | x)], from ``num_samples`` draws of
     the guide, shape (N,). Pyro's ``poutine.scale`` factors (a beta on the KL) are left out:
-    this is the bound on log p(x) of the unscaled model. x: a tensor, or the tuple of the
-    model's arguments (data, condition, ...)."""
-    particles = Particles(model, guide, rows(x, 0, 4), data_plate)
+    this is the bound on log p(x) of the unscaled model. x: a tensor, or the tuple (or
+    mapping) of the model's arguments (data, condition, ...)."""
+    rows = _rows(x, batch_dims)
+    _check_count("num_samples", num_samples)
+    particles = Particles(model, guide, rows.slice(0, 4), data_plate, batch_dims)
     return torch.cat(
         [
-            particles.log_weights(rows(x, i, i + batch_size), num_samples)[0].mean(0)
-            for i in range(0, num_rows(x), batch_size)
+            particles.log_weights(rows.slice(i, i + batch_size), num_samples)[0].mean(0)
+            for i in range(0, rows.num_data, batch_size)
         ]
     )
+
+
+def _rows(x, batch_dims) -> Rows:
+    try:
+        return Rows(x, batch_dims)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"x: {error}") from error
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
 def _enumerable(model, example) -> bool:
@@ -95,7 +121,9 @@ def _enumerable(model, example) -> bool:
     from pyro import poutine
     from pyro.poutine.util import site_is_subsample
 
-    trace = poutine.trace(model).get_trace(*as_args(example))
+    args, kwargs = arguments(example)
+    with same_random_state():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
     latents = [
         s
         for s in trace.nodes.values()

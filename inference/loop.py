@@ -5,11 +5,14 @@ The training loop the SVI and reparameterized-ELBO drivers share; drivers only d
                       num_epochs=10, validate=lambda: elbo_on_valid(), checkpoint="run/ckpt.pt")
 
 It owns:
-- minibatches: a fresh permutation per epoch from its own seeded generator; under
-  torch.distributed each rank takes its slice of every global batch;
+- minibatches: a fresh permutation per epoch from its own seeded generator, taken along each
+  argument's batch dim (``inference.batching.Rows``: a tensor, a tuple of arguments or a mapping
+  of keyword arguments); under torch.distributed each rank takes its slice of every global batch;
 - a per-batch ``transform`` hook (dynamic binarization resamples pixels here, per epoch);
-- validation after each epoch and early stopping (``patience`` epochs without improvement,
-  keeping the best state);
+- validation after each epoch and early stopping (``patience`` epochs without improvement):
+  the best epoch's state (the ``state`` objects and Pyro's param store) is put back at the end,
+  and the result's ``objective`` is that epoch's training objective, its validation score
+  ``valid_objective``;
 - a checkpoint written atomically after every epoch: the ``state`` objects' state dicts, all
   random number generator states, the position in the epoch and the history; ``resume=True``
   continues from it exactly (bit for bit on CPU), and it loads with ``weights_only=True``;
@@ -26,7 +29,6 @@ Learning-rate schedules are functions of the epoch too (``exponential_lr``), app
 ``with_lr_schedule`` through that hook, so a resumed run follows the same schedule exactly.
 """
 
-import functools
 import math
 import os
 import random
@@ -34,20 +36,29 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pyro
 import torch
 import torch.distributed as tdist
 from pyro import poutine
-from pyro.poutine.messenger import Messenger
+from pyro.distributions import constraints
+from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
+from inference.batching import (
+    Rows,
+    find_data_plates,
+    private_draws,
+    probe_sizes,
+    run_program,
+    same_random_state,
+)
 from inference.io import save_torch
 from inference.result import FitResult
 
-Batch = Union[torch.Tensor, Sequence[torch.Tensor]]
+Batch = Union[torch.Tensor, Sequence[torch.Tensor], Dict[str, object]]
 
 
 def run(
@@ -55,7 +66,8 @@ def run(
     data: Batch,
     *,
     state: Dict[str, object],
-    batch_size: int = 128,
+    batch_size: Optional[int] = 128,
+    batch_dims=None,
     num_epochs: int = 10,
     seed: int = 0,
     validate: Optional[Callable[[], float]] = None,
@@ -70,6 +82,9 @@ def run(
 ) -> FitResult:
     """Run ``step(batch) -> loss per data point`` over minibatches of ``data`` for some epochs.
 
+    data: a tensor, a tuple of the model's arguments or a mapping of keyword arguments; each
+        batch has the same structure (``inference.batching``). batch_size None: all rows.
+
     state: objects with ``state_dict()``/``load_state_dict()`` (modules, torch or Pyro
         optimizers) to checkpoint and restore. Pyro's param store is always included: create
         the parameters (``parameters(model, guide, x)``) before resuming.
@@ -77,14 +92,20 @@ def run(
     schedule: called with the 0-based epoch before it runs (and when a resume re-enters it).
     max_steps: stop after this many steps in total (for tests and smoke runs).
     """
-    tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
-    num_data = len(tensors[0])
-    if num_data == 0:
-        raise ValueError("data is empty")
-    if any(len(t) != num_data for t in tensors):
-        raise ValueError(f"data tensors differ in length: {[len(t) for t in tensors]}")
-    if batch_size < 1 or num_epochs < 1:
-        raise ValueError("need batch_size >= 1 and num_epochs >= 1")
+    rows = data if isinstance(data, Rows) else Rows(data, batch_dims)
+    num_data = rows.num_data
+    batch_size = num_data if batch_size is None else batch_size
+    _check_count("batch_size", batch_size)
+    _check_count("num_epochs", num_epochs)
+    if patience is not None:
+        _check_count("patience", patience)
+        if validate is None:
+            raise ValueError(
+                "patience= stops on the validation score, but there is none: pass valid_data="
+                " or validate= as well, or leave patience out"
+            )
+    if max_steps is not None:
+        _check_count("max_steps", max_steps)
     rank, world = (tdist.get_rank(), tdist.get_world_size()) if _distributed() else (0, 1)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(num_data / batch_size)
@@ -122,8 +143,14 @@ def run(
     stop_reason, converged = f"finished {num_epochs} epochs", True
     with interrupted, bar:
         while position["epoch"] < num_epochs:
-            if position["perm"] is None:
-                position["perm"] = torch.randperm(num_data, generator=generator)
+            if position["perm"] is None:  # the whole data each step: rows in their order, as
+                # a model with a parameter per row (a local, non-amortized guide) needs
+                whole = batch_size >= num_data
+                position["perm"] = (
+                    torch.arange(num_data)
+                    if whole
+                    else torch.randperm(num_data, generator=generator)
+                )
             if schedule is not None:
                 schedule(position["epoch"])  # 0-based epoch about to run (or to continue)
             losses = []
@@ -131,8 +158,7 @@ def run(
                 i = position["step"] * batch_size
                 idx = position["perm"][i : i + batch_size]
                 idx = idx.tensor_split(world)[rank] if world > 1 else idx
-                batch = tuple(t[idx.to(t.device)] for t in tensors)
-                batch = batch[0] if len(batch) == 1 else batch
+                batch = rows.take(idx)
                 if transform is not None:
                     batch = transform(batch, generator)
                 loss = float(step(batch))
@@ -180,18 +206,26 @@ def run(
             if patience is not None and record["epoch"] - best["epoch"] >= patience:
                 stop_reason = f"early stopping: no better validation for {patience} epochs"
                 break
+    kept = history[-1]
     if best["state"] is not None and best["epoch"] != history[-1]["epoch"]:
         _load_state(state, best["state"])  # end on the best validated parameters
         stop_reason += f"; kept epoch {best['epoch']}"
-    objective = best["objective"] if validate is not None else history[-1]["objective"]
+        kept = history[best["epoch"] - 1]
     return FitResult(
-        objective=objective,
+        objective=kept["objective"],  # of the parameters returned, not of the last epoch
         params={},
         history=history,
         converged=converged,
         stop_reason=stop_reason,
-        extra={"best_epoch": best["epoch"]},
+        valid_objective=kept.get("valid_objective"),
+        best_epoch=kept["epoch"],
+        extra={"best_epoch": kept["epoch"]},
     )
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------ state
@@ -223,7 +257,7 @@ def _snapshot(state, generator, position, history, best):
 
 
 def _restore(saved, state, generator):
-    missing = set(state) - set(saved["state"])
+    missing = set(state) - set(saved["state"]) - {"parameters"}
     if missing:
         raise KeyError(f"the checkpoint has no state for {sorted(missing)}")
     _load_state(state, saved["state"])
@@ -248,7 +282,14 @@ def _restore(saved, state, generator):
 
 
 def _copy_state(state):
-    return {name: _clone(obj.state_dict()) for name, obj in state.items()}
+    """A copy of the ``state`` objects and of every parameter in Pyro's param store."""
+    copied = {name: _clone(obj.state_dict()) for name, obj in state.items()}
+    store = pyro.get_param_store()
+    copied[_STORE] = {name: p.detach().clone() for name, p in store._params.items()}
+    return copied
+
+
+_STORE = "_pyro_param_store"  # the key of the param store's values in a copied state
 
 
 def _clone(tree):
@@ -263,7 +304,14 @@ def _clone(tree):
 
 def _load_state(state, saved):
     for name, obj in state.items():
-        obj.load_state_dict(saved[name])
+        if name in saved:  # a checkpoint from before parameters were kept here restores
+            obj.load_state_dict(saved[name])  # them from its param store copy below
+    if _STORE in saved:  # the param store (best states since it was kept there)
+        store = pyro.get_param_store()
+        with torch.no_grad():
+            for name, value in saved[_STORE].items():
+                if name in store._params:
+                    store._params[name].copy_(value)
 
 
 # ------------------------------------------------------------------------- learning rate
@@ -332,20 +380,129 @@ def with_lr_schedule(
 # ------------------------------------------------------------------------------------ helpers
 
 
-def parameters(model, guide, *args, **kwargs):
+class Parameters:
+    """The leaf tensors a model and guide optimize, by name, with their constraints.
+
+    Found by running both once on ``value`` (their ``pyro.param``, ``pyro.module`` and
+    ``PyroParam`` sites, in Pyro's param store or module-local with
+    ``pyro.settings.set(module_local_params=True)``), plus the parameters of an ``nn.Module``
+    that owns the model or guide and that no param site reports (a ``PyroModule`` method called
+    outside Pyro's module context reads its ``PyroParam``s directly). Also the ``state`` object
+    the loop checkpoints and restores (early stopping), so module-local parameters travel too.
+    """
+
+    def __init__(self, model, guide, value):
+        self.leaves: Dict[str, torch.Tensor] = {}
+        self.constraints: Dict[str, object] = {}
+        with poutine.trace(param_only=True) as capture:
+            run_program(model, guide, value, validate=False)
+        store = pyro.get_param_store()
+        seen = set()
+        for name, site in capture.trace.nodes.items():
+            leaf = site["value"].unconstrained()
+            if id(leaf) in seen:
+                continue
+            seen.add(id(leaf))
+            self.leaves[name] = leaf
+            # the store's constraint when it holds the parameter (pyro.param's own keyword
+            # defaults to real when a PyroModule re-reads a parameter by name)
+            self.constraints[name] = store._constraints.get(name) or site["kwargs"].get(
+                "constraint", constraints.real
+            )
+        for fn in (model, guide):
+            owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+            if not isinstance(owner, torch.nn.Module):
+                continue
+            for name, leaf in owner.named_parameters():
+                if id(leaf) not in seen and leaf.requires_grad:
+                    seen.add(id(leaf))
+                    attr, constraint = name, constraints.real
+                    if name.endswith("_unconstrained"):  # a PyroParam: read it constrained
+                        path, _, attr = name.rpartition(".")
+                        module = owner.get_submodule(path) if path else owner
+                        attr = attr[: -len("_unconstrained")]
+                        constraint = getattr(module, "_pyro_params", {}).get(attr, (None,))[0]
+                        attr = f"{path}.{attr}" if path else attr
+                    self.leaves[f"{type(owner).__name__}.{attr}"] = leaf
+                    self.constraints[f"{type(owner).__name__}.{attr}"] = (
+                        constraint or constraints.real
+                    )
+
+    def __len__(self) -> int:
+        return len(self.leaves)
+
+    def tensors(self) -> List[torch.Tensor]:
+        return list(self.leaves.values())
+
+    def values(self) -> Dict[str, torch.Tensor]:
+        """Constrained values by name, detached copies (what ``FitResult.params`` holds)."""
+        with torch.no_grad():
+            return {
+                name: transform_to(self.constraints[name])(leaf).detach().clone()
+                for name, leaf in self.leaves.items()
+            }
+
+    def state_dict(self):
+        # detached: Pyro hangs a weakref on some leaves, which a checkpoint cannot pickle
+        return {name: leaf.detach() for name, leaf in self.leaves.items()}
+
+    def load_state_dict(self, saved):
+        with torch.no_grad():
+            for name, leaf in self.leaves.items():
+                leaf.copy_(saved[name])
+
+
+def prepare(model, guide, rows: Rows, batch_size: Optional[int], data_plate=None):
+    """What a driver runs before its first step: the data plates to scale (none when each step
+    sees every row) and the parameters, created on a batch of the size the first step uses
+    (the whole data, or ``batch_size`` rows). Torch's random state moves only by what the
+    parameters' initialization draws (``batching.private_draws``), so that the first step draws
+    the numbers the first step of Pyro's own loop draws, from the same seed.
+
+    Returns ``(plates, parameters)``; raises a ValueError naming the plate, site or argument
+    when the program cannot be minibatched (``inference.batching.find_data_plates``).
+    """
+    if batch_size is not None:
+        _check_count("batch_size", batch_size)
+    if batch_size is None or batch_size >= rows.num_data:
+        plates, first = (), rows.data
+        with private_draws():  # creates the parameters
+            Parameters(model, guide, first)
+    else:
+        sizes = probe_sizes(batch_size, rows.num_data)
+        plates = find_data_plates(model, guide, rows, sizes, data_plate)
+        first = rows.slice(0, batch_size)
+    with same_random_state():
+        params = Parameters(model, guide, first)
+    if not len(params):
+        raise ValueError(
+            "the model and guide read no parameters to fit (pyro.param, pyro.module, PyroParam);"
+            " a PyroModule's methods other than forward need @pyro.nn.pyro_method for Pyro to"
+            " see its parameters"
+        )
+    return plates, params
+
+
+def parameters(model, guide, *args, **kwargs) -> List[torch.Tensor]:
     """Create every parameter the model and guide read (by running them once) and return
     their unconstrained leaf tensors, in a fixed order."""
-    store = pyro.get_param_store()
-    return [store._params[name] for name in parameter_names(model, guide, *args, **kwargs)]
+    return Parameters(model, guide, _value(args, kwargs)).tensors()
 
 
 def parameter_names(model, guide, *args, **kwargs):
     """The names of the Pyro parameters the model and guide read, creating any that are new
     (a run of both that computes no log-probability, so raw data do not trip validation)."""
     with poutine.trace(param_only=True) as capture:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+        run_program(model, guide, _value(args, kwargs), validate=False)
     return list(capture.trace.nodes)
+
+
+def _value(args, kwargs):
+    if kwargs:
+        if args:
+            raise TypeError("pass the data as positional or as keyword arguments, not both")
+        return kwargs
+    return args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else tuple(args)
 
 
 def _distributed() -> bool:
@@ -369,40 +526,6 @@ def average_gradients(params, weight: float) -> None:
         p.grad.mul_(weight)
         tdist.all_reduce(p.grad, op=tdist.ReduceOp.SUM)
         p.grad.div_(total)
-
-
-class ScaleDataPlate(Messenger):
-    """Scale every site inside the plate named ``plate`` by ``num_data / plate size``.
-
-    A model run on a minibatch of B points makes its data plate of size B; scaling the sites
-    inside it by N / B makes the objective unbiased for the whole data set, while sites outside
-    the plate (global latent variables, priors) are counted once, as they should be. A plain
-    ``poutine.scale`` would scale those too. The factor is read from the plate at run time, so
-    a last, smaller batch (and a JIT-compiled ELBO, which traces once per shape) is right.
-    """
-
-    def __init__(self, plate: str, num_data: int):
-        super().__init__()
-        self.plate, self.num_data = plate, num_data
-
-    def _process_message(self, msg):
-        if msg["type"] != "sample":
-            return
-        for frame in msg["cond_indep_stack"]:
-            if frame.name == self.plate:
-                msg["scale"] = (self.num_data / frame.size) * msg["scale"]
-                return
-
-
-def scale_data(fn, plate: str, num_data: int):
-    """``fn`` (a model or guide) with its data plate scaled to ``num_data`` points."""
-
-    @functools.wraps(fn)
-    def scaled(*args, **kwargs):
-        with ScaleDataPlate(plate, num_data):
-            return fn(*args, **kwargs)
-
-    return scaled
 
 
 class _SignalCatcher:

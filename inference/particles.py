@@ -1,47 +1,70 @@
 """
 Importance weights log p(x[n], z) - log q(z | x[n]) for every data point and K particles at once.
 
-The guide is run inside a ``pyro.plate`` of K particles left of the model's plates, the model is
+The guide is run inside a ``pyro.plate`` of K particles left of the model's plates (or K times,
+one particle at a time, for a program that does not broadcast over them), the model is
 replayed against its samples, and every site's log-probability is reduced to (K, N) as in
 ``inference.enumeration``. This is what the importance-weighted bound (IWAE) and the
 importance-sampled log-likelihood need; neither knows which model it runs.
 """
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from inference.batching import arguments, data_plates, run_program, same_random_state
 from inference.enumeration import in_plate, local_log_prob
 
 
 class Particles:
-    """Per-data-point log importance weights of ``guide`` as a proposal for ``model``."""
+    """Per-data-point log importance weights of ``guide`` as a proposal for ``model``.
 
-    def __init__(self, model, guide, example, data_plate: str = "data"):
-        """example: the model's arguments for a few data points (a tensor or a tuple)."""
-        self.model, self.guide, self.data_plate = model, guide, data_plate
-        example = as_args(example)
-        guide_trace = poutine.trace(guide).get_trace(*example)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*example)
+    The K particles are vectorized (a plate left of the model's) where the program broadcasts
+    over them, and drawn one at a time otherwise: ``vectorize=None`` tries the first on the
+    example and falls back (``self.vectorized`` says which; ``self.why_sequential`` why).
+    """
+
+    def __init__(self, model, guide, example, data_plate=None, batch_dims=None, vectorize=None):
+        """example: the model's arguments for a few data points (a tensor, tuple or mapping)."""
+        self.model, self.guide = model, guide
+        with same_random_state():
+            plates = data_plates(model, guide, example, data_plate, batch_dims, per_point=True)
+            model_trace, guide_trace = run_program(model, guide, example)
+        if len(plates) > 1:
+            raise ValueError(
+                f"plates {list(plates)} all follow the rows: per-data-point weights need one"
+                " data plate; name it with data_plate="
+            )
+        self.data_plate = data_plate = plates[0]
         dims = []
         for trace in (guide_trace, model_trace):
             for site in trace.nodes.values():
                 if site["type"] == "sample":
                     dims += [-f.dim for f in site["cond_indep_stack"] if f.vectorized]
         self.max_plate_nesting = max(dims, default=0)
-        plates = {
-            f.name: f.dim
+        frames = {
+            f.name: f
             for site in model_trace.nodes.values()
             if site["type"] == "sample"
             for f in site["cond_indep_stack"]
         }
-        if data_plate not in plates:
-            raise ValueError(f"the model has no pyro.plate named {data_plate!r} over the data")
-        self.data_dim = plates[data_plate]
+        frame = frames[data_plate]
+        if frame.dim is None:
+            raise ValueError(
+                f"pyro.plate({data_plate!r}) is sequential (a for loop): per-data-point weights"
+                " need it vectorized (with pyro.plate(...) as a context)"
+            )
+        if frame.full_size is not None and frame.full_size != frame.size:
+            raise ValueError(
+                f"pyro.plate({data_plate!r}) subsamples {frame.size} of its {frame.full_size}"
+                " rows itself: per-data-point weights need every row; pass the rows to score"
+                " and drop subsample_size"
+            )
+        self.data_dim = frame.dim
         self.latents = []
         for name, site in guide_trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
@@ -52,6 +75,18 @@ class Particles:
                     " weights need every latent variable to be local to a data point"
                 )
             self.latents.append(name)
+        self.vectorized, self.why_sequential = True, None
+        if vectorize is False:
+            self.vectorized, self.why_sequential = False, "vectorize=False"
+        elif vectorize is None:
+            try:
+                with same_random_state(), torch.no_grad():
+                    log_w, global_term = self._weights(example, 2, False)
+                if log_w.shape[0] != 2 or global_term.shape != (2,):
+                    raise ValueError(f"weights of shape {tuple(log_w.shape)} for 2 particles")
+            except Exception as error:  # the program does not broadcast over particles
+                self.vectorized = False
+                self.why_sequential = f"{type(error).__name__}: {error}"
 
     def log_weights(
         self, x, num_particles: int, scaled: bool = False
@@ -61,23 +96,35 @@ class Particles:
         scaled: keep Pyro's ``poutine.scale`` factors (a beta on the KL); False gives the
         weights of the unscaled model, as a log-likelihood estimate needs.
         """
+        if self.vectorized:
+            return self._weights(x, num_particles, scaled)
+        draws = [self._weights(x, None, scaled) for _ in range(num_particles)]
+        return torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+
+    def _weights(self, x, num_particles: Optional[int], scaled: bool):
+        """One run of guide and model, with ``num_particles`` in a plate (None: one draw)."""
         dim = -(self.max_plate_nesting + 1)
 
         def vectorized(fn):
+            if num_particles is None:
+                return fn
+
             def run(*args, **kwargs):
                 with pyro.plate("_particles", num_particles, dim=dim):
                     return fn(*args, **kwargs)
 
             return run
 
-        args = as_args(x)
-        guide_trace = poutine.trace(vectorized(self.guide)).get_trace(*args)
+        args, kwargs = arguments(x)
+        guide_trace = poutine.trace(vectorized(self.guide)).get_trace(*args, **kwargs)
         model_trace = poutine.trace(
             poutine.replay(vectorized(self.model), trace=guide_trace)
-        ).get_trace(*args)
+        ).get_trace(*args, **kwargs)
         ndim = self.max_plate_nesting + 1
         data_axis = ndim + self.data_dim
-        local, global_term = 0.0, torch.zeros(num_particles, device=args[0].device)
+        device = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)).device
+        k = 1 if num_particles is None else num_particles
+        local, global_term = 0.0, torch.zeros(k, device=device)
         for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
             for site in trace.nodes.values():
                 if site["type"] != "sample" or site_is_subsample(site):
@@ -91,7 +138,7 @@ class Particles:
                     lp = site["log_prob"]
                     lp = lp.reshape((1,) * (ndim - lp.dim()) + tuple(lp.shape))
                     global_term = global_term + sign * lp.reshape(lp.shape[0], -1).sum(-1)
-        return local.expand(num_particles, -1), global_term  # (K, N), (K,)
+        return local.expand(k, -1), global_term  # (K, N), (K,)
 
 
 def _log_prob(site, scaled: bool) -> torch.Tensor:
@@ -102,22 +149,6 @@ def _log_prob(site, scaled: bool) -> torch.Tensor:
     if scaled and site["scale"] is not None:
         log_prob = log_prob * site["scale"]
     return log_prob
-
-
-def as_args(data) -> tuple:
-    """A model's positional arguments: a tensor stands for (tensor,)."""
-    return (data,) if isinstance(data, torch.Tensor) else tuple(data)
-
-
-def rows(data, start: int, stop: int):
-    """The same rows of a tensor or of every tensor in a tuple (None stays None)."""
-    if isinstance(data, torch.Tensor):
-        return data[start:stop]
-    return tuple(None if t is None else t[start:stop] for t in data)
-
-
-def num_rows(data) -> int:
-    return len(as_args(data)[0])
 
 
 def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:

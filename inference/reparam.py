@@ -27,7 +27,8 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import ignore_jit_warnings
 
 from inference import loop
-from inference.particles import Particles, as_args, iwae_bound, num_rows, rows
+from inference.batching import Rows, arguments, data_plates, same_random_state, scale_rows
+from inference.particles import Particles, iwae_bound
 from inference.result import FitResult
 from inference.svi import make_loss
 
@@ -36,9 +37,10 @@ def check_reparameterizable(guide, example, model=None) -> None:
     """Raise a ValueError naming the first guide site that cannot be reparameterized, or (given
     the model) the first latent site of the model that the guide does not sample: Pyro would
     draw it from the prior, silently optimizing another objective."""
-    trace = poutine.trace(guide).get_trace(*as_args(example))
+    args, kwargs = arguments(example)
+    trace = poutine.trace(guide).get_trace(*args, **kwargs)
     if model is not None:
-        model_trace = poutine.trace(poutine.replay(model, trace=trace)).get_trace(*as_args(example))
+        model_trace = poutine.trace(poutine.replay(model, trace=trace)).get_trace(*args, **kwargs)
         for name, site in model_trace.nodes.items():
             if (
                 site["type"] == "sample"
@@ -152,7 +154,12 @@ def _no_float_reads():
 
 class Objective:
     """Minus the ELBO (K = 1) or the importance-weighted bound (K > 1), per data point of the
-    whole data set of ``num_data`` points, from a minibatch."""
+    whole data set of ``num_data`` points, from a minibatch.
+
+    example: a batch of the model's arguments (a tensor, a tuple or a mapping), at least two
+        rows, on which the data plates are found unless ``plates`` names them (``()``: the
+        objective is only ever called on all ``num_data`` rows, nothing is scaled).
+    """
 
     def __init__(
         self,
@@ -162,40 +169,73 @@ class Objective:
         num_data,
         num_particles=1,
         analytic_kl=True,
-        data_plate="data",
+        data_plate=None,
         jit=False,
+        plates=None,
+        batch_dims=None,
+        vectorize_particles=None,
     ):
+        rows = Rows(example, batch_dims)
         if num_particles == 1:
+            if plates is None:
+                plates = data_plates(model, guide, example, data_plate, batch_dims)
             elbo = make_loss("TraceMeanField_ELBO" if analytic_kl else "Trace_ELBO")
             # made once, so that a compiled objective traces them once per shape
-            scaled_model = loop.scale_data(model, data_plate, num_data)
-            scaled_guide = loop.scale_data(guide, data_plate, num_data)
+            scale = _Scale(rows, num_data)
+            scaled_model = scale_rows(model, plates, scale)
+            scaled_guide = scale_rows(guide, plates, scale)
 
-            def loss(*args):
+            def loss(*args, **kwargs):
                 # what Pyro's Jit ELBOs compile: the surrogate loss, which equals the ELBO in
                 # value as well as gradient when every site is reparameterized (checked up
                 # front). Pyro's public differentiable_loss adds surrogate - surrogate.item(),
                 # which a trace would freeze into a constant: a wrong value, right gradient.
                 total = 0.0
-                for traces in elbo._get_traces(scaled_model, scaled_guide, args, {}):
+                for traces in elbo._get_traces(scaled_model, scaled_guide, args, kwargs):
                     total = total + elbo._differentiable_loss_particle(*traces)[1]
                 return total / num_data
 
         else:
-            particles = Particles(model, guide, example, data_plate)
+            particles = Particles(
+                model, guide, example, data_plate, batch_dims, vectorize=vectorize_particles
+            )
 
-            def loss(*args):
-                log_w, global_term = particles.log_weights(args, num_particles, scaled=True)
+            def loss(*args, **kwargs):
+                value = kwargs if kwargs else args
+                log_w, global_term = particles.log_weights(value, num_particles, scaled=True)
                 return -(iwae_bound(log_w).mean() + global_term.mean() / num_data)
 
         if jit:
-            names = loop.parameter_names(model, guide, *as_args(example))
+            if rows.kind == "kwargs" or len(rows.dims) != len(arguments(example)[0]):
+                raise ValueError(
+                    "jit compiles a program of tensor arguments: pass the data as a tensor or a"
+                    " tuple of tensors (no keyword arguments or constants), or leave jit off"
+                )
+            names = loop.parameter_names(model, guide, *arguments(example)[0])
+            store = pyro.get_param_store()
+            missing = [name for name in names if name not in store._params]
+            if missing:
+                raise ValueError(
+                    f"jit reads parameters from Pyro's param store, which does not hold"
+                    f" {missing[:3]} (module-local parameters); leave jit off"
+                )
             loss = Compiled(loss, names, backend="jit" if jit is True else jit)
         self.loss = loss
 
     def __call__(self, x) -> torch.Tensor:
-        """x: the model's arguments for a minibatch, a tensor or a tuple of tensors."""
-        return self.loss(*as_args(x))
+        """x: the model's arguments for a minibatch, a tensor, a tuple or a mapping."""
+        args, kwargs = arguments(x)
+        return self.loss(*args, **kwargs)
+
+
+class _Scale:
+    """``Rows``'s row count for ``scale_rows``, for an objective of ``num_data`` rows."""
+
+    def __init__(self, rows: Rows, num_data: int):
+        self.rows, self.num_data = rows, num_data
+
+    def count(self, args, kwargs) -> int:
+        return self.rows.count(args, kwargs)
 
 
 def fit(
@@ -204,20 +244,28 @@ def fit(
     data,
     *,
     num_particles: int = 1,
+    vectorize_particles: Optional[bool] = None,
     analytic_kl: bool = True,
     jit: Union[bool, str] = False,
     lr: float = 1e-3,
     optimizer: Optional[Callable] = None,
     lr_schedule: Optional[Callable[[int], float]] = None,
-    batch_size: int = 128,
+    batch_size: Optional[int] = 128,
+    batch_dims=None,
     num_epochs: int = 10,
     valid_data=None,
     validate: Optional[Callable[[], float]] = None,
-    data_plate: str = "data",
+    data_plate: Optional[str] = None,
     **loop_options,
 ) -> FitResult:
     """Fit by maximizing the reparameterized ELBO or IWAE bound with a torch optimizer.
 
+    data, batch_size, batch_dims, data_plate: as in ``svi.fit`` (a tensor, a tuple or a
+        mapping of the model's arguments; minibatch scaling found from the program's plates,
+        or refused with a reason; None for the whole data every step).
+    num_particles: K > 1 gives the IWAE bound, vectorized over a particle plate where the
+        program broadcasts (``vectorize_particles=None`` tries it and falls back to one
+        particle at a time).
     optimizer: a callable ``params -> torch.optim.Optimizer`` (default ``loop.adam`` with ``lr``:
         torch's Adam, fused where it can be).
     lr_schedule: epoch (0-based) -> factor on the learning rate, e.g.
@@ -229,47 +277,77 @@ def fit(
     loop_options go to ``inference.loop.run`` (seed, patience, transform, checkpoint, resume,
     callback, schedule, progress, max_steps).
     """
-    if num_particles < 1:
-        raise ValueError(f"num_particles must be at least 1, got {num_particles}")
-    if not isinstance(data, (torch.Tensor, tuple, list)):
-        raise TypeError(f"data must be a tensor or a tuple of tensors, not {type(data).__name__}")
-    num_data = num_rows(data)
-    example = rows(data, 0, 2)
-    check_reparameterizable(guide, example, model)
-    params = loop.parameters(model, guide, *as_args(example))
-    opt = optimizer(params) if optimizer is not None else loop.adam(params, lr=lr)
-    objective = Objective(
-        model, guide, example, num_data, num_particles, analytic_kl, data_plate, jit
-    )
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be a whole number >= 1, got {num_particles!r}")
+    rows = Rows(data, batch_dims)
+    num_data = rows.num_data
+    example = rows.slice(0, 2)
+    with same_random_state():
+        check_reparameterizable(guide, example, model)
+    plates, params = loop.prepare(model, guide, rows, batch_size, data_plate)
+    opt = optimizer(params.tensors()) if optimizer is not None else loop.adam(params.tensors(), lr)
+    with same_random_state():
+        objective = Objective(
+            model,
+            guide,
+            example,
+            num_data,
+            num_particles,
+            analytic_kl,
+            data_plate,
+            jit,
+            plates=plates,
+            batch_dims=batch_dims,
+            vectorize_particles=vectorize_particles,
+        )
 
     def step(batch):
         opt.zero_grad()
         loss = objective(batch)
         loss.backward()
-        loop.average_gradients(params, weight=num_rows(batch))
+        loop.average_gradients(params.tensors(), weight=_count(rows, batch))
         opt.step()
         return loss.item()
 
     if validate is None and valid_data is not None:
-        evaluator = Objective(
-            model, guide, example, num_rows(valid_data), num_particles, analytic_kl, data_plate
-        )
+        valid = Rows(valid_data, batch_dims)
+        with same_random_state():
+            evaluator = Objective(
+                model,
+                guide,
+                valid.slice(0, 2),
+                valid.num_data,
+                num_particles,
+                analytic_kl,
+                data_plate,
+                plates=None if valid.num_data > 1024 else (),
+                batch_dims=batch_dims,
+                vectorize_particles=vectorize_particles,
+            )
 
         @torch.no_grad()
         def validate():
             total = 0.0
-            for i in range(0, num_rows(valid_data), 1024):
-                chunk = rows(valid_data, i, i + 1024)
-                total -= evaluator(chunk).item() * num_rows(chunk)
-            return total / num_rows(valid_data)
+            for i in range(0, valid.num_data, 1024):
+                chunk = valid.slice(i, i + 1024)
+                total -= evaluator(chunk).item() * _count(valid, chunk)
+            return total / valid.num_data
 
     loop_options["schedule"] = loop.with_lr_schedule(opt, lr_schedule, loop_options.get("schedule"))
-    return loop.run(
+    result = loop.run(
         step,
-        data,
-        state={"optimizer": opt},
+        rows,
+        state={"optimizer": opt, "parameters": params},
         batch_size=batch_size,
         num_epochs=num_epochs,
         validate=validate,
         **loop_options,
     )
+    result.params = params.values()
+    result.extra["data_plates"] = list(plates)
+    return result
+
+
+def _count(rows: Rows, value) -> int:
+    args, kwargs = arguments(value)
+    return rows.count(args, kwargs)

@@ -4,10 +4,13 @@ Stochastic variational inference for any Pyro model/guide pair, with Pyro's ELBO
     result = svi.fit(model, guide, x, loss="TraceMeanField_ELBO", lr=1e-3, batch_size=128,
                      num_epochs=10, valid_data=x_valid)
 
-Minibatches are scaled by N / batch_size inside the plate named ``data_plate`` only, so the
-objective is unbiased for the whole data set and global latent variables are counted once. The
-shared loop (``inference.loop``) supplies epochs, validation, early stopping, checkpoints and
-resume, signal handling and the NaN guard; this file only defines one SVI step.
+The data are what the model is called with (a tensor, a tuple of arguments or a mapping of
+keyword arguments). Minibatches are scaled by N / batch_size inside the plates whose size
+follows the rows, found from the program itself (``inference.batching``), so the objective is
+unbiased for the whole data set and global latent variables are counted once; a program that
+cannot be minibatched is refused with an error naming the plate or site. The shared loop
+(``inference.loop``) supplies epochs, validation, early stopping, checkpoints and resume,
+signal handling and the NaN guard; this file only defines one SVI step.
 
 ``loss`` names one of Trace_ELBO, TraceMeanField_ELBO, TraceEnum_ELBO, TraceGraph_ELBO and
 their Jit forms; ``JitTraceMeanField_ELBO`` is used with a fix: pyro-ppl 1.9.2 looks for its
@@ -25,7 +28,15 @@ from pyro.infer import SVI
 from pyro.poutine.messenger import Messenger
 
 from inference import loop
-from inference.particles import as_args
+from inference.batching import (
+    Rows,
+    arguments,
+    call,
+    find_data_plates,
+    probe_sizes,
+    same_random_state,
+    scale_rows,
+)
 from inference.result import FitResult
 
 
@@ -69,12 +80,19 @@ def make_loss(
     loss: Union[str, pyro.infer.ELBO],
     num_particles: int = 1,
     max_plate_nesting: Optional[int] = None,
+    vectorize_particles: Optional[bool] = None,
 ) -> pyro.infer.ELBO:
+    """Pyro's ELBO named ``loss``; particles vectorized by default when there are several."""
     if not isinstance(loss, str):
         return loss
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    options = {"num_particles": num_particles, "vectorize_particles": num_particles > 1}
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(
+            f"num_particles must be a whole number of at least 1, not {num_particles!r}"
+        )
+    vectorize = num_particles > 1 if vectorize_particles is None else bool(vectorize_particles)
+    options = {"num_particles": num_particles, "vectorize_particles": vectorize}
     if max_plate_nesting is not None:
         options["max_plate_nesting"] = max_plate_nesting
     if loss.startswith("Jit"):
@@ -92,46 +110,66 @@ def fit(
     lr: float = 1e-3,
     lr_schedule: Optional[Callable[[int], float]] = None,
     num_particles: int = 1,
+    vectorize_particles: Optional[bool] = None,
     max_plate_nesting: Optional[int] = None,
-    batch_size: int = 128,
+    batch_size: Optional[int] = 128,
+    batch_dims=None,
     num_epochs: int = 10,
     valid_data=None,
     validate: Optional[Callable[[], float]] = None,
-    data_plate: str = "data",
+    data_plate: Optional[str] = None,
     **loop_options,
 ) -> FitResult:
-    """Fit by SVI. ``data`` is a tensor or a tuple of tensors passed as the model's arguments.
+    """Fit by SVI; the same steps as Pyro's own ``SVI.step`` loop on the same batches.
 
+    data: what the model and guide are called with: a tensor, a tuple of positional arguments
+        or a mapping of keyword arguments (tensors split into minibatches along ``batch_dims``,
+        dim 0 by default; other values passed whole; see ``inference.batching``).
+    batch_size: rows per step; None (or at least N) runs every step on the whole data, exactly
+        as Pyro's loop does (no scaling). With minibatches, the plates whose size follows the
+        rows are found by running the program on two batch sizes (``data_plate`` names one to
+        check instead), and their sites are scaled by N / B; a program that cannot be
+        minibatched is refused with an error that says why.
     optim: a Pyro optimizer (e.g. ``pyro.optim.ClippedAdam({...})``, one per parameter, the
-    parameters collected every step); by default a single torch Adam (``loop.adam``, fused where
-    it can be) over the parameters the model and guide create on their first run.
+        parameters collected every step); by default a single torch Adam (``loop.adam``, fused
+        where it can be) over the parameters the model and guide create on the set-up run.
     lr_schedule: epoch (0-based) -> factor on that Adam's learning rate, e.g.
         ``loop.exponential_lr(0.1, num_epochs)``; exact on resume. A Pyro ``optim`` brings its
         own schedule (``pyro.optim.ExponentialLR``) instead.
-
+    num_particles, vectorize_particles: several particles are vectorized (a plate left of the
+        model's) where the program broadcasts over them; None tries that on the first batch
+        and falls back to Pyro's sequential particles when it fails (``result.extra``).
     validate: a held-out score to early-stop on instead of the ELBO on ``valid_data`` (higher
     is better), e.g. a classifier's validation accuracy.
     loop_options go to ``inference.loop.run``: seed, patience, transform, checkpoint, resume,
     callback, schedule, progress, max_steps. The objective and history are ELBO per data point.
-    """
-    tensors = as_args(data)
-    num_data = len(tensors[0])
-    elbo = make_loss(loss, num_particles, max_plate_nesting)
 
-    scaled_model = loop.scale_data(model, data_plate, num_data)
-    scaled_guide = loop.scale_data(guide, data_plate, num_data)
-    # create the parameters now, so that a resumed run can restore them before the first step
-    params = loop.parameters(scaled_model, scaled_guide, *(t[:2] for t in tensors))
+    Before the first step the model and guide run once or twice on a batch of the first step's
+    size (creating the parameters, finding the data plates), with torch's random state put back
+    afterwards.
+    """
+    rows = Rows(data, batch_dims)
+    num_data = rows.num_data
+    plates, params = loop.prepare(model, guide, rows, batch_size, data_plate)
+    first = rows.slice(0, batch_size or num_data)
+    scaled_model = scale_rows(model, plates, rows)
+    scaled_guide = scale_rows(guide, plates, rows)
+    if num_particles > 1 and vectorize_particles is None and isinstance(loss, str):
+        vectorize_particles = _vectorizes(
+            loss, num_particles, max_plate_nesting, model, guide, first
+        )
+    elbo = make_loss(loss, num_particles, max_plate_nesting, vectorize_particles)
     if optim is None:
         # one torch Adam over every parameter: Pyro's default optimizer keeps one Adam per
         # parameter and re-collects them by tracing every step, which costs this loop about
         # 0.1x of a small VAE's epoch (benchmarks/vae_speed.py)
-        optimizer = loop.adam(params, lr=lr)
+        optimizer = loop.adam(params.tensors(), lr=lr)
         num_params = len(pyro.get_param_store())
 
         def step(batch):
             optimizer.zero_grad()
-            value = elbo.loss_and_grads(scaled_model, scaled_guide, *as_args(batch))
+            args, kwargs = arguments(batch)
+            value = elbo.loss_and_grads(scaled_model, scaled_guide, *args, **kwargs)
             if len(pyro.get_param_store()) != num_params:
                 raise RuntimeError(
                     "the model or guide created parameters after the first step, which the"
@@ -140,7 +178,7 @@ def fit(
             optimizer.step()
             return value / num_data  # -ELBO of the whole data set, per data point
 
-        state = {"optimizer": optimizer}
+        state = {"optimizer": optimizer, "parameters": params}
         loop_options["schedule"] = loop.with_lr_schedule(
             optimizer, lr_schedule, loop_options.get("schedule")
         )
@@ -153,29 +191,48 @@ def fit(
         svi = SVI(scaled_model, scaled_guide, optim, elbo)
 
         def step(batch):  # -ELBO of the whole data set, per data point
-            return svi.step(*as_args(batch)) / num_data
+            args, kwargs = arguments(batch)
+            return svi.step(*args, **kwargs) / num_data
 
-        state = {"optim": _OptimState(optim)}
+        state = {"optim": _OptimState(optim), "parameters": params}
 
     if validate is None and valid_data is not None:
         evaluator = make_loss(
             loss.replace("Jit", "") if isinstance(loss, str) else loss,
             num_particles,
             max_plate_nesting,
+            vectorize_particles,
         )
 
         def validate():
-            return elbo_per_datum(model, guide, valid_data, evaluator, batch_size=1024)
+            return elbo_per_datum(
+                model, guide, valid_data, evaluator, batch_size=1024, batch_dims=batch_dims
+            )
 
-    return loop.run(
+    result = loop.run(
         step,
-        data,
+        rows,
         state=state,
         batch_size=batch_size,
         num_epochs=num_epochs,
         validate=validate,
         **loop_options,
     )
+    result.params = params.values()
+    result.extra.update(data_plates=list(plates), vectorize_particles=elbo.vectorize_particles)
+    return result
+
+
+def _vectorizes(loss, num_particles, max_plate_nesting, model, guide, value) -> bool:
+    """Whether the program runs with particles vectorized (Pyro's ``vectorize_particles``)."""
+    elbo = make_loss(loss.replace("Jit", ""), num_particles, max_plate_nesting, True)
+    args, kwargs = arguments(value)
+    try:
+        with same_random_state(), torch.no_grad():
+            elbo.loss(model, guide, *args, **kwargs)
+    except Exception:  # a model that does not broadcast over a particle dim: Pyro's sequential
+        return False  # particles give the same estimator, one particle at a time
+    return True
 
 
 class _NoReparam(Messenger):
@@ -207,12 +264,28 @@ def score_function(guide: Callable) -> Callable:
 
 
 @torch.no_grad()
-def elbo_per_datum(model, guide, data, elbo: pyro.infer.ELBO, batch_size: int = 1024) -> float:
-    """The ELBO of ``data`` per data point, in chunks (higher is better)."""
-    tensors = as_args(data)
-    total, num = 0.0, len(tensors[0])
-    for i in range(0, num, batch_size):
-        total -= elbo.loss(model, guide, *(t[i : i + batch_size] for t in tensors))
+def elbo_per_datum(
+    model, guide, data, elbo: pyro.infer.ELBO, batch_size: int = 1024, batch_dims=None
+) -> float:
+    """The ELBO of ``data`` per data point (higher is better), in chunks of ``batch_size``
+    rows when there are more: each chunk scaled to the whole data (its data plates found as
+    the drivers find them), so global sites are counted once, as in the whole-data ELBO."""
+    rows = Rows(data, batch_dims)
+    num = rows.num_data
+    if num <= batch_size:
+        total = -call(lambda *a, **k: elbo.loss(model, guide, *a, **k), rows.data)
+    else:
+        plates = find_data_plates(model, guide, rows, probe_sizes(batch_size, num))
+        scaled_model, scaled_guide = (
+            scale_rows(model, plates, rows),
+            scale_rows(guide, plates, rows),
+        )
+        total = 0.0
+        for i in range(0, num, batch_size):
+            chunk = rows.slice(i, i + batch_size)
+            args, kwargs = arguments(chunk)
+            weight = rows.count(args, kwargs) / num
+            total -= weight * elbo.loss(scaled_model, scaled_guide, *args, **kwargs)
     if not math.isfinite(total):
         raise FloatingPointError("the validation ELBO is not finite")
     return total / num

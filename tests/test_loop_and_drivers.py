@@ -9,7 +9,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO
 
-from inference import evaluate, loop, reparam, svi
+from inference import batching, evaluate, loop, reparam, svi
 from tests._models import PPCA, delta_guide_for_mean, gaussian_with_global_mean
 from zoo.vae import VAE, VAEConfig
 
@@ -125,25 +125,31 @@ def test_svi_default_and_pyro_optimizers_agree_and_late_parameters_are_refused()
         finals.append(pyro.param("loc").item())
     assert finals[0] == pytest.approx(finals[1], rel=1e-5)
 
-    calls = []
+    batches = []
 
     def late_guide(x):
-        calls.append(1)
         loc = pyro.param("loc", torch.tensor(0.0))
-        if len(calls) > 2:  # the driver's set-up run and the first step see no "shift"
+        if len(batches) > 1:  # the driver's set-up runs and the first step see no "shift"
             loc = loc + pyro.param("shift", torch.tensor(0.0))
         pyro.sample("mu", dist.Delta(loc))
 
+    def count(batch, generator):
+        batches.append(batch)
+        return batch
+
     pyro.clear_param_store()
     with pytest.raises(RuntimeError, match="created parameters after the first step"):
-        svi.fit(model, late_guide, x, loss="Trace_ELBO", batch_size=10, num_epochs=1)
+        svi.fit(
+            model, late_guide, x, loss="Trace_ELBO", batch_size=10, num_epochs=1, transform=count
+        )
 
 
 def test_minibatch_objective_is_unbiased_with_a_global_latent():
     x = torch.randn(60)
     full = Trace_ELBO().loss(gaussian_with_global_mean, delta_guide_for_mean, x)
-    model = loop.scale_data(gaussian_with_global_mean, "data", len(x))
-    guide = loop.scale_data(delta_guide_for_mean, "data", len(x))
+    rows = batching.Rows(x)
+    model = batching.scale_rows(gaussian_with_global_mean, ["data"], rows)
+    guide = batching.scale_rows(delta_guide_for_mean, ["data"], rows)
     batches = [Trace_ELBO().loss(model, guide, b) for b in x.split(15)]
     assert np.mean(batches) == pytest.approx(full, rel=1e-6)
     # a plain scale would count the global prior N / B times: not the same
@@ -433,7 +439,8 @@ def test_early_stopping_restores_the_best_state():
         patience=2,
     )
     assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]  # two epochs past the best
-    assert result.extra["best_epoch"] == 2 and result.objective == 3.0
+    assert result.best_epoch == 2 and result.valid_objective == 3.0
+    assert result.objective == result.history[1]["objective"]  # of the kept epoch
     assert w.weight.item() == weights[1]  # the weights of the best epoch are back
     assert "early stopping" in result.stop_reason
 
@@ -471,7 +478,7 @@ def test_resume_keeps_the_best_validated_state(tmp_path):
     run(3, False, iter(scores[:3]))
     resumed, result = run(4, True, iter(scores[3:]))
     assert straight == 2.0 and resumed == straight
-    assert result.extra["best_epoch"] == 2 and result.objective == 3.0
+    assert result.best_epoch == 2 and result.valid_objective == 3.0
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

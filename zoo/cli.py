@@ -431,7 +431,7 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         objective=result.objective,
     )
     if isinstance(model, SSVAE) and "validate" in options:  # early stopping watched accuracy
-        metrics.update(best_valid_accuracy=result.objective, objective=result.curve()[-1])
+        metrics.update(best_valid_accuracy=result.valid_objective)
     save_json(out / "metrics.json", metrics)
     _deep_plots(model, config, result.history, out, device, metrics)
     _print_metrics(out, metrics)
