@@ -445,6 +445,28 @@ def test_early_stopping_restores_the_best_state():
     assert "early stopping" in result.stop_reason
 
 
+def test_early_stopping_restores_pyro_parameters_the_state_does_not_list():
+    """A step that trains a Pyro parameter the loop's ``state`` does not hold: early stopping
+    still puts back the best epoch's value, from its copy of the param store."""
+    loc = pyro.param("loc", torch.tensor(0.0))
+    scores = iter([1.0, 3.0, 2.0, 2.5])
+    values = []
+
+    def step(batch):
+        with torch.no_grad():
+            loc.add_(1.0)
+        return 0.5
+
+    def validate():
+        values.append(loc.item())
+        return next(scores)
+
+    result = loop.run(
+        step, torch.zeros(4, 1), state={}, batch_size=4, num_epochs=4, validate=validate, patience=2
+    )
+    assert result.best_epoch == 2 and pyro.param("loc").item() == values[1] == 2.0
+
+
 def test_resume_keeps_the_best_validated_state(tmp_path):
     """The best epoch's parameters travel in the checkpoint: a run interrupted after its best
     epoch and resumed ends on them, as the uninterrupted run does."""
