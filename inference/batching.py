@@ -95,6 +95,17 @@ class Rows:
         if self.num_data == 0:
             raise ValueError(f"data is empty: {self.label(first)} has 0 rows")
         self._first = first
+        for key in self.dims:
+            tensor = entries[key]
+            if tensor.is_floating_point() and tensor.layout == torch.strided:
+                finite = torch.isfinite(tensor)
+                if not finite.all():
+                    count = int((~finite).sum())
+                    raise ValueError(
+                        f"{self.label(key)} contains {count} NaN or infinite values: remove or"
+                        " impute them (a model with missing values can mask them with"
+                        " poutine.mask or obs_mask, with the data filled in)"
+                    )
 
     def _dims(self, entries, batch_dims) -> Dict[object, int]:
         tensors = [k for k, v in entries.items() if isinstance(v, torch.Tensor)]
@@ -241,6 +252,39 @@ def run_program(model, guide, value, validate: bool = True):
         model_fn = poutine.replay(model, trace=guide_trace) if guide_trace else model
         model_trace = poutine.trace(model_fn).get_trace(*args, **kwargs)
     return model_trace, guide_trace
+
+
+def check_support(model, guide, value) -> None:
+    """Raise a ValueError naming the observed site whose data lie outside its distribution's
+    support (non-binary pixels under a Bernoulli, negative counts under a Poisson), with the
+    count of bad values, instead of Pyro's constraint message at the first step."""
+    with same_random_state(), pyro.validation_enabled(False):
+        model_trace, _ = run_program(model, guide, value, validate=False)
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"] or site_is_subsample(site):
+            continue
+        fn, data = site["fn"], site["value"]
+        if not isinstance(data, torch.Tensor) or data.layout != torch.strided:
+            continue
+        try:
+            inside = fn.support.check(data)
+        except (NotImplementedError, RuntimeError):  # a support that cannot check this value
+            continue
+        outside = ~inside
+        for mask in (site["mask"], getattr(fn, "_mask", None)):  # masked-out values may be
+            if isinstance(mask, torch.Tensor):  # placeholders (an unknown label, say)
+                outside = outside & mask.bool()
+            elif mask is False:
+                outside = torch.zeros_like(outside)
+        if bool(outside.any()):
+            count = int(outside.sum())
+            base = getattr(fn, "base_dist", fn)
+            raise ValueError(
+                f"observed site {name!r}: {count} of {outside.numel()} data points have values"
+                f" outside the support of {type(base).__name__} ({fn.support}); e.g. binarize"
+                " the data for a Bernoulli likelihood, or pick a likelihood whose support holds"
+                " the data"
+            )
 
 
 def probe_sizes(batch_size: int, num_data: int) -> Tuple[int, int]:

@@ -82,8 +82,12 @@ def fit(
         For ``SparseRows`` the size is rounded to a whole number of their tiles.
     """
     data = _check_data(data)
-    if tol <= 0 or max_iter < 1 or n_init < 1:
-        raise ValueError("need tol > 0, max_iter >= 1 and n_init >= 1")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    for name, value in (("max_iter", max_iter), ("n_init", n_init), ("m_step_iters", m_step_iters)):
+        _check_count(name, value)
+    if chunk_size is not None:
+        _check_count("chunk_size", chunk_size)
     example = data.rows(0, 4) if isinstance(data, SparseRows) else data[:4]
     enum = Enumerated(model, guide, example, data_plate)
     num_values = enum.num_values
@@ -112,6 +116,12 @@ def fit(
         row_size = data.shape[1] if isinstance(data, SparseRows) else data[0].numel()
         chunk_size = _default_chunk_size(model, num_values, max(1, row_size))
     state = _State(enum, closed, data, chunk_size, m_step_iters, example)
+    dtypes = {p.dtype for p in state.params.values()}
+    if data.dtype.is_floating_point and dtypes and data.dtype not in dtypes:
+        raise TypeError(
+            f"data is {data.dtype} but the model's parameters are {sorted(map(str, dtypes))}:"
+            f" convert one to the other (x.to({next(iter(dtypes))}), or the model with .to())"
+        )
     if not state.params:
         raise ValueError(
             "the model reads no parameters to fit (pyro.param, pyro.module or PyroParam): EM"
@@ -434,6 +444,11 @@ def _default_chunk_size(model, num_values: int, row_size: int) -> int:
     declared = getattr(owner, "e_step_values_per_row", None)
     per_row = declared(num_values) if callable(declared) else 4 * num_values * row_size
     return max(4096, _CHUNK_VALUES // max(1, int(per_row)))
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
 def _check_data(data) -> Union[torch.Tensor, SparseRows]:

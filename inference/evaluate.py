@@ -17,8 +17,9 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from tqdm.auto import tqdm
 
-from inference.batching import Rows, arguments, same_random_state
+from inference.batching import Rows, arguments, check_support, same_random_state
 from inference.enumeration import Enumerated, validation_off
 from inference.particles import Particles
 
@@ -35,8 +36,9 @@ def log_likelihood(
     data_plate: Optional[str] = None,
     batch_dims=None,
     vectorize_particles: Optional[bool] = None,
+    progress: bool = False,
 ) -> torch.Tensor:
-    """log p(x[n]) in nats, shape (N,).
+    """log p(x[n]) in nats, shape (N,). ``progress``: a bar over chunks and particle batches.
 
     Exact when the model's only latent variable is discrete and enumerable (mixtures);
     otherwise an importance-sampled estimate with the guide as proposal,
@@ -65,16 +67,21 @@ def log_likelihood(
         raise ValueError(
             "the model has continuous latent variables: importance sampling needs a guide"
         )
+    check_support(model, guide, rows.slice(0, batch_size))
     particles = Particles(model, guide, example, data_plate, batch_dims, vectorize_particles)
     out = []
-    for i in range(0, n, batch_size):
-        chunk = rows.slice(i, i + batch_size)
-        running = None
-        for k in range(0, num_samples, particle_batch):
-            log_w, _ = particles.log_weights(chunk, min(particle_batch, num_samples - k))
-            step = log_w.logsumexp(0)
-            running = step if running is None else torch.logaddexp(running, step)
-        out.append(running - math.log(num_samples))
+    steps = math.ceil(n / batch_size) * math.ceil(num_samples / particle_batch)
+    bar = tqdm(total=steps, disable=not progress, desc=f"log p(x), K={num_samples}", leave=False)
+    with bar:
+        for i in range(0, n, batch_size):
+            chunk = rows.slice(i, i + batch_size)
+            running = None
+            for k in range(0, num_samples, particle_batch):
+                log_w, _ = particles.log_weights(chunk, min(particle_batch, num_samples - k))
+                step = log_w.logsumexp(0)
+                running = step if running is None else torch.logaddexp(running, step)
+                bar.update(1)
+            out.append(running - math.log(num_samples))
     return torch.cat(out)
 
 

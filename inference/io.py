@@ -8,6 +8,7 @@ never half of either, even if the process is killed mid-write.
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Union
 
@@ -59,3 +60,39 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+class UnreadableFile(ValueError):
+    """A file of tensors is missing, truncated, foreign, or holds other objects."""
+
+
+def load_tensors(path: PathLike, what: str = "tensors"):
+    """``torch.load(path, weights_only=True)``, with errors that name the file and what it
+    should hold: missing, truncated or foreign, or a pickle of other objects (never unpickled:
+    ``save_torch`` writes torch's zip archive of tensors, so a bare pickle is refused unread)."""
+    path = Path(path)
+    if not path.exists():
+        raise UnreadableFile(f"{path} does not exist: no saved {what}")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head[:1] == b"\x80":
+        raise UnreadableFile(
+            f"{path} is a pickle of Python objects, not a file of tensors that zoo writes; it is"
+            " not unpickled (it may run code)"
+        )
+    try:
+        with warnings.catch_warnings():  # torch's notes on a foreign file: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # torch raises several kinds for a bad file
+        text = str(error)
+        if head == b"PK\x03\x04" and "WeightsUnpickler" in text:
+            raise UnreadableFile(
+                f"{path} holds objects other than tensors; only files of tensors are read, and"
+                " this one is not unpickled (it may run code)"
+            ) from None
+        reason = text.splitlines()[0][:120] if head == b"PK\x03\x04" else "not a tensor file"
+        raise UnreadableFile(
+            f"{path} cannot be read ({type(error).__name__}: {reason}): it is truncated or was"
+            f" not written by zoo, so its {what} are lost"
+        ) from None

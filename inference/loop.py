@@ -18,8 +18,10 @@ It owns:
   continues from it exactly (bit for bit on CPU), and it loads with ``weights_only=True``;
 - SIGINT/SIGTERM: the loop finishes the current step, saves a checkpoint at that position, and
   raises KeyboardInterrupt (SIGINT) or SystemExit (SIGTERM);
-- a NaN guard: a non-finite loss stops the run with an error naming the epoch and step, before
-  anything is saved, so the last good checkpoint stays intact;
+- a NaN guard: a non-finite loss, parameters that are no longer finite, or Pyro's value checks
+  failing on NaN values made from them stop the run with a FloatingPointError naming the epoch
+  and step, before anything is saved, so the last good checkpoint stays intact; an objective
+  that runs away by orders of magnitude is warned about (``DivergenceWarning``);
 - a progress bar (``progress=True``), a ``callback(record)`` after every epoch (returning True
   stops the run there, e.g. when a time budget is spent) and a
   ``schedule(epoch)`` before every epoch, also the first one after a resume (for annealing such
@@ -35,6 +37,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -49,13 +52,14 @@ from tqdm.auto import tqdm
 
 from inference.batching import (
     Rows,
+    check_support,
     find_data_plates,
     private_draws,
     probe_sizes,
     run_program,
     same_random_state,
 )
-from inference.io import save_torch
+from inference.io import load_tensors, save_torch
 from inference.result import FitResult
 
 Batch = Union[torch.Tensor, Sequence[torch.Tensor], Dict[str, object]]
@@ -109,14 +113,20 @@ def run(
     rank, world = (tdist.get_rank(), tdist.get_world_size()) if _distributed() else (0, 1)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(num_data / batch_size)
-    position = {"epoch": 0, "step": 0, "perm": None}
+    position = {"epoch": 0, "step": 0, "perm": None, "batch_size": batch_size}
     history, best = [], {"objective": -math.inf, "state": None, "epoch": 0}
     path = Path(checkpoint) if checkpoint is not None else None
 
     if resume:
         if path is None or not path.exists():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
-        saved = torch.load(path, weights_only=True, map_location="cpu")
+        saved = load_tensors(path, "checkpoint")
+        was = saved["position"].get("batch_size", batch_size)
+        if was != batch_size:  # the epoch's remaining steps would be someone else's batches
+            raise ValueError(
+                f"the checkpoint {path} was written with batch_size={was}; resume it with the"
+                f" same batch size, not {batch_size}"
+            )
         _restore(saved, state, generator)
         position, history = saved["position"], saved["history"]
         best.update(
@@ -161,11 +171,24 @@ def run(
                 batch = rows.take(idx)
                 if transform is not None:
                     batch = transform(batch, generator)
-                loss = float(step(batch))
+                where = f"epoch {position['epoch'] + 1}, step {position['step'] + 1}"
+                try:
+                    loss = float(step(batch))
+                except ValueError as error:  # Pyro's checks on values made from NaN parameters
+                    bad = _nonfinite_parameters(state)
+                    text = str(error)
+                    if bad:
+                        what = f"parameters {bad[:3]} are no longer finite"
+                    elif "found invalid values" in text and "nan" in text:
+                        what = "the parameters grew so large that the model computes NaN"
+                    else:
+                        raise
+                    raise FloatingPointError(
+                        f"{what} at {where}, so the model failed"
+                        f" ({text.splitlines()[0][:160]}){_kept(path)}"
+                    ) from error
                 if not math.isfinite(loss):
-                    where = f"epoch {position['epoch'] + 1}, step {position['step'] + 1}"
-                    kept = f"; the last good checkpoint {path} is intact" if path else ""
-                    raise FloatingPointError(f"the loss is {loss} at {where}{kept}")
+                    raise FloatingPointError(f"the loss is {loss} at {where}{_kept(path)}")
                 losses.append(loss)
                 position["step"] += 1
                 done_steps += 1
@@ -183,10 +206,19 @@ def run(
                 "time": time.perf_counter() - start,
             }
             record["objective"] = -record["loss"]
+            if not history and losses:
+                record["first_loss"] = losses[0]  # the reference for the divergence warning
+            bad = _nonfinite_parameters(state)
+            if bad:  # a step with a finite loss can still leave NaN behind (a NaN gradient)
+                raise FloatingPointError(
+                    f"parameters {bad[:3]} are no longer finite after epoch {record['epoch']}"
+                    f"{_kept(path)}"
+                )
+            _warn_if_diverging(history, record)
             if validate is not None:
                 record["valid_objective"] = float(validate())
             history.append(record)
-            position.update(epoch=position["epoch"] + 1, step=0, perm=None)
+            position.update(epoch=position["epoch"] + 1, step=0, perm=None, batch_size=batch_size)
             if validate is not None and record["valid_objective"] > best["objective"]:
                 best.update(
                     objective=record["valid_objective"],
@@ -221,6 +253,42 @@ def run(
         best_epoch=kept["epoch"],
         extra={"best_epoch": kept["epoch"]},
     )
+
+
+class DivergenceWarning(UserWarning):
+    """The training objective ran away by orders of magnitude: the learning rate is too high."""
+
+
+def _warn_if_diverging(history, record) -> None:
+    """Warn once when an epoch's objective is a hundred times worse than the first step's."""
+    if any(r.get("diverging") for r in history):
+        return
+    start = history[0] if history else record
+    first, now = -start.get("first_loss", start["loss"]), record["objective"]
+    if now < first and abs(now - first) > 100 * max(1.0, abs(first)):
+        record["diverging"] = True
+        warnings.warn(
+            f"the training objective fell from {first:.4g} (the first step) to {now:.4g} (epoch"
+            f" {record['epoch']}): the fit is diverging; lower the learning rate",
+            DivergenceWarning,
+            stacklevel=3,
+        )
+
+
+def _nonfinite_parameters(state) -> List[str]:
+    """Names of Pyro's and the state's ``Parameters`` whose values are not all finite."""
+    tensors = dict(pyro.get_param_store()._params)
+    for obj in state.values():
+        if isinstance(obj, Parameters):
+            tensors.update(obj.leaves)
+    with torch.no_grad():
+        return [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+
+
+def _kept(path) -> str:
+    if path is not None and Path(path).exists():
+        return f"; the last good checkpoint {path} is intact"
+    return ""
 
 
 def _check_count(name: str, value) -> None:
@@ -452,7 +520,7 @@ class Parameters:
                 leaf.copy_(saved[name])
 
 
-def prepare(model, guide, rows: Rows, batch_size: Optional[int], data_plate=None):
+def prepare(model, guide, rows: Rows, batch_size: Optional[int], data_plate=None, transform=None):
     """What a driver runs before its first step: the data plates to scale (none when each step
     sees every row) and the parameters, created on a batch of the size the first step uses
     (the whole data, or ``batch_size`` rows). Torch's random state moves only by what the
@@ -460,7 +528,8 @@ def prepare(model, guide, rows: Rows, batch_size: Optional[int], data_plate=None
     the numbers the first step of Pyro's own loop draws, from the same seed.
 
     Returns ``(plates, parameters)``; raises a ValueError naming the plate, site or argument
-    when the program cannot be minibatched (``inference.batching.find_data_plates``).
+    when the program cannot be minibatched (``inference.batching.find_data_plates``), or when
+    observed data lie outside their distribution's support (``batching.check_support``).
     """
     if batch_size is not None:
         _check_count("batch_size", batch_size)
@@ -474,6 +543,14 @@ def prepare(model, guide, rows: Rows, batch_size: Optional[int], data_plate=None
         first = rows.slice(0, batch_size)
     with same_random_state():
         params = Parameters(model, guide, first)
+    try:
+        check_support(model, guide, first)
+    except ValueError:
+        if transform is None:
+            raise
+        # the values as the steps see them, after a per-batch transform such as dynamic
+        # binarization (drawn here from a generator of its own, so the loop's stays untouched)
+        check_support(model, guide, transform(first, torch.Generator().manual_seed(0)))
     if not len(params):
         raise ValueError(
             "the model and guide read no parameters to fit (pyro.param, pyro.module, PyroParam);"

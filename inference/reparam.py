@@ -284,7 +284,8 @@ def fit(
     example = rows.slice(0, 2)
     with same_random_state():
         check_reparameterizable(guide, example, model)
-    plates, params = loop.prepare(model, guide, rows, batch_size, data_plate)
+    transform = loop_options.get("transform")
+    plates, params = loop.prepare(model, guide, rows, batch_size, data_plate, transform)
     opt = optimizer(params.tensors()) if optimizer is not None else loop.adam(params.tensors(), lr)
     with same_random_state():
         objective = Objective(

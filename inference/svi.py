@@ -150,7 +150,8 @@ def fit(
     """
     rows = Rows(data, batch_dims)
     num_data = rows.num_data
-    plates, params = loop.prepare(model, guide, rows, batch_size, data_plate)
+    transform = loop_options.get("transform")
+    plates, params = loop.prepare(model, guide, rows, batch_size, data_plate, transform)
     first = rows.slice(0, batch_size or num_data)
     scaled_model = scale_rows(model, plates, rows)
     scaled_guide = scale_rows(guide, plates, rows)

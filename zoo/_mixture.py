@@ -21,6 +21,8 @@ from pyro.distributions.util import is_validation_enabled
 from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch.distributions import transform_to
 
+from zoo.nets import check_number, check_sizes
+
 _instances = itertools.count()
 
 
@@ -31,10 +33,8 @@ class Mixture(PyroModule):
     def __init__(self, config):
         # A unique prefix keeps two mixtures in one session from sharing Pyro's global param store.
         super().__init__(name=f"{type(self).__name__}{next(_instances)}")
-        if config.num_components < 1:
-            raise ValueError(f"num_components must be at least 1, got {config.num_components}")
-        if config.dim < 1:
-            raise ValueError(f"dim must be at least 1, got {config.dim}")
+        check_sizes(config, "num_components", "dim")
+        check_number(config, "weight_concentration")
         if config.weight_concentration < 1:
             raise ValueError("weight_concentration below 1 has no MAP estimate; use >= 1")
         self.config = config

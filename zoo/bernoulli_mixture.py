@@ -29,6 +29,7 @@ from pyro.nn import PyroParam
 from inference import sparse
 from zoo._mixture import Mixture
 from zoo._mixture import relabel as _relabel
+from zoo.nets import check_number
 
 
 @dataclass
@@ -103,6 +104,8 @@ class BernoulliMixture(Mixture):
 
     def __init__(self, config: BMMConfig = None, **kwargs):
         config = config or BMMConfig(**kwargs)
+        check_number(config, "beta_a")
+        check_number(config, "beta_b")
         if config.beta_a < 1 or config.beta_b < 1:
             raise ValueError("Beta prior parameters below 1 have no MAP estimate; use >= 1")
         super().__init__(config)

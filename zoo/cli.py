@@ -18,6 +18,7 @@ history.json, metrics.json and PNG plots.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -42,7 +43,7 @@ import torch.distributed as tdist  # noqa: E402
 from inference import em, evaluate, loop, reparam, svi  # noqa: E402
 from inference.io import save_json, save_torch  # noqa: E402
 from inference.sparse import SparseRows  # noqa: E402
-from zoo import comparisons, data, plots  # noqa: E402
+from zoo import comparisons, data, plots, runs  # noqa: E402
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
 from zoo.cvae import CVAE, Baseline, CVAEConfig, one_hot, quadrant_task  # noqa: E402
 from zoo.gmm import GaussianMixture, GMMConfig  # noqa: E402
@@ -206,12 +207,20 @@ def cmd_fit(args) -> int:
     args.inference = inference
     resume = args.resume is not None
     if isinstance(args.resume, str):
+        if args.out is not None and runs.run_path(args.out) != runs.run_path(args.resume):
+            raise SystemExit(
+                f"zoo: --resume {args.resume} names the run to continue and --out {args.out}"
+                " another folder: give one of them"
+            )
         args.out = args.resume
-    out = Path(args.out or f"runs/{args.model}-{args.data or entry.default_data}")
-    if resume and not (out / "checkpoint.pt").exists():
-        raise SystemExit(f"zoo: nothing to resume: {out / 'checkpoint.pt'} does not exist")
-    if (out / "params.pt").exists() and not (args.overwrite or resume):
-        raise SystemExit(f"zoo: {out} already holds a run; pass --overwrite or another --out")
+    if args.resume_lr is not None and not resume:
+        raise SystemExit("zoo: --resume-lr continues a run from its checkpoint: pass --resume too")
+    if resume and not entry.deep:
+        raise SystemExit(
+            "zoo: EM fits have no checkpoint to resume (they restart in seconds to minutes);"
+            " fit again, with --overwrite to replace the run"
+        )
+    out = runs.run_path(args.out or f"runs/{args.model}-{args.data or entry.default_data}")
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     device = _device(args.device)
@@ -223,8 +232,16 @@ def cmd_fit(args) -> int:
         device = _init_distributed(device)
     data_name = args.data or entry.default_data
     binarize = entry.default_binarize if args.binarize == "default" else _none(args.binarize)
-    if entry.deep:
-        return _fit_deep(args, entry, out, device, data_name, binarize, resume)
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    claim = runs.open_for_writing(out, overwrite=args.overwrite, resume=resume)
+    with claim if rank == 0 else contextlib.nullcontext():  # rank 0 writes the run directory
+        if entry.deep:
+            return _fit_deep(args, entry, out, device, data_name, binarize, resume)
+        return _fit_em(args, entry, out, device, data_name, binarize)
+
+
+def _fit_em(args, entry, out, device, data_name, binarize) -> int:
+    """Fit a mixture by EM; write the run directory."""
     x, _ = _load(data_name, "train", binarize, args.max_data)
     x = x.to(device)
     model = entry.model_class(entry.config_from_args(args, x.shape[1], True)).to(device)
@@ -264,7 +281,7 @@ def cmd_fit(args) -> int:
         },
         "command": "zoo " + " ".join(shlex.quote(a) for a in args.argv),
     }
-    save_json(out / "config.json", config)
+    runs.Run(out).write_config(config)
     save_torch(out / "params.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     save_json(out / "history.json", result.history)
     metrics = _metrics(model, config, x)
@@ -310,6 +327,13 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         )
     if args.model == "ssvae" and args.iwae > 1:
         raise SystemExit("zoo: the SSVAE is fitted by SVI; --iwae does not apply")
+    if args.loss is not None and args.inference == "reparam":
+        raise SystemExit(
+            "zoo: --loss picks Pyro's ELBO for --inference svi; the reparameterized driver has"
+            " its own bound (the ELBO, or the IWAE bound with --iwae K)"
+        )
+    if args.resume_lr is not None:
+        args.lr = args.resume_lr  # the rate from here on; config.json records the change
     loss = args.loss or ("TraceEnum_ELBO" if args.model == "ssvae" else "TraceMeanField_ELBO")
     if args.model == "ssvae" and args.sample_y and args.loss is None:
         loss = "Trace_ELBO"  # y is sampled: the score-function estimator of Pyro's tutorial
@@ -354,31 +378,24 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         valid = _model_args(config, "valid", held_out_binarize, args.max_data, device)
     except ValueError:  # the data set has no validation split
         valid = None
+    if args.patience is not None and valid is None:
+        raise SystemExit(
+            f"zoo: --patience stops on the validation score, and {data_name} has no validation"
+            " split: leave --patience out"
+        )
     if resume:
-        saved = json.loads((out / "config.json").read_text())
-        if saved["model_config"] != json.loads(json.dumps(config["model_config"])):
-            raise SystemExit(f"zoo: --resume with a different model than {out} holds")
-        # an epoch's learning rate follows from these: a resumed run must agree with the saved
-        # ones (--epochs only matters when the rate decays: a constant-rate run may be extended)
-        keys = ("lr", "lr_decay") + (("epochs",) if args.lr_decay != 1 else ())
-        for key in keys:
-            was, now = saved["options"].get(key, 1.0), config["options"][key]
-            if was != now:
-                raise SystemExit(
-                    f"zoo: {out} was started with --{key.replace('_', '-')} {was}; resume it"
-                    f" with the same value (the learning-rate schedule depends on it), not {now}"
-                )
-        if saved["options"].get("stack_on") != config["options"]["stack_on"]:
-            raise SystemExit(
-                f"zoo: {out} was started on M1 {saved['options'].get('stack_on')}; resume it on"
-                f" the same VAE, not {stack}"
-            )
+        saved = runs.read_config(out)
+        runs.check_resume(saved, config, changed_lr=args.resume_lr is not None)
+        if args.resume_lr is not None:  # a deliberate new rate, from the last good checkpoint
+            position = runs.load_tensors(out / "checkpoint.pt", "checkpoint")["position"]
+            change = {"lr": args.lr, "was": saved["options"].get("lr"), "epoch": position["epoch"]}
+            config["lr_changes"] = saved.get("lr_changes", []) + [change]
         # the run stays the one its first command started; each resume is listed after it
         config["resumes"] = saved.get("resumes", []) + [config["command"]]
         config["command"] = saved["command"]
     rank = tdist.get_rank() if tdist.is_initialized() else 0
     if rank == 0:
-        save_json(out / "config.json", config)  # first, so that an interrupted run can resume
+        runs.Run(out).write_config(config)  # first, so that an interrupted run can resume
 
     def dynamic(batch, generator):  # a fresh Bernoulli draw of every pixel, every epoch
         if isinstance(batch, torch.Tensor):
@@ -397,7 +414,7 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         valid_data=None if valid is None else (valid[0] if len(valid) == 1 else valid),
         max_steps=args.max_steps,
         lr=args.lr,
-        lr_schedule=None if args.lr_decay == 1 else loop.exponential_lr(args.lr_decay, args.epochs),
+        lr_schedule=_lr_schedule(args),
     )
     if isinstance(model, HVAE):
         options["schedule"] = model.warmup(config["options"]["warmup"])
@@ -406,15 +423,30 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         options["validate"] = lambda: model.accuracy(x_valid, y_valid)  # early stop on this
     started = time.time()
     data_args = train[0] if len(train) == 1 else train
-    if args.inference == "reparam":
-        result = reparam.fit(
-            model.model, model.guide, data_args, num_particles=args.iwae, jit=args.jit, **options
-        )
-    else:
-        nesting = 1 if isinstance(model, SSVAE) else None  # y is enumerated left of the plate
-        result = svi.fit(
-            model.model, model.guide, data_args, loss=loss, max_plate_nesting=nesting, **options
-        )
+    try:
+        if args.inference == "reparam":
+            result = reparam.fit(
+                model.model,
+                model.guide,
+                data_args,
+                num_particles=args.iwae,
+                jit=args.jit,
+                **options,
+            )
+        else:
+            nesting = 1 if isinstance(model, SSVAE) else None  # y is enumerated left of the plate
+            result = svi.fit(
+                model.model, model.guide, data_args, loss=loss, max_plate_nesting=nesting, **options
+            )
+    except FloatingPointError as error:
+        hint = ""
+        if (out / "checkpoint.pt").exists():
+            hint = (
+                f"\nzoo: to continue from the last good checkpoint at a lower rate: zoo fit"
+                f" {args.model} --resume {out} --resume-lr {args.lr / 10:g} (and the run's other"
+                " flags)"
+            )
+        raise SystemExit(f"zoo: error: {error}{hint}") from None
     # training time summed over the run's resumes (the loop's clock continues across them)
     seconds = result.history[-1]["time"] if result.history else time.time() - started
     if rank != 0:  # every rank holds the same parameters; rank 0 writes the run directory
@@ -423,7 +455,7 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
         _fit_baseline(train, args, out, device)
     save_torch(out / "params.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     save_json(out / "history.json", result.history)
-    metrics = _deep_metrics(model, config, args.eval_samples, device, out)
+    metrics = _deep_metrics(model, config, args.eval_samples, device, out, not args.quiet)
     metrics.update(
         fit_seconds=seconds,
         epochs=result.num_steps,
@@ -436,6 +468,14 @@ def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
     _deep_plots(model, config, result.history, out, device, metrics)
     _print_metrics(out, metrics)
     return 0
+
+
+def _lr_schedule(args):
+    """The factor on the rate per epoch: decaying with --lr-decay; with --resume-lr a constant 1,
+    so that the new rate replaces the one the checkpoint's optimizer state carries."""
+    if args.lr_decay != 1:
+        return loop.exponential_lr(args.lr_decay, args.epochs)
+    return (lambda epoch: 1.0) if args.resume_lr is not None else None
 
 
 def _stack(args, m2: SSVAE, data_name, binarize):
@@ -510,17 +550,21 @@ def _fit_baseline(train, args, out: Path, device) -> None:
 
 
 @torch.no_grad()
-def _deep_metrics(model, config, num_samples, device, run: Optional[Path] = None) -> dict:
+def _deep_metrics(
+    model, config, num_samples, device, run: Optional[Path] = None, progress: bool = False
+) -> dict:
     """Test ELBO and importance-sampled log-likelihood (K = num_samples), nats per data point;
     for the CVAE these are of x given its condition, and in the quadrant task of the hidden
     pixels only, beside the baseline's negative log-likelihood of the same pixels."""
     test = _model_args(config, "test", config["held_out_binarize"], None, device)
     if isinstance(model, SSVAE):
-        return _ssvae_metrics(model, test, num_samples)
+        return _ssvae_metrics(model, test, num_samples, progress)
     data_args = test[0] if len(test) == 1 else test
     model.eval()
     elbo = evaluate.elbo(model.model, model.guide, data_args, num_samples=1)
-    log_px = evaluate.log_likelihood(model.model, model.guide, data_args, num_samples=num_samples)
+    log_px = evaluate.log_likelihood(
+        model.model, model.guide, data_args, num_samples=num_samples, progress=progress
+    )
     metrics = {
         "test_elbo": elbo.mean().item(),
         "test_log_likelihood": log_px.mean().item(),
@@ -542,11 +586,13 @@ def _deep_metrics(model, config, num_samples, device, run: Optional[Path] = None
 
 
 @torch.no_grad()
-def _ssvae_metrics(model, test, num_samples) -> dict:
+def _ssvae_metrics(model, test, num_samples, progress=False) -> dict:
     """Test accuracy of q(y | x) and of the generative classifier argmax_y L(x, y), and the
     bounds on log p(x) with the test labels hidden."""
     x, y = test
-    log_px = evaluate.log_likelihood(model.model, model.guide, x, num_samples=num_samples)
+    log_px = evaluate.log_likelihood(
+        model.model, model.guide, x, num_samples=num_samples, progress=progress
+    )
     enumerated, model.config.enumerate = model.config.enumerate, True  # the ELBO exact in y
     try:
         elbo = svi.make_loss("TraceEnum_ELBO", max_plate_nesting=1)
@@ -726,7 +772,9 @@ def cmd_evaluate(args) -> int:
     model, config = _restore(Path(args.run))
     if MODELS[config["model"]].deep:
         device = torch.device(config["options"]["device"] if torch.cuda.is_available() else "cpu")
-        metrics = _deep_metrics(model.to(device), config, args.num_samples, device, Path(args.run))
+        metrics = _deep_metrics(
+            model.to(device), config, args.num_samples, device, Path(args.run), not args.quiet
+        )
         old = Path(args.run) / "metrics.json"
         if old.exists():
             metrics = {**json.loads(old.read_text()), **metrics}
@@ -804,9 +852,15 @@ def _none(value):
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"zoo: --device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"zoo: --device {name!r}: zoo runs on cpu or cuda (or auto)")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("zoo: --device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    return device
 
 
 def _load(name, split, binarize, max_data):
@@ -817,14 +871,35 @@ def _load(name, split, binarize, max_data):
 
 
 def _restore(run: Path):
-    if not (run / "config.json").exists():
-        raise SystemExit(f"zoo: {run} is not a run directory (no config.json)")
-    config = json.loads((run / "config.json").read_text())
-    entry = MODELS[config["model"]]
-    model = entry.model_class(entry.config_class(**config["model_config"]))
+    """The fitted model of a run directory and its config, or a clear error naming the file."""
+    run = runs.run_path(run)
+    config = runs.read_config(run)
+    entry = MODELS.get(config["model"])
+    if entry is None:
+        raise runs.RunError(
+            f"{run / 'config.json'} names the model {config['model']!r}, which this zoo does not"
+            f" have ({', '.join(MODELS)})"
+        )
+    try:
+        model = entry.model_class(entry.config_class(**config["model_config"]))
+    except (TypeError, ValueError) as error:
+        raise runs.RunError(
+            f"{run / 'config.json'}: its model_config does not make a {config['model']} ({error})"
+        ) from None
     pyro.clear_param_store()
-    state = torch.load(run / "params.pt", weights_only=True, map_location="cpu")
-    model.load_state_dict(state)
+    if not (run / "params.pt").exists() and (run / "checkpoint.pt").exists():
+        raise runs.RunError(
+            f"{run} has no params.pt: its fit did not finish; continue it with zoo fit"
+            f" {config['model']} --resume {run}"
+        )
+    state = runs.load_tensors(run / "params.pt")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise runs.RunError(
+            f"{run / 'params.pt'} does not hold this {config['model']}'s parameters"
+            f" ({str(error).splitlines()[0][:200]})"
+        ) from None
     return model, config
 
 
@@ -955,7 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="EM on the data as sparse rows (bmm; auto: when large and at most 30%% nonzero)",
     )
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=_seed, default=0)
     fit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     deep = fit.add_argument_group("deep models (vae, cvae, ssvae, hvae)")
     deep.add_argument("--epochs", type=_positive_int, default=10)
@@ -1052,7 +1127,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const=True,
         metavar="RUN",
-        help="continue the run in --out (or in RUN) from its checkpoint",
+        help="continue the run in --out (or in RUN) from its checkpoint, with the same settings",
+    )
+    deep.add_argument(
+        "--resume-lr",
+        type=_positive_float,
+        metavar="LR",
+        help="with --resume: continue at learning rate LR from the last good checkpoint (after"
+        " a NaN stop, say); config.json records the change",
     )
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=cmd_fit)
@@ -1070,7 +1152,9 @@ def build_parser() -> argparse.ArgumentParser:
         " ssvae sampled,enumerated,classifier",
     )
     cmp.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 per method")
-    cmp.add_argument("--budget", type=float, help="seconds of fitting per method and seed")
+    cmp.add_argument(
+        "--budget", type=_positive_float, help="seconds of fitting per method and seed"
+    )
     cmp.add_argument("--out", help="report directory (default: runs/compare-MODEL-DATA)")
     cmp.add_argument("--overwrite", action="store_true", help="replace an existing report")
     cmp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -1105,12 +1189,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=5000,
         help="importance samples per data point (deep models)",
     )
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)
 
     sample = sub.add_parser("sample", help="draw samples from a fitted model")
     sample.add_argument("run")
     sample.add_argument("--num-samples", type=_positive_int, default=100)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0)
     sample.set_defaults(func=cmd_sample)
 
     data_cmd = sub.add_parser("data", help="data sets")
@@ -1128,6 +1213,20 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:  # numpy's seeds, which pyro.set_rng_seed sets too
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -1141,6 +1240,8 @@ def main(argv=None) -> int:
     args.argv = argv  # recorded in config.json as the command that reproduces a run
     try:
         return args.func(args)
+    except runs.RunError as err:
+        raise SystemExit(f"zoo: {err}") from None
     except (data.DataError, ValueError, TypeError, FloatingPointError) as err:
         print(f"zoo: error: {err}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from zoo.nets import GaussianEncoder, mlp
+from zoo.nets import GaussianEncoder, check_sizes, mlp
 
 
 @dataclass
@@ -43,6 +43,7 @@ class CVAE(nn.Module):
         super().__init__()
         config = config or CVAEConfig(**kwargs)
         config.hidden = tuple(config.hidden)
+        check_sizes(config, "x_dim", "y_dim", "z_dim", "hidden")
         self.config = config
         self.prior_net = GaussianEncoder(config.y_dim, config.hidden, config.z_dim)
         self.encoder = GaussianEncoder(config.x_dim + config.y_dim, config.hidden, config.z_dim)

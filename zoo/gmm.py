@@ -23,6 +23,7 @@ from pyro.nn import PyroParam
 
 from zoo._mixture import Mixture
 from zoo._mixture import relabel as _relabel
+from zoo.nets import check_number
 
 
 @dataclass
@@ -67,8 +68,7 @@ class GaussianMixture(Mixture):
             raise ValueError(
                 f"covariance_type must be 'full' or 'diag', not {config.covariance_type!r}"
             )
-        if config.reg_covar < 0:
-            raise ValueError(f"reg_covar must be non-negative, got {config.reg_covar}")
+        check_number(config, "reg_covar", 0.0)
         super().__init__(config)
         num_components, dim = config.num_components, config.dim
         self.locs = PyroParam(torch.randn(num_components, dim))  # (K, D)

@@ -44,7 +44,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from zoo.nets import GaussianEncoder, check_rows, mlp
+from zoo.nets import GaussianEncoder, check_rows, check_sizes, mlp
 
 _PAPER_Z = (64, 32, 16, 8, 4)
 _PAPER_HIDDEN = (512, 256, 128, 64, 32)
@@ -74,6 +74,7 @@ class HVAE(nn.Module):
         super().__init__()
         config = config or HVAEConfig(**kwargs)
         config.z_dims, config.hidden = tuple(config.z_dims), tuple(config.hidden)
+        check_sizes(config, "x_dim", "z_dims", "hidden")
         if not config.z_dims or len(config.z_dims) != len(config.hidden):
             raise ValueError(
                 f"z_dims {config.z_dims} and hidden {config.hidden} must be non-empty and of"

@@ -1,6 +1,7 @@
-"""Small network blocks the deep models share."""
+"""Small network blocks the deep models share, and the checks their configs share."""
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,3 +43,25 @@ def check_rows(x, dim: int) -> int:
     if x.dim() != 2 or x.shape[-1] != dim:
         raise ValueError(f"x must have shape (N, {dim}), got {tuple(x.shape)}")
     return x.shape[0]
+
+
+def check_sizes(config, *names: str) -> None:
+    """Raise a ValueError naming the field unless each is a positive int (or a tuple of them)."""
+    for name in names:
+        value = getattr(config, name)
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            kind = "positive integers" if isinstance(value, (tuple, list)) else "a positive integer"
+            raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_number(config, name: str, low: Optional[float] = None, *, strict: bool = False) -> None:
+    """Raise a ValueError naming the field unless it is a finite number at least ``low``
+    (above it with ``strict``)."""
+    value = getattr(config, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if strict else value >= low
+    if not ok:
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")

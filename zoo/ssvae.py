@@ -54,7 +54,7 @@ from pyro import poutine
 from pyro.distributions.util import broadcast_shape
 from torch import nn
 
-from zoo.nets import check_rows, mlp
+from zoo.nets import check_number, check_rows, check_sizes, mlp
 from zoo.vae import VAE, VAEConfig
 
 _POINT_MASS = -3.0e4  # logit of the classes a labelled row cannot take: exp() is exactly 0
@@ -107,8 +107,8 @@ class SSVAE(nn.Module):
             config.stack = VAEConfig(**config.stack)
         if not config.hidden:
             raise ValueError("the SSVAE needs at least one hidden layer")
-        if config.alpha < 0:
-            raise ValueError(f"alpha must be non-negative, got {config.alpha}")
+        check_sizes(config, "x_dim", "num_classes", "z_dim", "hidden")
+        check_number(config, "alpha", 0.0)
         if config.likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(
                 f"likelihood must be 'bernoulli' or 'gaussian', not {config.likelihood!r}"

@@ -24,7 +24,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from zoo.nets import GaussianEncoder, check_rows, mlp
+from zoo.nets import GaussianEncoder, check_number, check_rows, check_sizes, mlp
 
 
 @dataclass
@@ -46,9 +46,9 @@ class VAE(nn.Module):
             raise ValueError(
                 f"likelihood must be 'bernoulli' or 'gaussian', not {config.likelihood!r}"
             )
-        if config.beta < 0:
-            raise ValueError(f"beta must be non-negative, got {config.beta}")
         config.hidden = tuple(config.hidden)
+        check_sizes(config, "x_dim", "z_dim", "hidden")
+        check_number(config, "beta", 0.0)
         self.config = config
         self.encoder = GaussianEncoder(config.x_dim, config.hidden, config.z_dim)
         self.decoder = mlp([config.z_dim, *reversed(config.hidden), config.x_dim])
