@@ -36,6 +36,20 @@ def driver_batches(num_data, batch_size, num_epochs, seed=0):
     return out
 
 
+def pyros_loop(model, guide, steps, *, seed, lr=0.05, loss=None):
+    """Pyro's own SVI loop, one ``SVI.step(*args)`` per entry of ``steps`` from ``seed``, with
+    Pyro's Adam; the parameters it ends on. The store is cleared first and after."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    reference = SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss or Trace_ELBO())
+    for args in steps:
+        reference.step(*args)
+    expected = store_values()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    return expected
+
+
 def store_values():
     return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
 
@@ -101,14 +115,7 @@ def test_minibatches_are_scaled_as_pyros_subsampling_plate_scales_them(style):
     def ref(fn):
         return lambda idx: (setattr(reference_plate, "idx", idx), fn(x[idx], y[idx]))[1]
 
-    pyro.set_rng_seed(3)
-    loop = SVI(ref(ref_model), ref(ref_guide), pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
-    for idx in steps:
-        loop.step(idx)
-    expected = store_values()
-
-    pyro.clear_param_store()
-    pyro.set_rng_seed(3)
+    expected = pyros_loop(ref(ref_model), ref(ref_guide), [(i,) for i in steps], seed=3)
     result = svi.fit(
         model, guide, (x, y), optim=pyro.optim.Adam({"lr": 0.05}), batch_size=16, num_epochs=4
     )
@@ -149,13 +156,7 @@ def test_a_model_that_subsamples_itself_is_scaled_once():
         pass
 
     x, y = regression_data()
-    pyro.set_rng_seed(1)
-    loop = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
-    for _ in range(30):
-        loop.step(x, y)
-    expected = store_values()
-    pyro.clear_param_store()
-    pyro.set_rng_seed(1)
+    expected = pyros_loop(model, guide, [(x, y)] * 30, seed=1)
     result = svi.fit(
         model, guide, (x, y), optim=pyro.optim.Adam({"lr": 0.05}), batch_size=None, num_epochs=30
     )
@@ -233,13 +234,7 @@ def test_documents_along_dim_1_with_batch_dims():
     def ref(fn):
         return lambda idx: (state.update(i=idx), fn(counts[:, idx]))[1]
 
-    pyro.set_rng_seed(0)
-    loop = SVI(ref(ref_model), ref(ref_guide), pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
-    for idx in steps:
-        loop.step(idx)
-    expected = store_values()
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
+    expected = pyros_loop(ref(ref_model), ref(ref_guide), [(i,) for i in steps], seed=0)
     result = svi.fit(
         model,
         guide,
@@ -344,13 +339,7 @@ def test_local_parameters_fit_on_the_whole_data_and_are_refused_on_minibatches()
             pyro.sample("z", dist.Categorical(probs), infer={"enumerate": "sequential"})
 
     elbo = TraceEnum_ELBO(max_plate_nesting=1)
-    pyro.set_rng_seed(0)
-    loop = SVI(model, full_guide, pyro.optim.Adam({"lr": 0.05}), elbo)
-    for _ in range(40):
-        loop.step(data)
-    expected = store_values()
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
+    expected = pyros_loop(model, full_guide, [(data,)] * 40, seed=0, loss=elbo)
     svi.fit(
         model,
         full_guide,
@@ -429,34 +418,42 @@ def test_pyro_module_with_pyro_params_and_module_local_params(local):
         torch.testing.assert_close(result.params["sigma"], fitted.detach())
 
 
-def test_sequential_particles_when_the_program_does_not_broadcast():
-    """nn.Linear on a (particles, N, 3) tensor of sampled weights fails under vectorized
-    particles ("t() expects a tensor with <= 2 dimensions"); the driver falls back to Pyro's
-    sequential particles and takes Pyro's steps with vectorize_particles=False."""
-    x, y = regression_data()
-    finals = []
+def regression_both_ways(guide_class, num_epochs, lr, num_particles=1):
+    """The Bayesian regression fitted by Pyro's loop and by the driver from the same seed;
+    (Pyro's parameters, the driver's, the driver's result)."""
+    finals, result = [], None
     for use_driver in (False, True):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         model = BayesianRegression()
-        guide = AutoNormal(model)
+        guide = guide_class(model)
+        x, y = regression_data()
+        optim = pyro.optim.Adam({"lr": lr})
         if use_driver:
-            result = svi.fit(
-                model,
-                guide,
-                (x, y),
-                optim=pyro.optim.Adam({"lr": 0.03}),
-                num_particles=3,
-                num_epochs=10,
-            )
-            assert result.extra["vectorize_particles"] is False
+            options = dict(num_particles=num_particles, num_epochs=num_epochs, optim=optim)
+            result = svi.fit(model, guide, (x, y), **options)
         else:
-            elbo = Trace_ELBO(num_particles=3, vectorize_particles=False)
-            loop = SVI(model, guide, pyro.optim.Adam({"lr": 0.03}), elbo)
-            for _ in range(10):
+            elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)
+            loop = SVI(model, guide, optim, elbo)
+            for _ in range(num_epochs):
                 loop.step(x, y)
         finals.append(store_values())
-    assert_same_params(finals[1], finals[0])
+    return finals[0], finals[1], result
+
+
+def test_sequential_particles_when_the_program_does_not_broadcast():
+    """nn.Linear on a (particles, N, 3) tensor of sampled weights fails under vectorized
+    particles ("t() expects a tensor with <= 2 dimensions"); the driver falls back to Pyro's
+    sequential particles and takes Pyro's steps with vectorize_particles=False."""
+    expected, actual, result = regression_both_ways(AutoNormal, 10, 0.03, num_particles=3)
+    assert result.extra["vectorize_particles"] is False
+    assert_same_params(actual, expected)
+
+
+def test_map_by_svi_with_an_autodelta_guide_matches_pyros_loop():
+    """A closed loop with no randomness at all: AutoDelta (MAP) on the Bayesian regression."""
+    expected, actual, _ = regression_both_ways(AutoDelta, 25, 0.05)
+    assert_same_params(actual, expected, rtol=0, atol=0)
 
 
 class TorchMMPPCA:
@@ -675,22 +672,3 @@ def test_em_fits_an_hmm_as_hmmlearn_does():
         fitted["scales"].numpy() ** 2, reference.covars_.reshape(3, -1)[:, 0], atol=1e-4
     )
     assert math.isfinite(result.objective)
-
-
-def test_map_by_svi_with_an_autodelta_guide_matches_pyros_loop():
-    """A closed loop with no randomness at all: AutoDelta (MAP) on the Bayesian regression."""
-    x, y = regression_data()
-    finals = []
-    for use_driver in (False, True):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        model = BayesianRegression()
-        guide = AutoDelta(model)
-        if use_driver:
-            svi.fit(model, guide, (x, y), optim=pyro.optim.Adam({"lr": 0.05}), num_epochs=25)
-        else:
-            loop = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
-            for _ in range(25):
-                loop.step(x, y)
-        finals.append(store_values())
-    assert_same_params(finals[1], finals[0], rtol=0, atol=0)
