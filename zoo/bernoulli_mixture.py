@@ -16,7 +16,7 @@ Reference: Bishop (2006), Pattern Recognition and Machine Learning, sec. 9.3.3.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyro
 import pyro.distributions as dist
@@ -30,15 +30,22 @@ from inference import sparse
 from zoo._mixture import Mixture
 from zoo._mixture import relabel as _relabel
 from zoo.nets import check_number
+from zoo.registry import register
 
 
 @dataclass
 class BMMConfig:
-    num_components: int = 10
-    dim: int = 784
-    weight_concentration: float = 1.0  # Dirichlet prior on the weights; 1 = maximum likelihood
-    beta_a: float = 1.1  # Beta(a, b) prior on every pixel probability; (1, 1) = maximum likelihood
-    beta_b: float = 1.1
+    num_components: int = field(
+        default=10, metadata={"help": "mixture components K", "flags": ("--components", "-k")}
+    )
+    dim: int = field(default=784, metadata={"data": "dim"})
+    # Dirichlet prior on the weights; 1 = maximum likelihood
+    weight_concentration: float = field(
+        default=1.0, metadata={"help": "Dirichlet prior on the weights (1 = none)"}
+    )
+    # Beta(a, b) prior on every pixel probability; (1, 1) = maximum likelihood
+    beta_a: float = field(default=1.1, metadata={"help": "Beta(a, b) prior on pixel means"})
+    beta_b: float = field(default=1.1, metadata={"help": "Beta(a, b) prior on pixel means"})
 
 
 class ProductBernoulli(dist.TorchDistribution):
@@ -97,6 +104,14 @@ class ProductBernoulli(dist.TorchDistribution):
             raise ValueError("ProductBernoulli values must be 0 or 1")
 
 
+@register(
+    "bmm",
+    description="categorical -> Bernoulli mixture for binary images",
+    drivers={"em": {}, "svi": {"loss": "TraceEnum_ELBO", "max_plate_nesting": 1}},
+    default_data="mnist",
+    default_binarize="static",
+    config=BMMConfig,
+)
 class BernoulliMixture(Mixture):
     """A mixture of Bernoulli products; ``.model`` and ``.guide`` go into any driver."""
 

@@ -43,7 +43,7 @@ import torch.distributed as tdist  # noqa: E402
 from inference import em, evaluate, loop, reparam, svi  # noqa: E402
 from inference.io import save_json, save_torch  # noqa: E402
 from inference.sparse import SparseRows  # noqa: E402
-from zoo import comparisons, data, plots, runs  # noqa: E402
+from zoo import comparisons, data, plots, registry, runs  # noqa: E402
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
 from zoo.cvae import CVAE, Baseline, CVAEConfig, one_hot, quadrant_task  # noqa: E402
 from zoo.gmm import GaussianMixture, GMMConfig  # noqa: E402
@@ -185,11 +185,14 @@ MODELS = {
 
 def cmd_list(args) -> int:
     print("models:")
-    for name, entry in MODELS.items():
+    for name in registry.names():
+        spec = registry.get(name)
+        inferences = MODELS[name].inferences if name in MODELS else tuple(spec.drivers)
         print(
-            f"  {name:6s} {entry.description}  [inference: {', '.join(entry.inferences)};"
-            f" default data: {entry.default_data}]"
+            f"  {name:6s} {spec.description}  [inference: {', '.join(inferences)};"
+            f" default data: {spec.default_data or 'none'}]"
         )
+    print("  (and your own: zoo fit path/to/file.py:Class or package.module:Class)")
     print("data sets:")
     for name in data.NAMES:
         print(f"  {name}")
@@ -770,6 +773,13 @@ def cmd_compare(args) -> int:
 
 def cmd_evaluate(args) -> int:
     model, config = _restore(Path(args.run))
+    if config["model"] not in MODELS:
+        metrics = _any_metrics(model, config, args.num_samples, not args.quiet)
+        old = Path(args.run) / "metrics.json"
+        kept = json.loads(old.read_text()) if old.exists() else {}
+        save_json(old, {**kept, **metrics})  # kept: what only the fit knew (its objective)
+        _print_metrics(Path(args.run), metrics)
+        return 0
     if MODELS[config["model"]].deep:
         device = torch.device(config["options"]["device"] if torch.cuda.is_available() else "cpu")
         metrics = _deep_metrics(
@@ -795,6 +805,9 @@ def cmd_sample(args) -> int:
     run = Path(args.run)
     model, config = _restore(run)
     pyro.set_rng_seed(args.seed)
+    if config["model"] not in MODELS:
+        _sample_any(model, config, run, args.num_samples)
+        return 0
     if isinstance(model, (CVAE, SSVAE)):
         plot = _cvae_plots if isinstance(model, CVAE) else _ssvae_plots
         plot(model, config, run, torch.device("cpu"))
@@ -876,10 +889,10 @@ def _restore(run: Path):
     config = runs.read_config(run)
     entry = MODELS.get(config["model"])
     if entry is None:
-        raise runs.RunError(
-            f"{run / 'config.json'} names the model {config['model']!r}, which this zoo does not"
-            f" have ({', '.join(MODELS)})"
-        )
+        try:
+            return _restore_any(run, config), config
+        except ValueError as error:
+            raise runs.RunError(f"{run / 'config.json'}: {error}") from None
     try:
         model = entry.model_class(entry.config_class(**config["model_config"]))
     except (TypeError, ValueError) as error:
@@ -1236,7 +1249,13 @@ def _positive_int(text: str) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    any_model = len(argv) > 1 and not argv[1].startswith("-")
+    if any_model and argv[0] == "fit" and argv[1] not in MODELS:  # from the registry or a file
+        args = argparse.Namespace(func=lambda _: cmd_fit_any(argv[1:]))
+    elif any_model and argv[0] == "compare" and argv[1] not in comparisons.METHODS:
+        args = argparse.Namespace(func=lambda _: cmd_compare_any(argv[1:]))
+    else:
+        args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in config.json as the command that reproduces a run
     try:
         return args.func(args)
@@ -1252,3 +1271,313 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------ any model, through the registry
+#
+# A model that the tables above do not list (a user's class, ``file.py:Class`` or
+# ``package.module:Class``, or one an installed package registers) is fitted from what it
+# declares (``zoo.registry``): its options become flags, its drivers the --inference choices.
+
+
+def _model_flag_parser(spec) -> argparse.ArgumentParser:
+    """The flags of one model: its options (``registry.Spec.options``), less those the data
+    set, and the shared ones."""
+    parser = argparse.ArgumentParser(prog=f"zoo fit {spec.name}", description=spec.description)
+    parser.add_argument("--data", help="a data set name or a .csv / .npy file of rows")
+    parser.add_argument(
+        "--binarize", default="default", choices=("default", "none", "static", "threshold")
+    )
+    parser.add_argument(
+        "--inference", choices=tuple(spec.drivers), default=next(iter(spec.drivers))
+    )
+    parser.add_argument("--out")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--epochs", type=_positive_int, default=10)
+    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--lr", type=_positive_float, default=1e-3)
+    parser.add_argument("--loss", choices=sorted(svi.LOSSES), help="--inference svi")
+    parser.add_argument("--tol", type=_positive_float, default=1e-4, help="--inference em")
+    parser.add_argument("--max-iter", type=_positive_int, default=500, help="--inference em")
+    parser.add_argument("--max-data", type=_positive_int)
+    parser.add_argument("--eval-samples", type=_positive_int, default=100)
+    parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument("--quiet", action="store_true")
+    group = parser.add_argument_group(f"{spec.name} options")
+    for option in spec.options():
+        if option.data is None:
+            _add_option(group, option)
+    return parser
+
+
+def _add_option(group, option) -> None:
+    kind, nargs = _flag_type(option.type)
+    flags = [f"--{option.name.replace('_', '-')}", *option.flags]
+    extra = {"choices": option.choices} if option.choices else {}
+    if kind is bool:
+        group.add_argument(*flags, dest=option.name, action=argparse.BooleanOptionalAction)
+        return
+    group.add_argument(
+        *flags, dest=option.name, type=kind, nargs=nargs, help=option.help or None, **extra
+    )
+
+
+def _flag_type(annotation):
+    """(element type, nargs) of an option's annotation: int, float, str, bool, Optional[T],
+    Tuple[T, ...]."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[T]
+        return _flag_type(next(a for a in args if a is not type(None)))
+    if origin in (tuple, list):
+        return (args[0] if args else str), "+"
+    if annotation in (int, float, str, bool):
+        return annotation, None
+    return str, None
+
+
+def cmd_fit_any(argv) -> int:
+    """``zoo fit MODEL ...`` for a model the tables above do not list."""
+    spec = registry.get(argv[0])
+    args = _model_flag_parser(spec).parse_args(argv[1:])
+    given = {o.name: getattr(args, o.name) for o in spec.options() if o.data is None}
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
+    if args.data is None and spec.default_data is None:
+        raise SystemExit(f"zoo: {spec.name} has no default data: pass --data NAME or a file")
+    data_name = args.data or spec.default_data
+    binarize = spec.default_binarize if args.binarize == "default" else _none(args.binarize)
+    x, y = _any_split(data_name, "train", binarize, args.max_data)
+    info = registry.DataInfo.of(x, y, data_name, binarize)
+    options = spec.complete(given, info)
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    model = spec.build(options)
+    out = runs.run_path(
+        args.out or f"runs/{Path(spec.name.split(':')[-1]).name}-{Path(data_name).stem}"
+    )
+    with runs.open_for_writing(out, overwrite=args.overwrite) as run:
+        config = {
+            "model": spec.name,
+            "model_config": json.loads(json.dumps(options, default=list)),
+            "data": data_name,
+            "binarize": binarize,
+            "max_data": args.max_data,
+            "inference": args.inference,
+            "options": {k: v for k, v in vars(args).items() if k not in given},
+            "command": "zoo fit " + " ".join(shlex.quote(a) for a in argv),
+        }
+        run.write_config(config)
+        result = _fit_with_driver(spec, model, args, _arguments(model, x, y, "train"))
+        _save_parameters(model, out / "params.pt")
+        save_json(out / "history.json", result.history)
+        metrics = _any_metrics(model, config, args.eval_samples, not args.quiet)
+        metrics.update(objective=result.objective, stop_reason=result.stop_reason)
+        save_json(out / "metrics.json", metrics)
+        _any_figures(model, config, result.history, out)
+    _print_metrics(out, metrics)
+    return 0
+
+
+def _fit_with_driver(spec, model, args, train):
+    """One fit of ``model`` with the driver ``args.inference`` and the spec's default options."""
+    options = dict(spec.drivers[args.inference])
+    hook = getattr(model, "driver_options", None)
+    options.update(hook(args.inference) if callable(hook) else {})
+    value = train[0] if len(train) == 1 else train
+    if args.inference == "em":
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", em.ConvergenceWarning)
+            return em.fit(
+                model.model,
+                model.guide,
+                value,
+                tol=args.tol,
+                max_iter=args.max_iter,
+                seed=args.seed,
+                progress=not args.quiet,
+                **options,
+            )
+    loop_options = dict(
+        batch_size=args.batch_size,
+        num_epochs=args.epochs,
+        lr=args.lr,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    hook = getattr(model, "fit_options", None)
+    loop_options.update(hook(args.epochs) if callable(hook) else {})
+    if args.inference == "svi":
+        if args.loss:
+            options["loss"] = args.loss
+        return svi.fit(model.model, model.guide, value, **options, **loop_options)
+    if args.loss:
+        raise SystemExit("zoo: --loss picks Pyro's ELBO for --inference svi")
+    return reparam.fit(model.model, model.guide, value, **options, **loop_options)
+
+
+def _arguments(model, x, y, split):
+    """The model's arguments for a split: its own ``arguments(x, y, split)``, else ``(x,)``."""
+    hook = getattr(model, "arguments", None)
+    return tuple(hook(x, y, split)) if callable(hook) else (x,)
+
+
+def _any_split(name, split, binarize, max_data):
+    """A split of a zoo data set, or of a user's .csv / .npy file (its rows: no split, no
+    labels), as float32 tensors."""
+    if name in data.NAMES:
+        return _load(name, split, binarize, max_data)
+    path = runs.run_path(name)
+    if path.suffix not in (".csv", ".npy"):
+        raise SystemExit(
+            f"zoo: --data {name}: a data set ({', '.join(data.NAMES)}) or a .csv / .npy file"
+        )
+    x = data.load_file(path)
+    if max_data:
+        x = x[:max_data]
+    return data.binarize(x, binarize, seed=0) if binarize else x, None
+
+
+def _save_parameters(model, path: Path) -> None:
+    """A module's state dict, or for a model of plain pyro.params the store's values."""
+    if isinstance(model, torch.nn.Module):
+        state = model.state_dict()
+    else:
+        state = dict(pyro.get_param_store()._params)
+    save_torch(path, {k: v.detach().cpu() for k, v in state.items()})
+
+
+def _restore_any(run: Path, config: dict):
+    spec = registry.get(config["model"])
+    try:
+        model = spec.build(config["model_config"])
+    except (TypeError, ValueError) as error:
+        raise runs.RunError(f"{run / 'config.json'}: {error}") from None
+    state = runs.load_tensors(run / "params.pt")
+    if isinstance(model, torch.nn.Module):
+        model.load_state_dict(state)
+        return model
+    x, y = _any_split(config["data"], "train", config["binarize"], 2)
+    loop.Parameters(model.model, model.guide, _value(_arguments(model, x, y, "train")))
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for name, value in state.items():
+            store._params[name].copy_(value)
+    return model
+
+
+def _value(arguments):
+    return arguments[0] if len(arguments) == 1 else arguments
+
+
+def _held_out(config):
+    """The test split's arguments (the training rows for a data set without one)."""
+    try:
+        x, y = _any_split(config["data"], "test", config["binarize"], None)
+        split = "test"
+    except (ValueError, SystemExit):
+        x, y = _any_split(config["data"], "train", config["binarize"], config["max_data"])
+        split = "train"
+    return split, x, y
+
+
+def _any_metrics(model, config, num_samples, progress) -> dict:
+    """The model's own ``metrics``, else the shared ones: exact (mixtures) or importance-sampled
+    log-likelihood, and for the deep drivers the ELBO, on the held-out split."""
+    split, x, y = _held_out(config)
+    held_out = _arguments(model, x, y, split)
+    hook = getattr(model, "metrics", None)
+    if callable(hook):
+        return dict(hook(held_out, num_samples, progress))
+    value = _value(held_out)
+    log_px = evaluate.log_likelihood(
+        model.model, model.guide, value, num_samples=num_samples, progress=progress
+    )
+    metrics = {f"{split}_log_likelihood": log_px.mean().item(), "units": "nats per data point"}
+    if config["inference"] != "em":
+        metrics[f"{split}_elbo"] = evaluate.elbo(model.model, model.guide, value).mean().item()
+        metrics["log_likelihood_samples"] = num_samples
+    return metrics
+
+
+def _any_figures(model, config, history, out: Path) -> None:
+    key = "log_likelihood" if config["inference"] == "em" else "objective"
+    label = "mean log-likelihood" if key == "log_likelihood" else "ELBO per data point"
+    fig = plots.curve(history, key, ylabel=f"{label} (nats)", title=f"{config['model']}: training")
+    plots.save(fig, out / "learning_curve.png")
+    hook = getattr(model, "figures", None)
+    if callable(hook):
+        split, x, y = _held_out(config)
+        for name, figure in hook(_arguments(model, x, y, split), history).items():
+            plots.save(figure, out / name)
+
+
+def _sample_any(model, config, run: Path, num_samples: int) -> None:
+    hook = getattr(model, "sample", None)
+    if not callable(hook):
+        raise SystemExit(f"zoo: {config['model']} offers no sample(num_samples): nothing to draw")
+    drawn = hook(num_samples)
+    x = drawn[0] if isinstance(drawn, tuple) else drawn
+    save_torch(run / "samples.pt", {"x": x.detach().cpu()})
+    side = int(round(x.shape[-1] ** 0.5))
+    if x.dim() == 2 and side * side == x.shape[-1]:
+        plots.save(
+            plots.image_grid(x, title=f"samples from {config['model']}"), run / "samples.png"
+        )
+    print(f"wrote {run / 'samples.pt'}")
+
+
+def cmd_compare_any(argv) -> int:
+    """``zoo compare MODEL ...`` for a model with no comparison of its own: its drivers."""
+    spec = registry.get(argv[0])
+    parser = argparse.ArgumentParser(prog=f"zoo compare {spec.name}")
+    parser.add_argument("--data")
+    parser.add_argument("--inference", help=f"comma-separated, of {','.join(spec.drivers)}")
+    parser.add_argument("--seeds", type=_positive_int, default=3)
+    parser.add_argument("--budget", type=_positive_float)
+    parser.add_argument("--out")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    for flag, kind, default in (
+        ("--epochs", _positive_int, 10),
+        ("--batch-size", _positive_int, 128),
+        ("--lr", _positive_float, 1e-3),
+        ("--num-samples", _positive_int, 100),
+        ("--max-data", _positive_int, None),
+    ):
+        parser.add_argument(flag, type=kind, default=default)
+    group = parser.add_argument_group(f"{spec.name} options")
+    for option in spec.options():
+        if option.data is None:
+            _add_option(group, option)
+    args = parser.parse_args(argv[1:])
+    data_name = args.data or spec.default_data
+    if data_name is None:
+        raise SystemExit(f"zoo: {spec.name} has no default data: pass --data NAME")
+    stem = Path(spec.name.split(":")[-1]).name
+    out = runs.run_path(args.out or f"runs/compare-{stem}-{data_name}")
+    if (out / "table.md").exists() and not args.overwrite:
+        raise SystemExit(
+            f"zoo: {out} already holds a comparison; pass --overwrite or another --out"
+        )
+    given = {o.name: getattr(args, o.name) for o in spec.options() if o.data is None}
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
+    table = comparisons.compare_declared(
+        spec,
+        given,
+        data_name,
+        methods=args.inference.split(",") if args.inference else None,
+        seeds=range(args.seeds),
+        budget=args.budget,
+        out=out,
+        command="zoo compare " + " ".join(shlex.quote(a) for a in argv),
+        progress=not args.quiet,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        num_samples=args.num_samples,
+        max_data=args.max_data,
+    )
+    print(table.read_text().split("\nNotes:")[0].split("\n###")[0].rstrip())
+    print(f"\nreport: {out} (table.md, table.csv, log_likelihood_vs_time.png, rows.json)")
+    return 0

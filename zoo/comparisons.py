@@ -779,3 +779,91 @@ BUILDERS = {
     "vae": {name: partial(_vae_method, name) for name in METHODS["vae"]},
     "ssvae": {name: partial(_ssvae_method, name) for name in METHODS["ssvae"]},
 }
+
+
+# ------------------------------------------------------------ any model, through the registry
+
+
+def compare_declared(
+    spec,
+    model_options: Dict,
+    data_name: str,
+    methods: Optional[Sequence[str]] = None,
+    seeds: Sequence[int] = (0,),
+    budget: Optional[float] = None,
+    out="runs/compare",
+    command: Optional[str] = None,
+    progress: bool = True,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    num_samples: int = 100,
+    max_data: Optional[int] = None,
+) -> Path:
+    """Compare the drivers a model declares (``registry.Spec.drivers``), each with its
+    declared options, on the same split: the comparison of a model that brings no methods of
+    its own (a user's class). Held-out figure: the exact log-likelihood where the model's
+    latents are enumerable, else importance-sampled with the guide (K = ``num_samples``)."""
+    from zoo import registry
+
+    methods = list(methods or spec.drivers)
+    unknown = [m for m in methods if m not in spec.drivers]
+    if unknown:
+        raise ValueError(
+            f"{spec.name} declares the drivers {', '.join(spec.drivers)}, not {', '.join(unknown)}"
+        )
+    (x, y), (x_test, y_test) = _split(Setup(model=spec.name, data=data_name, max_data=max_data))
+    info = registry.DataInfo.of(x, y, data_name)
+    options = spec.complete(model_options, info)
+    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, num_samples=num_samples)
+    built = [
+        runner.Method(
+            m, partial(_declared_run, spec, options, m, (x, y), (x_test, y_test), settings)
+        )
+        for m in methods
+    ]
+    rows = runner.run(built, seeds=seeds, budget=budget, progress=progress)
+    title = f"{spec.name} on {data_name}: " + ", ".join(methods)
+    command = command or f"zoo compare {spec.name} --data {data_name}"
+    return runner.report(rows, Path(out), command=command, title=title)
+
+
+def _declared_run(spec, options, driver, train, test, settings, seed, recorder) -> Dict:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = spec.build(options)
+    arguments = getattr(model, "arguments", None)
+
+    def args_of(x, y, split):
+        value = tuple(arguments(x, y, split)) if callable(arguments) else (x,)
+        return value[0] if len(value) == 1 else value
+
+    value, held_out = args_of(*train, "train"), args_of(*test, "test")
+    k = settings["num_samples"]
+
+    def score():
+        log_px = evaluate.log_likelihood(model.model, model.guide, held_out, num_samples=k)
+        return log_px.mean().item()
+
+    curve = _Curve(recorder, score)
+    declared = dict(spec.drivers[driver])
+    if driver == "em":
+        result = em.fit(model.model, model.guide, value, seed=seed, callback=curve, **declared)
+    else:
+        fit = svi.fit if driver == "svi" else reparam.fit
+        loop_options = dict(
+            num_epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"]
+        )
+        result = fit(
+            model.model, model.guide, value, seed=seed, callback=curve, **declared, **loop_options
+        )
+    with recorder.paused():
+        heldout = score()
+        recorder.point(heldout)
+    enumerable = evaluate._enumerable(model.model, held_out)
+    return {
+        "objective": result.objective,
+        "heldout_log_likelihood": heldout,
+        "heldout_method": "exact" if enumerable else f"importance sampling, K={k}",
+        "iterations": result.num_steps,
+    }

@@ -17,7 +17,7 @@ References: Sohn, Lee and Yan (2015), Learning Structured Output Representation 
 Conditional Generative Models; Pyro's examples/cvae.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import pyro
@@ -26,16 +26,26 @@ import torch
 from torch import nn
 
 from zoo.nets import GaussianEncoder, check_sizes, mlp
+from zoo.registry import register
 
 
 @dataclass
 class CVAEConfig:
-    x_dim: int = 784
-    y_dim: int = 10  # condition size: 10 for one-hot labels, 784 for the quadrant task
-    z_dim: int = 20
-    hidden: Tuple[int, ...] = (500, 500)
+    x_dim: int = field(default=784, metadata={"data": "dim"})
+    # condition size: 10 for one-hot labels, 784 for the quadrant task
+    y_dim: int = field(default=10, metadata={"help": "condition size"})
+    z_dim: int = field(default=20, metadata={"help": "latent units"})
+    hidden: Tuple[int, ...] = field(default=(500, 500), metadata={"help": "hidden widths"})
 
 
+@register(
+    "cvae",
+    description="conditional VAE: a digit label, or the visible quadrants of an image",
+    drivers={"reparam": {}, "svi": {"loss": "TraceMeanField_ELBO"}},
+    default_data="mnist",
+    default_binarize="static",
+    config=CVAEConfig,
+)
 class CVAE(nn.Module):
     """``.model(x, y, mask)`` and ``.guide(x, y, mask)`` go to the SVI or reparameterized driver."""
 
@@ -68,6 +78,26 @@ class CVAE(nn.Module):
         loc, scale = self.encoder(torch.cat([x, y], -1))  # (N, Z), (N, Z)
         with pyro.plate("data", len(y)):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # ------------------------------------------------------------------------ the model surface
+
+    def arguments(self, x: torch.Tensor, y: Optional[torch.Tensor], split: str):
+        """The model's arguments for labelled data: (x, one-hot y), y_dim classes."""
+        if y is None:
+            raise ValueError("the CVAE conditions on labels: these data have none")
+        return x, one_hot(y, self.config.y_dim)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pixel probabilities for ``num_samples`` conditions ``y`` (N, Y), by default one-hot
+        labels drawn uniformly: (N, X)."""
+        device = self.decoder[0].weight.device
+        if y is None:
+            labels = torch.randint(self.config.y_dim, (num_samples,), device=device)
+            y = one_hot(labels, self.config.y_dim)
+        if len(y) != num_samples:
+            raise ValueError(f"{num_samples} samples need {num_samples} conditions, got {len(y)}")
+        return self.generate(y.to(device))
 
     # ------------------------------------------------------------------------ helpers
 

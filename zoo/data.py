@@ -108,6 +108,38 @@ def fetch(name: str) -> Path:
     raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(NAMES)}")
 
 
+def load_file(path) -> torch.Tensor:
+    """A user's data: the rows of a .csv (numbers, comma-separated, an optional header line) or
+    a .npy file (a 2-d numeric array, read without pickles), as a float32 (N, D) tensor."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.reader(f) if r]
+            if rows and not _is_number(rows[0][0]):
+                rows = rows[1:]  # a header line
+            array = np.array([[float(v) for v in r] for r in rows], dtype=np.float64)
+    except ValueError as error:
+        raise DataError(f"{path}: not a table of numbers ({error})") from None
+    if array.ndim != 2 or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.number):
+        raise DataError(f"{path}: needs a non-empty 2-d table of numbers, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise DataError(f"{path}: holds {int((~np.isfinite(array)).sum())} NaN or infinite values")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def partial_labels(y: torch.Tensor, num_labelled: int, seed: int = 0) -> torch.Tensor:
     """Keep a class-balanced random subset of ``num_labelled`` labels; the rest become -1.
 

@@ -13,7 +13,7 @@ Reference: Bishop (2006), Pattern Recognition and Machine Learning, sec. 9.2.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyro
 import pyro.distributions as dist
@@ -24,15 +24,24 @@ from pyro.nn import PyroParam
 from zoo._mixture import Mixture
 from zoo._mixture import relabel as _relabel
 from zoo.nets import check_number
+from zoo.registry import register
 
 
 @dataclass
 class GMMConfig:
-    num_components: int = 2
-    dim: int = 2
-    covariance_type: str = "full"  # "full" or "diag"
-    weight_concentration: float = 1.0  # Dirichlet prior on the weights; 1 = maximum likelihood
-    reg_covar: float = 1e-6  # added to every variance in the M-step
+    num_components: int = field(
+        default=2, metadata={"help": "mixture components K", "flags": ("--components", "-k")}
+    )
+    dim: int = field(default=2, metadata={"data": "dim"})
+    covariance_type: str = field(
+        default="full", metadata={"flags": ("--covariance",), "choices": ("full", "diag")}
+    )
+    # Dirichlet prior on the weights; 1 = maximum likelihood
+    weight_concentration: float = field(
+        default=1.0, metadata={"help": "Dirichlet prior on the weights (1 = none)"}
+    )
+    # added to every variance in the M-step
+    reg_covar: float = field(default=1e-6, metadata={"help": "variance floor added in the M-step"})
 
 
 class CholeskyNormal(dist.MultivariateNormal):
@@ -59,6 +68,13 @@ class CholeskyNormal(dist.MultivariateNormal):
         return -0.5 * (dim * math.log(2 * math.pi) + (y * y).sum(-1)) - half_log_det
 
 
+@register(
+    "gmm",
+    description="Gaussian mixture (full or diagonal covariances)",
+    drivers={"em": {}, "svi": {"loss": "TraceEnum_ELBO", "max_plate_nesting": 1}},
+    default_data="faithful",
+    config=GMMConfig,
+)
 class GaussianMixture(Mixture):
     """A Gaussian mixture; ``.model`` and ``.guide`` go into any driver (EM, SVI with TraceEnum)."""
 

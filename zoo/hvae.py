@@ -35,7 +35,7 @@ tenfold per layer at initialization, the top layers start out blind to x, and on
 we tried, with or without warm-up.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import pyro
@@ -45,6 +45,7 @@ from pyro import poutine
 from torch import nn
 
 from zoo.nets import GaussianEncoder, check_rows, check_sizes, mlp
+from zoo.registry import register
 
 _PAPER_Z = (64, 32, 16, 8, 4)
 _PAPER_HIDDEN = (512, 256, 128, 64, 32)
@@ -52,9 +53,11 @@ _PAPER_HIDDEN = (512, 256, 128, 64, 32)
 
 @dataclass
 class HVAEConfig:
-    x_dim: int = 784
-    z_dims: Tuple[int, ...] = (64, 32)  # bottom (z1) to top (zL)
-    hidden: Tuple[int, ...] = (512, 256)  # deterministic width of each layer
+    x_dim: int = field(default=784, metadata={"data": "dim"})
+    # bottom (z1) to top (zL)
+    z_dims: Tuple[int, ...] = field(default=(64, 32), metadata={"help": "latent units per layer"})
+    # deterministic width of each layer
+    hidden: Tuple[int, ...] = field(default=(512, 256), metadata={"help": "width per layer"})
 
     @classmethod
     def with_layers(cls, layers: int, x_dim: int = 784) -> "HVAEConfig":
@@ -67,6 +70,14 @@ class HVAEConfig:
         return cls(x_dim=x_dim, z_dims=_PAPER_Z[:layers], hidden=_PAPER_HIDDEN[:layers])
 
 
+@register(
+    "hvae",
+    description="hierarchical ladder VAE (Sonderby et al. 2016) with L stochastic layers",
+    drivers={"reparam": {}, "svi": {"loss": "TraceMeanField_ELBO"}},
+    default_data="mnist",
+    default_binarize="dynamic",
+    config=HVAEConfig,
+)
 class HVAE(nn.Module):
     """``.model(x)`` and ``.guide(x)`` for the reparameterized-ELBO driver (or SVI)."""
 
@@ -161,6 +172,10 @@ class HVAE(nn.Module):
             self.kl_weight = 1.0 if epochs == 0 else min(1.0, (epoch + 1) / epochs)
 
         return schedule
+
+    def fit_options(self, num_epochs: int) -> dict:
+        """The training loop's KL warm-up: over a fifth of the epochs (the model surface)."""
+        return {"schedule": self.warmup(max(1, num_epochs // 5))}
 
     @torch.no_grad()
     def sample(self, num_samples: int, random_layers: Optional[int] = None) -> torch.Tensor:

@@ -44,7 +44,7 @@ Pyro's SS-VAE tutorial (networks 784-500-10, 794-500-50, 60-500-784).
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import pyro
@@ -55,6 +55,7 @@ from pyro.distributions.util import broadcast_shape
 from torch import nn
 
 from zoo.nets import check_number, check_rows, check_sizes, mlp
+from zoo.registry import register
 from zoo.vae import VAE, VAEConfig
 
 _POINT_MASS = -3.0e4  # logit of the classes a labelled row cannot take: exp() is exactly 0
@@ -62,15 +63,20 @@ _POINT_MASS = -3.0e4  # logit of the classes a labelled row cannot take: exp() i
 
 @dataclass
 class SSVAEConfig:
-    x_dim: int = 784
-    num_classes: int = 10
-    z_dim: int = 50
-    hidden: Tuple[int, ...] = (500,)
-    alpha: float = 46.0  # weight of the classification term on labelled data
-    likelihood: str = "bernoulli"  # of what M2 generates: "bernoulli" (images) or "gaussian"
-    enumerate: bool = True  # sum over y in the guide (TraceEnum_ELBO); False samples it
-    stack: Optional[VAEConfig] = None  # M1+M2: the frozen VAE (M1) whose latent M2 models
-    stack_units: Optional[Tuple[int, ...]] = None  # the M1 units M2 models (None: all)
+    x_dim: int = field(default=784, metadata={"data": "dim"})
+    num_classes: int = field(default=10, metadata={"data": "num_classes"})
+    z_dim: int = field(default=50, metadata={"help": "latent units"})
+    hidden: Tuple[int, ...] = field(default=(500,), metadata={"help": "hidden widths"})
+    # weight of the classification term on labelled data
+    alpha: float = field(default=46.0, metadata={"help": "weight of the classification term"})
+    # of what M2 generates: "bernoulli" (images) or "gaussian"
+    likelihood: str = field(default="bernoulli", metadata={"choices": ("bernoulli", "gaussian")})
+    # sum over y in the guide (TraceEnum_ELBO); False samples it
+    enumerate: bool = field(default=True, metadata={"help": "sum over y (else sample it)"})
+    # M1+M2: the frozen VAE (M1) whose latent M2 models
+    stack: Optional[VAEConfig] = field(default=None, metadata={"internal": True})
+    # the M1 units M2 models (None: all)
+    stack_units: Optional[Tuple[int, ...]] = field(default=None, metadata={"internal": True})
 
 
 class _JointEncoder(nn.Module):
@@ -96,6 +102,14 @@ class _JointEncoder(nn.Module):
         return self.loc(h), nn.functional.softplus(self.scale(h)) + 1e-4
 
 
+@register(
+    "ssvae",
+    description="semi-supervised VAE (Kingma et al. 2014, M2): a classifier from few labels",
+    drivers={"svi": {"loss": "TraceEnum_ELBO", "max_plate_nesting": 1}},
+    default_data="mnist",
+    default_binarize="dynamic",
+    config=SSVAEConfig,
+)
 class SSVAE(nn.Module):
     """``.model(x, y)`` and ``.guide(x, y)``; ``y`` holds class indices, -1 where unknown."""
 
@@ -264,6 +278,26 @@ class SSVAE(nn.Module):
             value = log_p + prior_z.log_prob(z) - q_z.log_prob(z) + m1_terms
             out.append(value.mean(0) - math.log(c))
         return torch.stack(out, -1)
+
+    def driver_options(self, driver: str) -> dict:
+        """y summed out by TraceEnum_ELBO, or sampled (the score-function estimator)."""
+        loss = "TraceEnum_ELBO" if self.config.enumerate else "Trace_ELBO"
+        return {"loss": loss, "max_plate_nesting": 1}
+
+    def arguments(self, x: torch.Tensor, y: Optional[torch.Tensor], split: str):
+        """The model's arguments: (x, labels), -1 where a label is unknown (all, without y)."""
+        return x, (torch.full((len(x),), -1, dtype=torch.long) if y is None else y)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Means of p(x | y, z) for class indices ``labels`` (N,), by default drawn uniformly,
+        and z from the prior: (N, X)."""
+        device = self.decoder[0].weight.device
+        if labels is None:
+            labels = torch.randint(self.config.num_classes, (num_samples,), device=device)
+        if len(labels) != num_samples:
+            raise ValueError(f"{num_samples} samples need {num_samples} labels, got {len(labels)}")
+        return self.generate(labels.to(device))
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ References: Kingma and Welling (2014), Auto-Encoding Variational Bayes; Higgins 
 beta-VAE; Burda et al. (2016) for the 784-200-200-50 architecture used by the benchmarks.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import pyro
@@ -25,17 +25,27 @@ from pyro import poutine
 from torch import nn
 
 from zoo.nets import GaussianEncoder, check_number, check_rows, check_sizes, mlp
+from zoo.registry import register
 
 
 @dataclass
 class VAEConfig:
-    x_dim: int = 784
-    z_dim: int = 50
-    hidden: Tuple[int, ...] = (200, 200)
-    likelihood: str = "bernoulli"  # "bernoulli" (binary data) or "gaussian"
-    beta: float = 1.0
+    x_dim: int = field(default=784, metadata={"data": "dim"})
+    z_dim: int = field(default=50, metadata={"help": "latent units"})
+    hidden: Tuple[int, ...] = field(default=(200, 200), metadata={"help": "hidden widths"})
+    # "bernoulli" (binary data) or "gaussian"
+    likelihood: str = field(default="bernoulli", metadata={"data": "likelihood"})
+    beta: float = field(default=1.0, metadata={"help": "weight of the KL term"})
 
 
+@register(
+    "vae",
+    description="variational autoencoder (beta knob, Bernoulli or Gaussian decoder)",
+    drivers={"reparam": {}, "svi": {"loss": "TraceMeanField_ELBO"}},
+    default_data="mnist",
+    default_binarize="dynamic",
+    config=VAEConfig,
+)
 class VAE(nn.Module):
     """``.model`` and ``.guide`` go to the SVI or the reparameterized-ELBO driver."""
 

@@ -1,0 +1,300 @@
+"""
+The model surface, and the registry the CLI, the comparisons and the run directories read. It
+knows no model: zoo models register themselves (``@register`` in their own file), third-party
+packages through the ``zoo.models`` entry-point group, and a user's class is named by path.
+
+    from zoo import registry
+    spec = registry.get("vae")                       # a zoo model
+    spec = registry.get("my_model.py:MyModel")      # a user's file (or "package.module:MyModel")
+    model = spec.build({"z_dim": 8}, registry.DataInfo.of(x, y))
+
+What a model declares (``Spec``): its name, a description, the drivers that fit it with their
+default options, its default data and binarization, and its options: the fields of its config
+dataclass (a zoo model: ``cls(Config(**options))``), or the typed parameters of ``__init__``
+(a user's class: ``cls(**options)``). A field's ``metadata`` may hold ``help``, ``flags``
+(other spellings), ``choices`` and ``data``: the name of a ``DataInfo`` attribute that sets the
+field (``"dim"``: the data's width; ``"num_classes"``), which is then not a flag.
+
+What a model may offer, discovered by name (``ZooModel``; every one is optional but ``model``
+and ``guide``; one meaning per name across models):
+- ``sample(num_samples, **condition)``: new data (an (N, D) tensor; mixtures also return z);
+- ``arguments(x, y, split)``: the model's arguments for a split (default ``(x,)``);
+- ``from_data(options, info)`` (classmethod): options completed from the data (sizes, a
+  likelihood for binary data); raises ValueError when the data do not suit the model;
+- ``fit_options(num_epochs)``: extra options for the training loop (a KL warm-up schedule);
+- ``driver_options(driver)``: the driver's options when they depend on the config;
+- ``metrics(test, num_samples, progress)``: held-out scores, a dict of numbers;
+- ``figures(test, history)``: ``{file name: matplotlib Figure}``;
+- ``encode``, ``reconstruct``, ``predict`` / ``classify``, ``active_units``.
+A model that offers none of the optional ones is fitted, scored by the shared metrics
+(``inference.evaluate``) and drawn by the shared figures; what needs an offer it lacks is refused
+with a message naming it.
+"""
+
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import sys
+import typing
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple
+
+import torch
+
+DRIVERS = ("em", "svi", "reparam")
+ENTRY_POINTS = "zoo.models"
+
+
+@typing.runtime_checkable
+class ZooModel(Protocol):
+    """What every model offers; the optional surface is listed in the module docstring."""
+
+    def model(self, *args, **kwargs): ...
+
+    def guide(self, *args, **kwargs): ...
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model may read of its data to complete its options."""
+
+    name: str
+    dim: int
+    binary: bool
+    binarize: Optional[str] = None
+    num_classes: Optional[int] = None
+
+    @property
+    def likelihood(self) -> str:
+        """The observation model the data call for: "bernoulli" for binary, else "gaussian"."""
+        return "bernoulli" if self.binary else "gaussian"
+
+    @classmethod
+    def of(cls, x: torch.Tensor, y: Optional[torch.Tensor] = None, name="", binarize=None):
+        binary = bool(((x == 0) | (x == 1)).all()) if x.numel() else False
+        classes = int(y.max()) + 1 if y is not None and y.numel() else None
+        return cls(name, int(x[0].numel()), binary or binarize is not None, binarize, classes)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a model: a command-line flag and a field of its config."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str = ""
+    flags: Tuple[str, ...] = ()
+    data: Optional[str] = None  # a DataInfo attribute that sets it (not a flag)
+    choices: Optional[Tuple[Any, ...]] = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A model's declaration: what the CLI, the comparisons and the run directories read."""
+
+    name: str
+    cls: type
+    description: str
+    drivers: Dict[str, Dict[str, Any]]
+    default_data: Optional[str] = None
+    default_binarize: Optional[str] = None
+    config: Optional[type] = None  # the config dataclass (None: options are __init__'s)
+    source: str = "zoo"
+    comparison: Dict[str, Any] = field(default_factory=dict)
+
+    def options(self) -> Tuple[Option, ...]:
+        """The model's options; a config field with ``metadata={"internal": True}`` (set by
+        the model itself, such as a stacked model's parts) is not one."""
+        if self.config is not None:
+            fields = dataclasses.fields(self.config)
+            return tuple(_option(f) for f in fields if f.init and not f.metadata.get("internal"))
+        return _signature_options(self.cls)
+
+    def complete(self, options: Dict[str, Any], info: DataInfo) -> Dict[str, Any]:
+        """``options`` with the unset ones that the data determine filled in, then the model's
+        own ``from_data`` applied; ValueError if the data do not suit the model."""
+        out = dict(options)
+        for option in self.options():
+            if option.data is not None and getattr(info, option.data) is not None:
+                out[option.name] = getattr(info, option.data)
+        hook = getattr(self.cls, "from_data", None)
+        return hook(out, info) if callable(hook) else out
+
+    def build(self, options: Dict[str, Any]):
+        """The model for these (complete) options."""
+        known = {f.name for f in dataclasses.fields(self.config)} if self.config else set()
+        known |= {o.name for o in self.options()}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"{self.name} has no option(s) {', '.join(unknown)}; its options are"
+                f" {', '.join(sorted(known)) or 'none'}"
+            )
+        if self.config is not None:
+            return self.cls(self.config(**options))
+        return self.cls(**options)
+
+    def saved_options(self, model) -> Dict[str, Any]:
+        """What config.json records to build the model again."""
+        if self.config is not None:
+            return dataclasses.asdict(model.config)
+        return dict(getattr(model, "_zoo_options", {}))
+
+
+_REGISTRY: Dict[str, Spec] = {}
+
+
+def register(
+    name: str,
+    *,
+    description: str,
+    drivers: Dict[str, Dict[str, Any]],
+    default_data: Optional[str] = None,
+    default_binarize: Optional[str] = None,
+    config: Optional[type] = None,
+    comparison: Optional[Dict[str, Any]] = None,
+) -> Callable[[type], type]:
+    """Class decorator: add a model to the registry under ``name``."""
+    bad = sorted(set(drivers) - set(DRIVERS))
+    if bad:
+        raise ValueError(f"unknown driver(s) {bad}; drivers are {DRIVERS}")
+
+    def add(cls: type) -> type:
+        _REGISTRY[name] = Spec(
+            name,
+            cls,
+            description,
+            {k: dict(v) for k, v in drivers.items()},
+            default_data,
+            default_binarize,
+            config,
+            comparison=dict(comparison or {}),
+        )
+        return cls
+
+    return add
+
+
+def names() -> Tuple[str, ...]:
+    """The registered models: the zoo's, then those of installed packages' entry points."""
+    _load_builtin()
+    _load_entry_points()
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Spec:
+    """The spec of a registered model, or of a user's class named ``file.py:Class`` or
+    ``package.module:Class``."""
+    _load_builtin()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    _load_entry_points()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        return _user_spec(name)
+    raise ValueError(
+        f"unknown model {name!r}: choose one of {', '.join(names())}, or name your own class"
+        " as path/to/file.py:ClassName or package.module:ClassName"
+    )
+
+
+def _load_builtin() -> None:
+    import zoo  # noqa: F401  (importing the zoo registers its models)
+
+
+_loaded_entry_points = []
+
+
+def _load_entry_points() -> None:
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points.append(True)
+    for point in metadata.entry_points(group=ENTRY_POINTS):
+        cls = point.load()
+        if point.name not in _REGISTRY:
+            _REGISTRY[point.name] = _spec_of(cls, point.name, f"entry point {point.value}")
+
+
+def _user_spec(name: str) -> Spec:
+    where, _, attr = name.rpartition(":")
+    if where.endswith(".py"):
+        path = Path(where).expanduser()
+        if not path.exists():
+            raise ValueError(f"model file {path} does not exist")
+        module_name = f"_zoo_user_{path.stem}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as error:
+            raise ValueError(f"cannot import {where!r} for model {name!r}: {error}") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ValueError(f"{where} has no {attr!r} (model {name!r})")
+    for spec in _REGISTRY.values():  # a file of a zoo model, or one that registered itself
+        if spec.cls is cls:
+            return spec
+    return _spec_of(cls, name, f"file {where}" if where.endswith(".py") else f"module {where}")
+
+
+def _spec_of(cls, name: str, source: str) -> Spec:
+    """A spec for a class that did not register itself: what it declares as class attributes
+    (``drivers``, ``default_data``, ``default_binarize``, ``description``, ``Config``), else
+    SVI with Trace_ELBO and its __init__'s typed parameters as options."""
+    if not isinstance(cls, type) or not all(
+        callable(getattr(cls, a, None)) for a in ("model", "guide")
+    ):
+        raise ValueError(f"{name}: a model is a class with model and guide methods")
+    drivers = getattr(cls, "drivers", None) or {"svi": {"loss": "Trace_ELBO"}}
+    doc = (inspect.getdoc(cls) or "").split("\n")[0]
+    return Spec(
+        name,
+        cls,
+        getattr(cls, "description", None) or doc or f"{cls.__name__} ({source})",
+        {k: dict(v) for k, v in drivers.items()},
+        getattr(cls, "default_data", None),
+        getattr(cls, "default_binarize", None),
+        getattr(cls, "Config", None),
+        source=source,
+    )
+
+
+def _option(f: dataclasses.Field) -> Option:
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    meta = f.metadata or {}
+    return Option(
+        f.name,
+        f.type,
+        default,
+        meta.get("help", ""),
+        tuple(meta.get("flags", ())),
+        meta.get("data"),
+        meta.get("choices"),
+    )
+
+
+_DATA_NAMES = {"x_dim": "dim", "dim": "dim", "num_classes": "num_classes"}
+
+
+def _signature_options(cls) -> Tuple[Option, ...]:
+    """The options of a user's class: its __init__'s parameters with a default or a type;
+    ``x_dim``/``dim`` and ``num_classes`` are filled from the data when not given."""
+    hints = typing.get_type_hints(cls.__init__) if cls.__init__ is not object.__init__ else {}
+    out = []
+    for p in inspect.signature(cls.__init__).parameters.values():
+        if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = None if p.default is inspect.Parameter.empty else p.default
+        kind = hints.get(p.name, type(default) if default is not None else str)
+        out.append(Option(p.name, kind, default, "", (), _DATA_NAMES.get(p.name)))
+    return tuple(out)
