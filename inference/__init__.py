@@ -6,4 +6,5 @@ result = svi.fit(model, guide, x, loss="TraceMeanField_ELBO")
 result = reparam.fit(model, guide, x, num_particles=5)   # IWAE
 log_px = evaluate.log_likelihood(model, guide, x, num_samples=5000)
 rows = compare.run([compare.Method("em", run_em), ...], seeds=[0, 1, 2])  # then compare.report
+posterior = mcmc.sample_posterior(model, x, chains=2)   # NUTS, arviz InferenceData, r_hat, ESS
 """

@@ -41,7 +41,6 @@ the held-out figure at geometrically spaced steps, evaluation time excluded from
 
 import dataclasses
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -53,7 +52,7 @@ import pyro
 import torch
 
 from inference import compare as runner
-from inference import em, evaluate, reparam, svi
+from inference import em, evaluate, mcmc, reparam, svi
 from inference.io import save_json
 from zoo import bernoulli_mixture as bmm_module
 from zoo import data
@@ -352,7 +351,7 @@ def _nuts_method(setup: Setup) -> runner.Method:
                 )
             heldout = predictive(flat, x_test).mean().item()
             train_lppd = predictive(flat, x).mean().item()
-            details = _write_nuts(posterior, setup.out, seed)
+            details = mcmc.write_posterior(posterior, setup.out, seed, "zoo.gmm.relabel")
         return {
             "objective": train_lppd,
             "heldout_log_likelihood": heldout,
@@ -419,21 +418,10 @@ def sample_posterior(
     progress: bool = False,
 ) -> Dict:
     """NUTS on the Bayesian version of a zoo mixture ("gmm": ``gmm.bayesian_model`` on
-    standardized ``x``, draws mapped back; "bmm": ``bernoulli_mixture.bayesian_model``), chains
-    one after the other.
-
-    Returns the relabelled draws (arrays (chains, samples, ...)), the raw draws, an arviz
-    InferenceData of the relabelled draws, its summary, r_hat and bulk ESS (worst over the
-    component parameters, before and after relabelling), the fraction of relabelled draws, the
-    number of divergent transitions, and the wall-clock time at which each draw was made
-    (``recorder``'s clock if given, else seconds from the start).
-    """
-    import arviz as az
-    from pyro.infer import MCMC, NUTS
-
+    standardized ``x``, draws mapped back; "bmm": ``bernoulli_mixture.bayesian_model``), by
+    ``inference.mcmc.sample_posterior``, which returns the draws, the arviz InferenceData and
+    the diagnostics (see there)."""
     spec = _BAYESIAN[model]
-    if chains < 1 or warmup < 1 or samples < 2:
-        raise ValueError("NUTS needs chains >= 1, warmup >= 1 and samples >= 2")
     dim = num_components * (x.shape[1] + 1)
     if dim > _NUTS_MAX_DIM:
         raise ValueError(
@@ -443,133 +431,22 @@ def sample_posterior(
         )
     mean, sd = (x.mean(0), x.std(0)) if spec["standardize"] else (None, None)
     data = (x - mean) / sd if spec["standardize"] else x
-    clock = recorder.elapsed if recorder is not None else _stopwatch()
-    times, divergent, raw = [], [], []
-    for chain in range(chains):
-        if chain > 0 and recorder is not None and recorder.out_of_time():
-            break  # the budget is spent: keep the chains already run (r_hat splits each one)
-        pyro.set_rng_seed(1000 * seed + chain)
-
-        def hook(kernel, params, stage, i):
-            if stage == "Sample":
-                times.append(clock())
-
-        kernel = NUTS(
-            partial(spec["model"], num_components=num_components),
-            jit_compile=True,  # about twice as fast here; the model's shapes never change
-            ignore_jit_warnings=True,
-        )
-        mcmc = MCMC(
-            kernel,
-            num_samples=samples,
-            warmup_steps=warmup,
-            hook_fn=hook,
-            disable_progbar=not progress,
-        )
-        mcmc.run(data)
-        draws = mcmc.get_samples()
-        if spec["standardize"]:
-            draws = gmm_module.unstandardize(draws, mean, sd)
-        raw.append({k: v.detach().numpy() for k, v in draws.items()})
-        flags = np.zeros(samples, dtype=bool)
-        flags[mcmc.diagnostics()["divergences"]["chain 0"]] = True
-        divergent.append(flags)
-    raw = {k: np.stack([r[k] for r in raw]) for k in raw[0]}  # (chains, samples, ...)
-    draws, permuted = spec["relabel"](raw)
-    names, dims = list(spec["summarize"]), spec["dims"]
-    idata = az.from_dict(
-        posterior=draws,
-        sample_stats={"diverging": np.stack(divergent)},
-        observed_data={"x": x.numpy()},
-        dims=dims,
+    back = (lambda d: gmm_module.unstandardize(d, mean, sd)) if spec["standardize"] else None
+    return mcmc.sample_posterior(
+        partial(spec["model"], num_components=num_components),
+        data,
+        chains=chains,
+        warmup=warmup,
+        samples=samples,
+        seed=seed,
+        recorder=recorder,
+        progress=progress,
+        to_draws=back,
+        relabel=spec["relabel"],
+        summarize=spec["summarize"],
+        dims=spec["dims"],
+        observed={"x": x.numpy()},
     )
-    idata_raw = az.from_dict(posterior={k: raw[k] for k in names}, dims=dims)
-    summary = az.summary(idata, var_names=names)
-    summary_raw = az.summary(idata_raw, var_names=names)
-    return {
-        "draws": draws,
-        "raw": raw,
-        "idata": idata,
-        "summary": summary,
-        "summarized": names,
-        "r_hat_max": float(summary["r_hat"].max()),
-        "r_hat_max_raw": float(summary_raw["r_hat"].max()),
-        "ess_bulk_min": float(summary["ess_bulk"].min()),
-        "relabelled_fraction": float(permuted.mean()),
-        "divergences": int(np.stack(divergent).sum()),
-        "sample_times": times,
-        "chains": len(divergent),
-    }
-
-
-def _stopwatch():
-    start = time.perf_counter()
-    return lambda: time.perf_counter() - start
-
-
-def _write_nuts(posterior: Dict, out: Optional[Path], seed: int) -> List[str]:
-    """The InferenceData file, the summary and the trace and posterior plots of one seed."""
-    import arviz as az
-    import matplotlib.pyplot as plt
-
-    summary = posterior["summary"]
-    shown = summary
-    if len(summary) > 12:  # the worst-mixing rows; all of them go to summary.csv
-        shown = summary.sort_values("r_hat", ascending=False).head(12)
-    lines = [
-        f"### NUTS, seed {seed}",
-        "",
-        f"Worst r_hat {posterior['r_hat_max']:.3f} after relabelling"
-        f" ({posterior['r_hat_max_raw']:.3f} before); smallest bulk ESS"
-        f" {posterior['ess_bulk_min']:.0f}; {posterior['divergences']} divergent transitions.",
-        _label_switching_sentence(posterior["relabelled_fraction"]),
-        ""
-        if shown is summary
-        else f"The {len(shown)} of {len(summary)} rows with the largest r_hat:",
-        *_markdown_table(shown),
-        "",
-    ]
-    if out is None:
-        return lines
-    folder = Path(out) / f"nuts-seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    posterior["idata"].to_netcdf(str(folder / "posterior.nc"))
-    summary.to_csv(folder / "summary.csv")
-    var_names = posterior["summarized"]
-    shape_var = "locs" if "locs" in var_names else "weights"
-    with warnings.catch_warnings():  # arviz 0.23 calls matplotlib APIs deprecated in 3.11
-        warnings.simplefilter("ignore", DeprecationWarning)
-        axes = az.plot_trace(posterior["idata"], var_names=var_names, compact=True)
-        axes.ravel()[0].figure.savefig(folder / "trace.png", dpi=90)
-        axes = az.plot_posterior(posterior["idata"], var_names=[shape_var])
-        np.ravel(axes)[0].figure.savefig(folder / "posterior.png", dpi=90)
-    plt.close("all")
-    lines.insert(
-        -1,
-        f"Files: `nuts-seed{seed}/posterior.nc` (arviz InferenceData), `summary.csv`,"
-        " `trace.png`, `posterior.png`.\n",
-    )
-    return lines
-
-
-def _label_switching_sentence(fraction: float) -> str:
-    if fraction == 0:
-        return "No label switching: every draw kept its labels."
-    return (
-        f"Label switching detected: {100 * fraction:.1f}% of the draws were relabelled to the"
-        " pivot's labelling before the summary (see `zoo.gmm.relabel`)."
-    )
-
-
-def _markdown_table(frame) -> List[str]:
-    """A pandas frame (arviz's summary) as Markdown rows, without the optional ``tabulate``."""
-    lines = ["| | " + " | ".join(frame.columns) + " |", "|---" * (len(frame.columns) + 1) + "|"]
-    for name, row in frame.iterrows():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row) + " |")
-    return lines
-
-
-# ------------------------------------------------------------------------------ deep models
 
 
 def _vae(setup: Setup) -> VAE:
