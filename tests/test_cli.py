@@ -40,12 +40,17 @@ def test_fit_evaluate_sample(tmp_path, argv, capsys):
         assert (out / "mixture.png").exists()
     else:
         assert (out / "components.png").exists()
-    if "digits" in argv:
-        assert 0 < metrics["test_clustering_accuracy"] <= 1 and "test_nmi" in metrics
-    # evaluate rebuilds the model from the run directory and gets the same numbers
+    if "digits" in argv:  # measured 0.425 with 5 components; a random clustering scores ~0.12
+        assert metrics["test_clustering_accuracy"] > 0.3 and "test_nmi" in metrics
+    # evaluate rebuilds the model from the run directory and computes the numbers again
+    # (removed from metrics.json first, so that a copy of the old ones cannot pass)
+    stale = {k: v for k, v in metrics.items() if not k.startswith("test_")}
+    (out / "metrics.json").write_text(json.dumps(stale))
     assert cli.main(["evaluate", str(out)]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["test_log_likelihood"] == pytest.approx(metrics["test_log_likelihood"], abs=1e-6)
+    if "digits" in argv:
+        assert again["test_clustering_accuracy"] == metrics["test_clustering_accuracy"]
     assert cli.main(["sample", str(out), "--num-samples", "16"]) == 0
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples["x"].shape[0] == 16 and (out / "samples.png").exists()
@@ -238,10 +243,11 @@ def test_fit_ssvae_on_mnist_with_few_labels(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["options"]["labels"] == 100 and config["options"]["loss"] == "TraceEnum_ELBO"
     history = json.loads((out / "history.json").read_text())
-    # early stopping watches the classifier's validation accuracy
-    assert all(0.0 <= r["valid_objective"] <= 1.0 for r in history)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["num_test"] == 10000
+    # early stopping watches the classifier's validation accuracy and keeps its best epoch
+    assert metrics["best_valid_accuracy"] == max(r["valid_objective"] for r in history)
+    # measured 0.325 after 2 epochs with 100 labels (chance 0.1)
+    assert metrics["test_accuracy"] > 0.2 and metrics["num_test"] == 10000
     assert metrics["test_log_likelihood"] > metrics["test_elbo"] - 1.0
     for name in ("digits.png", "analogies.png", "learning_curve.png"):
         assert (out / name).exists(), name
@@ -261,7 +267,11 @@ def test_fit_hvae_resumes_its_warmup_exactly(tmp_path, device):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # same KL weights, same draws
     metrics = json.loads((split / "metrics.json").read_text())
     assert metrics["latent_units"] == {"z1": 64, "z2": 32}
-    assert 0 <= metrics["active_units"]["z2"] <= 32
+    # the run's count of active units is that of the saved model on the test images
+    model, config = cli._restore(split)
+    x_test, _ = cli._load("digits", "test", "threshold", None)
+    counts = model.active_units(x_test[:5000])
+    assert metrics["active_units"] == {"z1": counts[0], "z2": counts[1]}
     for name in ("layer_samples.png", "active_units.png"):
         assert (split / name).exists(), name
 
@@ -311,9 +321,12 @@ def test_fit_m1_m2_stacks_on_a_fitted_vae(tmp_path, capsys):
     for name, value in m1_state.items():  # M1 saved inside the run, untouched by training
         assert torch.equal(state[f"m1.{name}"], value), name
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 0.0 <= metrics["test_accuracy"] <= 1.0
     assert metrics["test_log_likelihood"] > metrics["test_elbo"] - 1.0
+    (run / "metrics.json").write_text("{}")  # evaluate must compute the accuracy again
     assert cli.main(["evaluate", str(run), "--num-samples", "5"]) == 0
+    # q(y | x)'s argmax is deterministic: the saved model gives the fit's accuracy exactly
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["test_accuracy"] == metrics["test_accuracy"]
     assert cli.main(["sample", str(run), "--num-samples", "10"]) == 0
 
     capsys.readouterr()

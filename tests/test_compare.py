@@ -251,7 +251,8 @@ def test_em_svi_nuts_and_sklearn_agree_on_old_faithful(tmp_path):
         )
     nuts = rows["nuts"]
     assert nuts["r_hat_max"] < 1.1 and nuts["ess_bulk_min"] > 50
-    assert 0 <= nuts["relabelled_fraction"] <= 1
+    # relabelling can only bring the chains' labels together: r_hat no worse after it
+    assert nuts["r_hat_max"] <= nuts["r_hat_max_before_relabelling"] + 1e-9
     assert "r_hat" in text and "ess_bulk" in text
     import arviz as az
 
@@ -349,7 +350,8 @@ def test_ssvae_comparison_gives_the_three_rows_with_accuracy(tmp_path):
         seeds=(0,),
         out=tmp_path,
         progress=False,
-        epochs=1,
+        epochs=8,
+        lr=3e-3,
         labels=50,
         heldout=100,
         num_samples=5,
@@ -358,7 +360,11 @@ def test_ssvae_comparison_gives_the_three_rows_with_accuracy(tmp_path):
     )
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["method"] for r in rows] == ["sampled", "enumerated", "classifier"]
-    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    # with 50 labels the classification term is what makes q(y | x) classify: measured 0.58
+    # against 0.12 and 0.05 for the rows without it (alpha = 0; chance is 0.1)
+    accuracy = {r["method"]: r["accuracy"] for r in rows}
+    assert accuracy["classifier"] > 0.4
+    assert accuracy["classifier"] > max(accuracy["sampled"], accuracy["enumerated"]) + 0.2
 
 
 def test_a_budget_stops_deep_methods_after_the_first_epoch(tmp_path):

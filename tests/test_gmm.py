@@ -137,9 +137,11 @@ def test_log_likelihood_never_decreases():
     x, _ = data.make_gaussian_mixture(400, seed=4)
     gmm = GaussianMixture(num_components=5, dim=2, covariance_type="diag")
     result = em.fit(gmm.model, gmm.guide, x, init="random", tol=1e-8, max_iter=5000)
-    curve = np.array(result.curve())
-    assert len(curve) > 10
-    assert np.all(np.diff(curve) >= 0)
+    # the driver stops (and rolls back) at the first M-step that lowers the objective by more
+    # than rounding, unconverged, so the recorded curve cannot fall: what EM's monotonicity
+    # promises is that the fit ends converged (test_decreasing_m_step_is_undone: the rollback)
+    assert result.converged, result.stop_reason
+    assert len(result.history) > 10
 
 
 def test_decreasing_m_step_is_undone(monkeypatch):
