@@ -382,7 +382,7 @@ def test_bad_input_to_the_python_api(call, error, message):
 BAD_FLAGS = [
     (["--seed", str(2**64)], "must be an integer in \\[0, 2\\*\\*32\\)"),
     (["--device", "tpu"], "--device 'tpu': use cpu, cuda, cuda:N or auto"),
-    (["--components", "2.5"], "invalid _positive_int value"),
+    (["--components", "2.5"], "invalid int value: '2.5'"),
 ]
 
 

@@ -91,6 +91,43 @@ class Mixture(PyroModule):
         trace = pyro.poutine.trace(self.model).get_trace(num_samples=num_samples)
         return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
 
+    # ------------------------------------------------------------------------ the model surface
+
+    @torch.no_grad()
+    def metrics(self, splits, num_samples=None, progress=False) -> dict:
+        """Exact log-likelihood per split (nats per data point), BIC and AIC of the training
+        data (lower is better), and where a split has labels the clustering accuracy (one to
+        one when there are no more components than classes, else majority), NMI and ARI;
+        ``splits``: {"train": (x, y), "test": (x, y)}, y None where unlabelled."""
+        from inference import evaluate  # the shared metrics; no driver
+
+        metrics = {}
+        for split, (x, y) in splits.items():
+            log_px = self.log_likelihood(x)  # (N,)
+            metrics[f"{split}_log_likelihood"] = log_px.mean().item()
+            if split == "train":
+                total = log_px.double().sum().item()
+                metrics["bic"] = evaluate.bic(total, self.num_parameters, len(x))
+                metrics["aic"] = evaluate.aic(total, self.num_parameters)
+            if y is not None:
+                pred = self.predict(x).cpu()
+                one_to_one = self.config.num_components <= len(y.unique())
+                mapping = "hungarian" if one_to_one else "majority"
+                metrics["clustering_accuracy_mapping"] = mapping
+                accuracy = evaluate.clustering_accuracy(y, pred, mapping)
+                metrics[f"{split}_clustering_accuracy"] = accuracy
+                metrics[f"{split}_nmi"] = evaluate.nmi(y, pred)
+                metrics[f"{split}_ari"] = evaluate.ari(y, pred)
+        x_train = splits["train"][0]
+        counts = self.responsibilities(x_train).sum(0)  # expected points per component (K,)
+        metrics.update(
+            num_train=len(x_train),
+            num_parameters=self.num_parameters,
+            empty_components=int((counts < 1).sum()),
+            units="nats per data point (BIC and AIC: totals, lower is better)",
+        )
+        return metrics
+
     # ------------------------------------------------------------------------ priors, M-step
 
     def log_prior(self) -> torch.Tensor:

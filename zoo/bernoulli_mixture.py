@@ -174,6 +174,22 @@ class BernoulliMixture(Mixture):
         probs = probs.clamp(eps, 1 - eps)
         self.set_param("logits", torch.logit(probs))
 
+    def figures(self, splits, history=None, info=None) -> dict:
+        """The components' pixel means as images (square images only), weight above each."""
+        from zoo import plots  # matplotlib only when figures are drawn
+
+        side = int(round(self.config.dim**0.5))
+        if side * side != self.config.dim:
+            return {}
+        weights = self.weights.detach()
+        order = weights.argsort(descending=True)[:100]
+        fig = plots.image_grid(
+            self.probs[order],
+            titles=[f"{w:.3f}" for w in weights[order]],
+            title="component means (weight above each)",
+        )
+        return {"components.png": fig}
+
     @property
     def num_parameters(self) -> int:
         k, d = self.config.num_components, self.config.dim

@@ -44,9 +44,7 @@ from inference import em, evaluate, loop, reparam, svi  # noqa: E402
 from inference.io import save_json, save_torch  # noqa: E402
 from inference.sparse import SparseRows  # noqa: E402
 from zoo import comparisons, data, plots, registry, runs  # noqa: E402
-from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
 from zoo.cvae import CVAE, Baseline, CVAEConfig, one_hot, quadrant_task  # noqa: E402
-from zoo.gmm import GaussianMixture, GMMConfig  # noqa: E402
 from zoo.hvae import HVAE, HVAEConfig  # noqa: E402
 from zoo.ssvae import SSVAE, SSVAEConfig  # noqa: E402
 from zoo.vae import VAE, VAEConfig  # noqa: E402
@@ -65,26 +63,6 @@ class Entry:
     @property
     def deep(self) -> bool:  # fitted by the SVI / reparameterized drivers, epoch by epoch
         return "em" not in self.inferences
-
-
-def _gmm_config(args, dim, binary):
-    return GMMConfig(
-        num_components=args.components or 2,
-        dim=dim,
-        covariance_type=args.covariance,
-        weight_concentration=args.weight_concentration,
-        reg_covar=args.reg_covar,
-    )
-
-
-def _bmm_config(args, dim, binary):
-    return BMMConfig(
-        num_components=args.components or 10,
-        dim=dim,
-        weight_concentration=args.weight_concentration,
-        beta_a=args.beta_prior[0],
-        beta_b=args.beta_prior[1],
-    )
 
 
 def _vae_config(args, dim, binary):
@@ -123,24 +101,6 @@ def _hvae_config(args, dim, binary):
 
 
 MODELS = {
-    "gmm": Entry(
-        "Gaussian mixture (full or diagonal covariances)",
-        GaussianMixture,
-        GMMConfig,
-        "faithful",
-        None,
-        ("em",),
-        _gmm_config,
-    ),
-    "bmm": Entry(
-        "categorical -> Bernoulli mixture for binary images",
-        BernoulliMixture,
-        BMMConfig,
-        "mnist",
-        "static",
-        ("em",),
-        _bmm_config,
-    ),
     "cvae": Entry(
         "conditional VAE: a digit label, or the visible quadrants of an image",
         CVAE,
@@ -218,17 +178,12 @@ def cmd_fit(args) -> int:
         args.out = args.resume
     if args.resume_lr is not None and not resume:
         raise SystemExit("zoo: --resume-lr continues a run from its checkpoint: pass --resume too")
-    if resume and not entry.deep:
-        raise SystemExit(
-            "zoo: EM fits have no checkpoint to resume (they restart in seconds to minutes);"
-            " fit again, with --overwrite to replace the run"
-        )
     out = runs.run_path(args.out or f"runs/{args.model}-{args.data or entry.default_data}")
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     device = _device(args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
-        if not entry.deep or args.inference != "reparam":
+        if args.inference != "reparam":
             raise SystemExit(
                 "zoo: under torchrun only --inference reparam averages gradients across ranks"
             )
@@ -238,80 +193,7 @@ def cmd_fit(args) -> int:
     rank = tdist.get_rank() if tdist.is_initialized() else 0
     claim = runs.open_for_writing(out, overwrite=args.overwrite, resume=resume)
     with claim if rank == 0 else contextlib.nullcontext():  # rank 0 writes the run directory
-        if entry.deep:
-            return _fit_deep(args, entry, out, device, data_name, binarize, resume)
-        return _fit_em(args, entry, out, device, data_name, binarize)
-
-
-def _fit_em(args, entry, out, device, data_name, binarize) -> int:
-    """Fit a mixture by EM; write the run directory."""
-    x, _ = _load(data_name, "train", binarize, args.max_data)
-    x = x.to(device)
-    model = entry.model_class(entry.config_from_args(args, x.shape[1], True)).to(device)
-    sparse = _use_sparse(args.sparse, args.model, x)
-
-    started = time.time()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", em.ConvergenceWarning)
-        result = em.fit(
-            model.model,
-            model.guide,
-            SparseRows(x) if sparse else x,
-            tol=args.tol,
-            max_iter=args.max_iter,
-            n_init=args.n_init,
-            seed=args.seed,
-            progress=not args.quiet,
-        )
-    seconds = time.time() - started
-    for warning in caught:  # said once, plainly, and recorded in metrics.json below
-        print(f"zoo: warning: {warning.message}", file=sys.stderr)
-
-    config = {
-        "model": args.model,
-        "model_config": dataclasses.asdict(model.config),
-        "data": data_name,
-        "binarize": binarize,
-        "max_data": args.max_data,
-        "inference": args.inference,
-        "options": {
-            "tol": args.tol,
-            "max_iter": args.max_iter,
-            "n_init": args.n_init,
-            "sparse": sparse,
-            "seed": args.seed,
-            "device": str(device),
-        },
-        "command": "zoo " + " ".join(shlex.quote(a) for a in args.argv),
-    }
-    runs.Run(out).write_config(config)
-    save_torch(out / "params.pt", {k: v.cpu() for k, v in model.state_dict().items()})
-    save_json(out / "history.json", result.history)
-    metrics = _metrics(model, config, x)
-    metrics.update(
-        fit_seconds=seconds,
-        iterations=result.num_steps,
-        converged=result.converged,
-        stop_reason=result.stop_reason,
-        objective=result.objective,
-    )
-    save_json(out / "metrics.json", metrics)
-    _fit_plots(model, config, x, result.history, out)
-    _print_metrics(out, metrics)
-    return 0
-
-
-def _use_sparse(choice: str, model: str, x: torch.Tensor) -> bool:
-    """Whether EM runs on ``SparseRows(x)``: only the Bernoulli mixture's products take CSR data;
-    'auto' picks it for data that is mostly zeros and large enough for it to pay (on MNIST, 13 %
-    ones: 1.6-3x faster iterations, benchmarks/results/em.md)."""
-    if choice == "no":
-        return False
-    if model != "bmm":
-        if choice == "yes":
-            raise SystemExit(f"zoo: --sparse yes is for the Bernoulli mixture (bmm), not {model}")
-        return False
-    return choice == "yes" or (x.numel() >= 2**22 and (x != 0).float().mean().item() <= 0.3)
+        return _fit_deep(args, entry, out, device, data_name, binarize, resume)
 
 
 def _fit_deep(args, entry, out, device, data_name, binarize, resume) -> int:
@@ -780,21 +662,12 @@ def cmd_evaluate(args) -> int:
         save_json(old, {**kept, **metrics})  # kept: what only the fit knew (its objective)
         _print_metrics(Path(args.run), metrics)
         return 0
-    if MODELS[config["model"]].deep:
-        device = torch.device(config["options"]["device"] if torch.cuda.is_available() else "cpu")
-        metrics = _deep_metrics(
-            model.to(device), config, args.num_samples, device, Path(args.run), not args.quiet
-        )
-        old = Path(args.run) / "metrics.json"
-        if old.exists():
-            metrics = {**json.loads(old.read_text()), **metrics}
-        save_json(old, metrics)
-        _print_metrics(Path(args.run), metrics)
-        return 0
-    x, _ = _load(config["data"], "train", config["binarize"], config["max_data"])
-    metrics = _metrics(model, config, x)
+    device = torch.device(config["options"]["device"] if torch.cuda.is_available() else "cpu")
+    metrics = _deep_metrics(
+        model.to(device), config, args.num_samples, device, Path(args.run), not args.quiet
+    )
     old = Path(args.run) / "metrics.json"
-    if old.exists():  # keep what only the fit knew (time, iterations)
+    if old.exists():
         metrics = {**json.loads(old.read_text()), **metrics}
     save_json(old, metrics)
     _print_metrics(Path(args.run), metrics)
@@ -813,28 +686,9 @@ def cmd_sample(args) -> int:
         plot(model, config, run, torch.device("cpu"))
         print(f"wrote the {config['model'].upper()}'s figures in {run}")
         return 0
-    if MODELS[config["model"]].deep:
-        x = model.sample(args.num_samples)
-        save_torch(run / "samples.pt", {"x": x.cpu()})
-        plots.save(
-            plots.image_grid(x, title=f"samples from {config['model']}"), run / "samples.png"
-        )
-        print(f"wrote {run / 'samples.png'} and {run / 'samples.pt'}")
-        return 0
-    x, z = model.sample(args.num_samples)
-    save_torch(run / "samples.pt", {"x": x.cpu(), "z": z.cpu()})
-    if x.shape[1] == 2 and isinstance(model, GaussianMixture):
-        fig = plots.gaussian_ellipses(
-            x,
-            model.weights,
-            model.locs,
-            model.covariances,
-            labels=z,
-            title=f"{args.num_samples} samples from the fitted mixture",
-        )
-    else:
-        fig = plots.image_grid(x, title=f"samples from {config['model']}")
-    plots.save(fig, run / "samples.png")
+    x = model.sample(args.num_samples)
+    save_torch(run / "samples.pt", {"x": x.cpu()})
+    plots.save(plots.image_grid(x, title=f"samples from {config['model']}"), run / "samples.png")
     print(f"wrote {run / 'samples.png'} and {run / 'samples.pt'}")
     return 0
 
@@ -916,78 +770,6 @@ def _restore(run: Path):
     return model, config
 
 
-def _metrics(model, config, x_train) -> dict:
-    """Exact log-likelihoods, information criteria and clustering scores of a fitted mixture."""
-    metrics = {}
-    splits = {"train": x_train}
-    labels = {}
-    for split in ("test",):
-        try:
-            x, y = _load(config["data"], split, config["binarize"], None)
-        except ValueError:  # the data set has no such split
-            continue
-        splits[split], labels[split] = x.to(x_train.device), y
-    _, labels["train"] = _load(config["data"], "train", config["binarize"], config["max_data"])
-    for split, x in splits.items():
-        log_px = evaluate.log_likelihood(model.model, model.guide, x)  # (N,)
-        metrics[f"{split}_log_likelihood"] = log_px.mean().item()
-        if split == "train":
-            total = log_px.double().sum().item()
-            metrics["bic"] = evaluate.bic(total, model.num_parameters, len(x))
-            metrics["aic"] = evaluate.aic(total, model.num_parameters)
-        if labels.get(split) is not None:
-            pred = model.predict(x).cpu()
-            # one-to-one matching needs no more clusters than labels; else majority labels
-            one_to_one = model.config.num_components <= len(labels[split].unique())
-            mapping = "hungarian" if one_to_one else "majority"
-            metrics["clustering_accuracy_mapping"] = mapping
-            metrics[f"{split}_clustering_accuracy"] = evaluate.clustering_accuracy(
-                labels[split], pred, mapping
-            )
-            metrics[f"{split}_nmi"] = evaluate.nmi(labels[split], pred)
-            metrics[f"{split}_ari"] = evaluate.ari(labels[split], pred)
-    counts = model.responsibilities(x_train).sum(0)  # expected points per component (K,)
-    metrics["num_train"] = len(x_train)
-    metrics["num_parameters"] = model.num_parameters
-    metrics["empty_components"] = int((counts < 1).sum())
-    metrics["units"] = "nats per data point"
-    return metrics
-
-
-def _fit_plots(model, config, x, history, out: Path) -> None:
-    plots.save(
-        plots.curve(
-            history,
-            "log_likelihood",
-            ylabel="mean log-likelihood (nats)",
-            title=f"EM on {config['data']}",
-        ),
-        out / "log_likelihood.png",
-    )
-    if isinstance(model, GaussianMixture) and x.shape[1] == 2:
-        names = (
-            ("eruptions (min)", "waiting (min)") if config["data"] == "faithful" else ("x1", "x2")
-        )
-        fig = plots.gaussian_ellipses(
-            x,
-            model.weights,
-            model.locs,
-            model.covariances,
-            axis_names=names,
-            title=f"Gaussian mixture on {config['data']}",
-        )
-        plots.save(fig, out / "mixture.png")
-    if isinstance(model, BernoulliMixture):
-        weights = model.weights.detach()
-        order = weights.argsort(descending=True)[:100]
-        fig = plots.image_grid(
-            model.probs[order],
-            titles=[f"{w:.3f}" for w in weights[order]],
-            title="component means (weight above each)",
-        )
-        plots.save(fig, out / "components.png")
-
-
 def _print_metrics(out: Path, metrics: dict) -> None:
     print(f"run: {out}")
     for key, value in metrics.items():
@@ -1004,45 +786,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list models and data sets").set_defaults(func=cmd_list)
 
     fit = sub.add_parser("fit", help="fit a model and write a run directory")
-    fit.add_argument("model", choices=sorted(MODELS))
+    fit.add_argument("model", help="a model of zoo list, or path/to/file.py:Class")
     fit.add_argument("--data", choices=data.NAMES, help="data set (default: the model's own)")
-    fit.add_argument("--inference", help="em (mixtures), reparam or svi (deep models)")
+    fit.add_argument("--inference", help="reparam or svi (the deep models); see zoo list")
     fit.add_argument("--out", help="run directory (default: runs/MODEL-DATA)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing run")
-    fit.add_argument("--components", "-k", type=_positive_int, help="number of mixture components")
-    fit.add_argument("--covariance", choices=("full", "diag"), default="full")
-    fit.add_argument("--reg-covar", type=float, default=1e-6, help="variance floor (GMM)")
-    fit.add_argument(
-        "--weight-concentration",
-        type=float,
-        default=1.0,
-        help="Dirichlet prior on the weights (1 = none)",
-    )
-    fit.add_argument(
-        "--beta-prior",
-        type=float,
-        nargs=2,
-        default=(1.1, 1.1),
-        metavar=("A", "B"),
-        help="Beta(A, B) prior on Bernoulli means (BMM; 1 1 = none)",
-    )
     fit.add_argument(
         "--binarize",
         default="default",
         choices=("default", "none", "static", "dynamic", "threshold"),
     )
     fit.add_argument("--max-data", type=_positive_int, help="use only the first N training rows")
-    fit.add_argument("--max-iter", type=_positive_int, default=500)
-    fit.add_argument(
-        "--tol", type=float, default=1e-4, help="stop when the mean objective changes less"
-    )
-    fit.add_argument("--n-init", type=_positive_int, default=1, help="restarts; the best is kept")
-    fit.add_argument(
-        "--sparse",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="EM on the data as sparse rows (bmm; auto: when large and at most 30%% nonzero)",
-    )
     fit.add_argument("--seed", type=_seed, default=0)
     fit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     deep = fit.add_argument_group("deep models (vae, cvae, ssvae, hvae)")
@@ -1285,24 +1039,28 @@ def _model_flag_parser(spec) -> argparse.ArgumentParser:
     set, and the shared ones."""
     parser = argparse.ArgumentParser(prog=f"zoo fit {spec.name}", description=spec.description)
     parser.add_argument("--data", help="a data set name or a .csv / .npy file of rows")
-    parser.add_argument(
-        "--binarize", default="default", choices=("default", "none", "static", "threshold")
-    )
-    parser.add_argument(
-        "--inference", choices=tuple(spec.drivers), default=next(iter(spec.drivers))
-    )
-    parser.add_argument("--out")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--epochs", type=_positive_int, default=10)
-    parser.add_argument("--batch-size", type=_positive_int, default=128)
-    parser.add_argument("--lr", type=_positive_float, default=1e-3)
-    parser.add_argument("--loss", choices=sorted(svi.LOSSES), help="--inference svi")
-    parser.add_argument("--tol", type=_positive_float, default=1e-4, help="--inference em")
-    parser.add_argument("--max-iter", type=_positive_int, default=500, help="--inference em")
-    parser.add_argument("--max-data", type=_positive_int)
-    parser.add_argument("--eval-samples", type=_positive_int, default=100)
+    binarize = ("default", "none", "static", "threshold")
+    parser.add_argument("--binarize", default="default", choices=binarize)
+    first = next(iter(spec.drivers))
+    parser.add_argument("--inference", choices=tuple(spec.drivers), default=first)
+    parser.add_argument("--out", help="run directory (default: runs/MODEL-DATA)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    parser.add_argument("--resume", nargs="?", const=True, metavar="RUN")
+    parser.add_argument("--max-data", type=_positive_int, help="the first N training rows")
     parser.add_argument("--seed", type=_seed, default=0)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    em_flags = parser.add_argument_group("--inference em")
+    em_flags.add_argument("--tol", type=_positive_float, default=1e-4)
+    em_flags.add_argument("--max-iter", type=_positive_int, default=500)
+    em_flags.add_argument("--n-init", type=_positive_int, default=1, help="restarts; best kept")
+    em_flags.add_argument("--sparse", choices=("auto", "yes", "no"), default="auto")
+    deep = parser.add_argument_group("--inference svi or reparam")
+    deep.add_argument("--epochs", type=_positive_int, default=10)
+    deep.add_argument("--batch-size", type=_positive_int, default=128)
+    deep.add_argument("--lr", type=_positive_float, default=1e-3)
+    deep.add_argument("--loss", choices=sorted(svi.LOSSES), help="--inference svi")
+    deep.add_argument("--eval-samples", type=_positive_int, default=100)
     group = parser.add_argument_group(f"{spec.name} options")
     for option in spec.options():
         if option.data is None:
@@ -1341,21 +1099,29 @@ def cmd_fit_any(argv) -> int:
     """``zoo fit MODEL ...`` for a model the tables above do not list."""
     spec = registry.get(argv[0])
     args = _model_flag_parser(spec).parse_args(argv[1:])
-    given = {o.name: getattr(args, o.name) for o in spec.options() if o.data is None}
-    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
-    if args.data is None and spec.default_data is None:
-        raise SystemExit(f"zoo: {spec.name} has no default data: pass --data NAME or a file")
+    if args.resume is not None:
+        if args.inference == "em":
+            raise SystemExit(
+                "zoo: EM fits have no checkpoint to resume (they restart in seconds to"
+                " minutes); fit again, with --overwrite to replace the run"
+            )
+        raise SystemExit(f"zoo: --resume is for the zoo's deep models; fit {spec.name} again")
     data_name = args.data or spec.default_data
+    if data_name is None:
+        raise SystemExit(f"zoo: {spec.name} has no default data: pass --data NAME or a file")
     binarize = spec.default_binarize if args.binarize == "default" else _none(args.binarize)
     x, y = _any_split(data_name, "train", binarize, args.max_data)
-    info = registry.DataInfo.of(x, y, data_name, binarize)
+    info = registry.DataInfo.of(x, y, data_name, binarize, data.columns(data_name))
+    given = {o.name: getattr(args, o.name) for o in spec.options() if o.data is None}
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
     options = spec.complete(given, info)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
+    device = _device(args.device)
     model = spec.build(options)
-    out = runs.run_path(
-        args.out or f"runs/{Path(spec.name.split(':')[-1]).name}-{Path(data_name).stem}"
-    )
+    model = model.to(device) if isinstance(model, torch.nn.Module) else model
+    name = Path(spec.name.split(":")[-1]).name
+    out = runs.run_path(args.out or f"runs/{name}-{Path(data_name).stem}")
     with runs.open_for_writing(out, overwrite=args.overwrite) as run:
         config = {
             "model": spec.name,
@@ -1367,37 +1133,50 @@ def cmd_fit_any(argv) -> int:
             "options": {k: v for k, v in vars(args).items() if k not in given},
             "command": "zoo fit " + " ".join(shlex.quote(a) for a in argv),
         }
+        sparse = args.inference == "em" and _sparse(
+            args.sparse, model, _arguments(model, x, y, "train")
+        )
+        config["options"]["sparse"] = sparse  # what the fit runs on, not the flag
         run.write_config(config)
-        result = _fit_with_driver(spec, model, args, _arguments(model, x, y, "train"))
-        _save_parameters(model, out / "params.pt")
-        save_json(out / "history.json", result.history)
-        metrics = _any_metrics(model, config, args.eval_samples, not args.quiet)
-        metrics.update(objective=result.objective, stop_reason=result.stop_reason)
-        save_json(out / "metrics.json", metrics)
-        _any_figures(model, config, result.history, out)
+        metrics = _fit_and_score(spec, model, args, config, (x.to(device), y), info, out)
     _print_metrics(out, metrics)
     return 0
 
 
-def _fit_with_driver(spec, model, args, train):
+def _fit_and_score(spec, model, args, config, train, info, out: Path) -> dict:
+    """Fit, then write the run's parameters, history, metrics and figures."""
+    started = time.time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", em.ConvergenceWarning)
+        result = _fit_with_driver(spec, model, args, config, _arguments(model, *train, "train"))
+    for warning in caught:  # said once, plainly, and recorded in metrics.json below
+        print(f"zoo: warning: {warning.message}", file=sys.stderr)
+    _save_parameters(model, out / "params.pt")
+    save_json(out / "history.json", result.history)
+    metrics = _any_metrics(model, config, args.eval_samples, not args.quiet)
+    metrics.update(
+        fit_seconds=time.time() - started,
+        iterations=result.num_steps,
+        converged=result.converged,
+        stop_reason=result.stop_reason,
+        objective=result.objective,
+    )
+    save_json(out / "metrics.json", metrics)
+    _any_figures(model, config, result.history, out, info)
+    return metrics
+
+
+def _fit_with_driver(spec, model, args, config, train):
     """One fit of ``model`` with the driver ``args.inference`` and the spec's default options."""
     options = dict(spec.drivers[args.inference])
     hook = getattr(model, "driver_options", None)
     options.update(hook(args.inference) if callable(hook) else {})
     value = train[0] if len(train) == 1 else train
     if args.inference == "em":
-        with warnings.catch_warnings():
-            warnings.simplefilter("default", em.ConvergenceWarning)
-            return em.fit(
-                model.model,
-                model.guide,
-                value,
-                tol=args.tol,
-                max_iter=args.max_iter,
-                seed=args.seed,
-                progress=not args.quiet,
-                **options,
-            )
+        value = SparseRows(value) if config["options"]["sparse"] else value
+        em_options = dict(tol=args.tol, max_iter=args.max_iter, n_init=args.n_init, seed=args.seed)
+        em_options.update(progress=not args.quiet, **options)
+        return em.fit(model.model, model.guide, value, **em_options)
     loop_options = dict(
         batch_size=args.batch_size,
         num_epochs=args.epochs,
@@ -1416,6 +1195,24 @@ def _fit_with_driver(spec, model, args, train):
     return reparam.fit(model.model, model.guide, value, **options, **loop_options)
 
 
+def _sparse(choice: str, model, x) -> bool:
+    """Whether EM runs on ``SparseRows(x)``: for a model whose products take CSR data
+    (``takes_sparse_data``); 'auto' picks it for data that are mostly zeros and large enough
+    for it to pay (on MNIST, 13 % ones: 1.6-3x faster iterations, benchmarks/results/em.md)."""
+    takes = getattr(model, "takes_sparse_data", False)
+    if choice == "no" or (choice == "auto" and not takes):
+        return False
+    if not takes:
+        raise SystemExit(
+            f"zoo: --sparse yes: {type(model).__name__} takes dense data only (sparse rows are"
+            " for models whose products take CSR data, such as the Bernoulli mixture)"
+        )
+    x = x[0] if len(x) == 1 else None  # the model's arguments: one tensor of rows
+    if not isinstance(x, torch.Tensor):
+        return False
+    return choice == "yes" or (x.numel() >= 2**22 and (x != 0).float().mean().item() <= 0.3)
+
+
 def _arguments(model, x, y, split):
     """The model's arguments for a split: its own ``arguments(x, y, split)``, else ``(x,)``."""
     hook = getattr(model, "arguments", None)
@@ -1429,9 +1226,10 @@ def _any_split(name, split, binarize, max_data):
         return _load(name, split, binarize, max_data)
     path = runs.run_path(name)
     if path.suffix not in (".csv", ".npy"):
-        raise SystemExit(
-            f"zoo: --data {name}: a data set ({', '.join(data.NAMES)}) or a .csv / .npy file"
-        )
+        names = ", ".join(data.NAMES)
+        raise SystemExit(f"zoo: --data {name}: a data set ({names}) or a .csv / .npy file")
+    if split != "train":
+        raise ValueError(f"a data file has no {split} split")
     x = data.load_file(path)
     if max_data:
         x = x[:max_data]
@@ -1452,17 +1250,24 @@ def _restore_any(run: Path, config: dict):
     try:
         model = spec.build(config["model_config"])
     except (TypeError, ValueError) as error:
-        raise runs.RunError(f"{run / 'config.json'}: {error}") from None
+        raise runs.RunError(
+            f"{run / 'config.json'}: its model_config does not make a {spec.name} ({error})"
+        ) from None
     state = runs.load_tensors(run / "params.pt")
-    if isinstance(model, torch.nn.Module):
-        model.load_state_dict(state)
-        return model
-    x, y = _any_split(config["data"], "train", config["binarize"], 2)
-    loop.Parameters(model.model, model.guide, _value(_arguments(model, x, y, "train")))
-    store = pyro.get_param_store()
+    if not isinstance(model, torch.nn.Module):
+        x, y = _any_split(config["data"], "train", config["binarize"], 2)
+        loop.Parameters(model.model, model.guide, _value(_arguments(model, x, y, "train")))
+        model_state = dict(pyro.get_param_store()._params)
+    else:
+        model_state = model.state_dict()
+    if set(state) != set(model_state) or any(state[k].shape != model_state[k].shape for k in state):
+        raise runs.RunError(
+            f"{run / 'params.pt'} does not hold this {spec.name}'s parameters (its names or"
+            " shapes differ from those its config.json makes)"
+        )
     with torch.no_grad():
         for name, value in state.items():
-            store._params[name].copy_(value)
+            model_state[name].copy_(value)
     return model
 
 
@@ -1470,26 +1275,27 @@ def _value(arguments):
     return arguments[0] if len(arguments) == 1 else arguments
 
 
-def _held_out(config):
-    """The test split's arguments (the training rows for a data set without one)."""
+def _splits(config) -> dict:
+    """``{"train": (x, y), "test": (x, y)}`` of the run's data (no test: a data file)."""
+    splits = {"train": _any_split(config["data"], "train", config["binarize"], config["max_data"])}
     try:
-        x, y = _any_split(config["data"], "test", config["binarize"], None)
-        split = "test"
-    except (ValueError, SystemExit):
-        x, y = _any_split(config["data"], "train", config["binarize"], config["max_data"])
-        split = "train"
-    return split, x, y
+        splits["test"] = _any_split(config["data"], "test", config["binarize"], None)
+    except ValueError:  # the data have no test split
+        pass
+    return splits
 
 
 def _any_metrics(model, config, num_samples, progress) -> dict:
-    """The model's own ``metrics``, else the shared ones: exact (mixtures) or importance-sampled
-    log-likelihood, and for the deep drivers the ELBO, on the held-out split."""
-    split, x, y = _held_out(config)
-    held_out = _arguments(model, x, y, split)
+    """The model's own ``metrics(splits, ...)``, else the shared ones: the exact (mixtures) or
+    importance-sampled log-likelihood, and for the deep drivers the ELBO, of the held-out
+    split (the training rows where there is none)."""
+    device = _model_device(model)
+    splits = {k: (x.to(device), y) for k, (x, y) in _splits(config).items()}
     hook = getattr(model, "metrics", None)
     if callable(hook):
-        return dict(hook(held_out, num_samples, progress))
-    value = _value(held_out)
+        return dict(hook(splits, num_samples, progress))
+    split = "test" if "test" in splits else "train"
+    value = _value(_arguments(model, *splits[split], split))
     log_px = evaluate.log_likelihood(
         model.model, model.guide, value, num_samples=num_samples, progress=progress
     )
@@ -1500,16 +1306,33 @@ def _any_metrics(model, config, num_samples, progress) -> dict:
     return metrics
 
 
-def _any_figures(model, config, history, out: Path) -> None:
-    key = "log_likelihood" if config["inference"] == "em" else "objective"
-    label = "mean log-likelihood" if key == "log_likelihood" else "ELBO per data point"
-    fig = plots.curve(history, key, ylabel=f"{label} (nats)", title=f"{config['model']}: training")
-    plots.save(fig, out / "learning_curve.png")
+def _model_device(model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _any_figures(model, config, history, out: Path, info=None) -> None:
+    """The learning curve, and the model's own ``figures`` (``{file name: Figure}``)."""
+    if config["inference"] == "em":
+        fig = plots.curve(
+            history,
+            "log_likelihood",
+            ylabel="mean log-likelihood (nats)",
+            title=f"EM on {config['data']}",
+        )
+        plots.save(fig, out / "log_likelihood.png")
+    else:
+        fig = plots.curve(
+            history, "objective", ylabel="ELBO per data point (nats)", title="training objective"
+        )
+        plots.save(fig, out / "learning_curve.png")
     hook = getattr(model, "figures", None)
     if callable(hook):
-        split, x, y = _held_out(config)
-        for name, figure in hook(_arguments(model, x, y, split), history).items():
-            plots.save(figure, out / name)
+        with torch.no_grad():
+            for name, figure in hook(_splits(config), history, info).items():
+                plots.save(figure, out / name)
 
 
 def _sample_any(model, config, run: Path, num_samples: int) -> None:
@@ -1517,14 +1340,16 @@ def _sample_any(model, config, run: Path, num_samples: int) -> None:
     if not callable(hook):
         raise SystemExit(f"zoo: {config['model']} offers no sample(num_samples): nothing to draw")
     drawn = hook(num_samples)
-    x = drawn[0] if isinstance(drawn, tuple) else drawn
-    save_torch(run / "samples.pt", {"x": x.detach().cpu()})
+    x, z = drawn if isinstance(drawn, tuple) else (drawn, None)
+    saved = {"x": x.detach().cpu(), **({} if z is None else {"z": z.detach().cpu()})}
+    save_torch(run / "samples.pt", saved)
+    figure = getattr(model, "sample_figure", lambda x, z: None)(x, z)
     side = int(round(x.shape[-1] ** 0.5))
-    if x.dim() == 2 and side * side == x.shape[-1]:
-        plots.save(
-            plots.image_grid(x, title=f"samples from {config['model']}"), run / "samples.png"
-        )
-    print(f"wrote {run / 'samples.pt'}")
+    if figure is None and x.dim() == 2 and side * side == x.shape[-1]:
+        figure = plots.image_grid(x, title=f"samples from {config['model']}")
+    if figure is not None:
+        plots.save(figure, run / "samples.png")
+    print(f"wrote {run / 'samples.pt'}" + (" and samples.png" if figure is not None else ""))
 
 
 def cmd_compare_any(argv) -> int:

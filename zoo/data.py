@@ -108,6 +108,11 @@ def fetch(name: str) -> Path:
     raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(NAMES)}")
 
 
+def columns(name: str) -> Optional[Tuple[str, ...]]:
+    """The names of a data set's features, where it has them (for axes of figures)."""
+    return {"faithful": ("eruptions (min)", "waiting (min)")}.get(name)
+
+
 def load_file(path) -> torch.Tensor:
     """A user's data: the rows of a .csv (numbers, comma-separated, an optional header line) or
     a .npy file (a 2-d numeric array, read without pickles), as a float32 (N, D) tensor."""

@@ -153,6 +153,40 @@ class GaussianMixture(Mixture):
             var = stats["sum_xx"] / counts.unsqueeze(-1) - locs**2 + reg  # (K, D)
             self.set_param("scale", var.clamp(min=reg if reg > 0 else 1e-300).sqrt())
 
+    def figures(self, splits, history=None, info=None) -> dict:
+        """The fitted Gaussians' 1 and 2 sd ellipses over the training data (2-D data only)."""
+        from zoo import plots  # matplotlib only when figures are drawn
+
+        x = splits["train"][0]
+        if x.shape[1] != 2:
+            return {}
+        columns = getattr(info, "columns", None) or ("x1", "x2")
+        name = getattr(info, "name", "") or "the data"
+        fig = plots.gaussian_ellipses(
+            x,
+            self.weights,
+            self.locs,
+            self.covariances,
+            axis_names=columns,
+            title=f"Gaussian mixture on {name}",
+        )
+        return {"mixture.png": fig}
+
+    def sample_figure(self, x, z):
+        """Samples coloured by their component, over the components' ellipses (2-D only)."""
+        from zoo import plots
+
+        if x.shape[1] != 2:
+            return None
+        return plots.gaussian_ellipses(
+            x,
+            self.weights,
+            self.locs,
+            self.covariances,
+            labels=z,
+            title=f"{len(x)} samples from the fitted mixture",
+        )
+
     @property
     def num_parameters(self) -> int:
         """Free parameters, for BIC and AIC."""

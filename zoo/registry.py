@@ -23,8 +23,10 @@ and ``guide``; one meaning per name across models):
   likelihood for binary data); raises ValueError when the data do not suit the model;
 - ``fit_options(num_epochs)``: extra options for the training loop (a KL warm-up schedule);
 - ``driver_options(driver)``: the driver's options when they depend on the config;
-- ``metrics(test, num_samples, progress)``: held-out scores, a dict of numbers;
-- ``figures(test, history)``: ``{file name: matplotlib Figure}``;
+- ``metrics(splits, num_samples, progress)``: scores, a dict of numbers; ``splits`` maps
+  "train" and "test" (where the data have one) to ``(x, y)``, y None where unlabelled;
+- ``figures(splits, history, info)``: ``{file name: matplotlib Figure}``;
+- ``sample_figure(x, z)``: how to show its samples (default: an image grid for square images);
 - ``encode``, ``reconstruct``, ``predict`` / ``classify``, ``active_units``.
 A model that offers none of the optional ones is fitted, scored by the shared metrics
 (``inference.evaluate``) and drawn by the shared figures; what needs an offer it lacks is refused
@@ -41,8 +43,6 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Protocol, Tuple
-
-import torch
 
 DRIVERS = ("em", "svi", "reparam")
 ENTRY_POINTS = "zoo.models"
@@ -66,6 +66,7 @@ class DataInfo:
     binary: bool
     binarize: Optional[str] = None
     num_classes: Optional[int] = None
+    columns: Optional[Tuple[str, ...]] = None  # names of the features, where the data has them
 
     @property
     def likelihood(self) -> str:
@@ -73,10 +74,11 @@ class DataInfo:
         return "bernoulli" if self.binary else "gaussian"
 
     @classmethod
-    def of(cls, x: torch.Tensor, y: Optional[torch.Tensor] = None, name="", binarize=None):
+    def of(cls, x, y=None, name="", binarize=None, columns=None) -> "DataInfo":
         binary = bool(((x == 0) | (x == 1)).all()) if x.numel() else False
         classes = int(y.max()) + 1 if y is not None and y.numel() else None
-        return cls(name, int(x[0].numel()), binary or binarize is not None, binarize, classes)
+        dim = int(x[0].numel())
+        return cls(name, dim, binary or binarize is not None, binarize, classes, columns)
 
 
 @dataclass(frozen=True)
