@@ -1,7 +1,13 @@
 """
-The ``zoo`` command: the one place that ties models to drivers.
+The ``zoo`` command. Any model of the registry (``zoo.registry``: the zoo's, an installed
+package's, or a user's ``file.py:Class``) is fitted, scored, sampled and compared from what it
+declares, with flags from its options: the mixtures, users' models and third-party ones take
+that path (the functions after "any model, through the registry" below). The four deep models
+of the zoo still take the older path through ``MODELS``, whose flags and run settings live
+here, until their task options (the CVAE's condition, the SSVAE's labels, ...) move into them.
 
     zoo list
+    zoo fit path/to/my_model.py:MyModel --data faithful --my-option 3
     zoo fit gmm --data faithful --out runs/gmm-faithful
     zoo fit bmm --data mnist --components 100 --out runs/bmm-mnist
     zoo fit ssvae --labels 100 --epochs 50
@@ -59,10 +65,6 @@ class Entry:
     default_binarize: Optional[str]
     inferences: Tuple[str, ...]
     config_from_args: Callable
-
-    @property
-    def deep(self) -> bool:  # fitted by the SVI / reparameterized drivers, epoch by epoch
-        return "em" not in self.inferences
 
 
 def _vae_config(args, dim, binary):
