@@ -144,9 +144,10 @@ def fit(
     loop_options go to ``inference.loop.run``: seed, patience, transform, checkpoint, resume,
     callback, schedule, progress, max_steps. The objective and history are ELBO per data point.
 
-    Before the first step the model and guide run once or twice on a batch of the first step's
-    size (creating the parameters, finding the data plates), with torch's random state put back
-    afterwards.
+    Before the first step the model and guide run on a batch of the first step's size (and, to
+    find the data plates, on one row fewer): the runs create the parameters and move torch's
+    random state only by what their initialization draws (``loop.prepare``), so from the same
+    seed the first step draws what the first step of Pyro's own loop draws.
     """
     rows = Rows(data, batch_dims)
     num_data = rows.num_data
