@@ -19,7 +19,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
-from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.nn import PyroModule, PyroParam, PyroSample
 from torch import nn
@@ -629,6 +629,52 @@ def hmm_data(num=30, length=12):
         states[:, t] = torch.multinomial(trans[states[:, t - 1]], 1, generator=g).squeeze(-1)
     y = torch.tensor([-3.0, 0.5, 4.0])[states] + torch.randn(num, length, generator=g)
     return y.double()
+
+
+def test_an_hmm_by_svi_on_minibatches_of_sequences_is_pyros_loop():
+    """Pyro's HMM example's style: sequences in a plate named "sequences", the states of each
+    one a chain under pyro.markov summed out by TraceEnum_ELBO, MAP parameters (empty guide).
+    On minibatches of 8 of 30 sequences the driver takes the steps of Pyro's loop with
+    pyro.plate("sequences", 30, subsample=idx), exactly (no randomness is involved)."""
+    y = hmm_data().float()
+
+    def program(plate):
+        def model(y):
+            start = pyro.param("start", torch.ones(3) / 3, constraint=constraints.simplex)
+            trans = pyro.param("trans", torch.eye(3) * 0.7 + 0.1, constraint=constraints.simplex)
+            locs = pyro.param("locs", torch.tensor([-1.0, 0.0, 1.0]))
+            with plate(y):
+                state = None
+                for t in pyro.markov(range(y.shape[1])):
+                    probs = start if state is None else trans[state]
+                    state = pyro.sample(f"x_{t}", dist.Categorical(probs))
+                    pyro.sample(f"y_{t}", dist.Normal(locs[state], 1.0), obs=y[:, t])
+
+        return model
+
+    state = {}
+    model = program(lambda y: pyro.plate("sequences", len(y)))
+    reference = program(lambda y: pyro.plate("sequences", 30, subsample=state["i"]))
+    steps = [(i,) for i in driver_batches(30, 8, 3)]
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    expected = pyros_loop(
+        lambda i: (state.update(i=i), config_enumerate(reference)(y[i]))[1],
+        lambda i: None,
+        steps,
+        seed=0,
+        loss=elbo,
+    )
+    result = svi.fit(
+        config_enumerate(model),
+        lambda y: None,
+        y,
+        loss=TraceEnum_ELBO(max_plate_nesting=1),
+        optim=pyro.optim.Adam({"lr": 0.05}),
+        batch_size=8,
+        num_epochs=3,
+    )
+    assert result.extra["data_plates"] == ["sequences"]
+    assert_same_params(store_values(), expected)
 
 
 def test_hmm_log_likelihood_is_the_forward_algorithm():
