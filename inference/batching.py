@@ -30,6 +30,12 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 
+def check_count(name: str, value) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a whole number of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
 def arguments(value) -> Tuple[tuple, dict]:
     """The ``(args, kwargs)`` a model is called with for data (or a minibatch) ``value``."""
     if isinstance(value, torch.Tensor):

@@ -33,6 +33,7 @@ import torch
 from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
+from inference.batching import check_count
 from inference.enumeration import Enumerated, validation_off
 from inference.result import FitResult
 from inference.sparse import SparseRows
@@ -85,9 +86,9 @@ def fit(
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
     for name, value in (("max_iter", max_iter), ("n_init", n_init), ("m_step_iters", m_step_iters)):
-        _check_count(name, value)
+        check_count(name, value)
     if chunk_size is not None:
-        _check_count("chunk_size", chunk_size)
+        check_count("chunk_size", chunk_size)
     example = data.rows(0, 4) if isinstance(data, SparseRows) else data[:4]
     enum = Enumerated(model, guide, example, data_plate)
     num_values = enum.num_values
@@ -444,11 +445,6 @@ def _default_chunk_size(model, num_values: int, row_size: int) -> int:
     declared = getattr(owner, "e_step_values_per_row", None)
     per_row = declared(num_values) if callable(declared) else 4 * num_values * row_size
     return max(4096, _CHUNK_VALUES // max(1, int(per_row)))
-
-
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
 def _check_data(data) -> Union[torch.Tensor, SparseRows]:

@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
-from inference.batching import Rows, arguments, check_support, same_random_state
+from inference.batching import Rows, arguments, check_count, check_support, same_random_state
 from inference.enumeration import Enumerated, validation_off
 from inference.particles import Particles
 
@@ -51,8 +51,8 @@ def log_likelihood(
     """
     rows = _rows(x, batch_dims)
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-        _check_count(name, value)
-    _check_count("particle_batch", particle_batch)
+        check_count(name, value)
+    check_count("particle_batch", particle_batch)
     n = rows.num_data
     example = rows.slice(0, 4)
     if _enumerable(model, example):
@@ -101,7 +101,7 @@ def elbo(
     this is the bound on log p(x) of the unscaled model. x: a tensor, or the tuple (or
     mapping) of the model's arguments (data, condition, ...)."""
     rows = _rows(x, batch_dims)
-    _check_count("num_samples", num_samples)
+    check_count("num_samples", num_samples)
     particles = Particles(model, guide, rows.slice(0, 4), data_plate, batch_dims)
     return torch.cat(
         [
@@ -116,11 +116,6 @@ def _rows(x, batch_dims) -> Rows:
         return Rows(x, batch_dims)
     except (TypeError, ValueError) as error:
         raise ValueError(f"x: {error}") from error
-
-
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
 def _enumerable(model, example) -> bool:

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from inference.batching import (
     Rows,
+    check_count,
     check_support,
     find_data_plates,
     private_draws,
@@ -99,17 +100,17 @@ def run(
     rows = data if isinstance(data, Rows) else Rows(data, batch_dims)
     num_data = rows.num_data
     batch_size = num_data if batch_size is None else batch_size
-    _check_count("batch_size", batch_size)
-    _check_count("num_epochs", num_epochs)
+    check_count("batch_size", batch_size)
+    check_count("num_epochs", num_epochs)
     if patience is not None:
-        _check_count("patience", patience)
+        check_count("patience", patience)
         if validate is None:
             raise ValueError(
                 "patience= stops on the validation score, but there is none: pass valid_data="
                 " or validate= as well, or leave patience out"
             )
     if max_steps is not None:
-        _check_count("max_steps", max_steps)
+        check_count("max_steps", max_steps)
     rank, world = (tdist.get_rank(), tdist.get_world_size()) if _distributed() else (0, 1)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(num_data / batch_size)
@@ -171,10 +172,10 @@ def run(
                 batch = rows.take(idx)
                 if transform is not None:
                     batch = transform(batch, generator)
-                where = f"epoch {position['epoch'] + 1}, step {position['step'] + 1}"
                 try:
                     loss = float(step(batch))
                 except ValueError as error:  # Pyro's checks on values made from NaN parameters
+                    where = f"epoch {position['epoch'] + 1}, step {position['step'] + 1}"
                     bad = _nonfinite_parameters(state)
                     text = str(error)
                     if bad:
@@ -188,6 +189,7 @@ def run(
                         f" ({text.splitlines()[0][:160]}){_kept(path)}"
                     ) from error
                 if not math.isfinite(loss):
+                    where = f"epoch {position['epoch'] + 1}, step {position['step'] + 1}"
                     raise FloatingPointError(f"the loss is {loss} at {where}{_kept(path)}")
                 losses.append(loss)
                 position["step"] += 1
@@ -289,11 +291,6 @@ def _kept(path) -> str:
     if path is not None and Path(path).exists():
         return f"; the last good checkpoint {path} is intact"
     return ""
-
-
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------ state
@@ -532,7 +529,7 @@ def prepare(model, guide, rows: Rows, batch_size: Optional[int], data_plate=None
     observed data lie outside their distribution's support (``batching.check_support``).
     """
     if batch_size is not None:
-        _check_count("batch_size", batch_size)
+        check_count("batch_size", batch_size)
     if batch_size is None or batch_size >= rows.num_data:
         plates, first = (), rows.data
         with private_draws():  # creates the parameters

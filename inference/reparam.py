@@ -27,7 +27,14 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import ignore_jit_warnings
 
 from inference import loop
-from inference.batching import Rows, arguments, data_plates, same_random_state, scale_rows
+from inference.batching import (
+    Rows,
+    arguments,
+    check_count,
+    data_plates,
+    same_random_state,
+    scale_rows,
+)
 from inference.particles import Particles, iwae_bound
 from inference.result import FitResult
 from inference.svi import make_loss
@@ -277,8 +284,7 @@ def fit(
     loop_options go to ``inference.loop.run`` (seed, patience, transform, checkpoint, resume,
     callback, schedule, progress, max_steps).
     """
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be a whole number >= 1, got {num_particles!r}")
+    check_count("num_particles", num_particles)
     rows = Rows(data, batch_dims)
     num_data = rows.num_data
     example = rows.slice(0, 2)

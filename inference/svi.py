@@ -32,6 +32,7 @@ from inference.batching import (
     Rows,
     arguments,
     call,
+    check_count,
     find_data_plates,
     probe_sizes,
     same_random_state,
@@ -87,10 +88,7 @@ def make_loss(
         return loss
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(
-            f"num_particles must be a whole number of at least 1, not {num_particles!r}"
-        )
+    check_count("num_particles", num_particles)
     vectorize = num_particles > 1 if vectorize_particles is None else bool(vectorize_particles)
     options = {"num_particles": num_particles, "vectorize_particles": vectorize}
     if max_plate_nesting is not None:

@@ -31,7 +31,7 @@ def test_every_registered_model_honours_its_declarations(name):
     saved = json.loads(json.dumps(spec.saved_options(model)))
     again = spec.build({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     assert spec.saved_options(again) == spec.saved_options(model)
-    args = cli._arguments(model, x, y, "train")
+    args = registry.model_arguments(model, x, y, "train")
     for driver, declared in spec.drivers.items():
         if driver == "em":
             continue  # EM runs whole fits: tests/test_em.py and the mixtures' tests

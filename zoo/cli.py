@@ -1063,11 +1063,22 @@ def _model_flag_parser(spec) -> argparse.ArgumentParser:
     deep.add_argument("--lr", type=_positive_float, default=1e-3)
     deep.add_argument("--loss", choices=sorted(svi.LOSSES), help="--inference svi")
     deep.add_argument("--eval-samples", type=_positive_int, default=100)
+    _add_model_options(parser, spec)
+    return parser
+
+
+def _add_model_options(parser, spec) -> None:
+    """A flag for each of the model's options, less those the data set."""
     group = parser.add_argument_group(f"{spec.name} options")
     for option in spec.options():
         if option.data is None:
             _add_option(group, option)
-    return parser
+
+
+def _given_options(spec, args) -> dict:
+    """The model options given on the command line (tuples for lists)."""
+    given = {o.name: getattr(args, o.name) for o in spec.options() if o.data is None}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
 
 
 def _add_option(group, option) -> None:
@@ -1114,8 +1125,7 @@ def cmd_fit_any(argv) -> int:
     binarize = spec.default_binarize if args.binarize == "default" else _none(args.binarize)
     x, y = _any_split(data_name, "train", binarize, args.max_data)
     info = registry.DataInfo.of(x, y, data_name, binarize, data.columns(data_name))
-    given = {o.name: getattr(args, o.name) for o in spec.options() if o.data is None}
-    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
+    given = _given_options(spec, args)
     options = spec.complete(given, info)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
@@ -1136,7 +1146,7 @@ def cmd_fit_any(argv) -> int:
             "command": "zoo fit " + " ".join(shlex.quote(a) for a in argv),
         }
         sparse = args.inference == "em" and _sparse(
-            args.sparse, model, _arguments(model, x, y, "train")
+            args.sparse, model, registry.model_arguments(model, x, y, "train")
         )
         config["options"]["sparse"] = sparse  # what the fit runs on, not the flag
         run.write_config(config)
@@ -1150,7 +1160,9 @@ def _fit_and_score(spec, model, args, config, train, info, out: Path) -> dict:
     started = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", em.ConvergenceWarning)
-        result = _fit_with_driver(spec, model, args, config, _arguments(model, *train, "train"))
+        result = _fit_with_driver(
+            spec, model, args, config, registry.model_arguments(model, *train, "train")
+        )
     for warning in caught:  # said once, plainly, and recorded in metrics.json below
         print(f"zoo: warning: {warning.message}", file=sys.stderr)
     _save_parameters(model, out / "params.pt")
@@ -1215,12 +1227,6 @@ def _sparse(choice: str, model, x) -> bool:
     return choice == "yes" or (x.numel() >= 2**22 and (x != 0).float().mean().item() <= 0.3)
 
 
-def _arguments(model, x, y, split):
-    """The model's arguments for a split: its own ``arguments(x, y, split)``, else ``(x,)``."""
-    hook = getattr(model, "arguments", None)
-    return tuple(hook(x, y, split)) if callable(hook) else (x,)
-
-
 def _any_split(name, split, binarize, max_data):
     """A split of a zoo data set, or of a user's .csv / .npy file (its rows: no split, no
     labels), as float32 tensors."""
@@ -1258,7 +1264,11 @@ def _restore_any(run: Path, config: dict):
     state = runs.load_tensors(run / "params.pt")
     if not isinstance(model, torch.nn.Module):
         x, y = _any_split(config["data"], "train", config["binarize"], 2)
-        loop.Parameters(model.model, model.guide, _value(_arguments(model, x, y, "train")))
+        loop.Parameters(
+            model.model,
+            model.guide,
+            registry.as_data(registry.model_arguments(model, x, y, "train")),
+        )
         model_state = dict(pyro.get_param_store()._params)
     else:
         model_state = model.state_dict()
@@ -1271,10 +1281,6 @@ def _restore_any(run: Path, config: dict):
         for name, value in state.items():
             model_state[name].copy_(value)
     return model
-
-
-def _value(arguments):
-    return arguments[0] if len(arguments) == 1 else arguments
 
 
 def _splits(config) -> dict:
@@ -1297,7 +1303,7 @@ def _any_metrics(model, config, num_samples, progress) -> dict:
     if callable(hook):
         return dict(hook(splits, num_samples, progress))
     split = "test" if "test" in splits else "train"
-    value = _value(_arguments(model, *splits[split], split))
+    value = registry.as_data(registry.model_arguments(model, *splits[split], split))
     log_px = evaluate.log_likelihood(
         model.model, model.guide, value, num_samples=num_samples, progress=progress
     )
@@ -1373,10 +1379,7 @@ def cmd_compare_any(argv) -> int:
         ("--max-data", _positive_int, None),
     ):
         parser.add_argument(flag, type=kind, default=default)
-    group = parser.add_argument_group(f"{spec.name} options")
-    for option in spec.options():
-        if option.data is None:
-            _add_option(group, option)
+    _add_model_options(parser, spec)
     args = parser.parse_args(argv[1:])
     data_name = args.data or spec.default_data
     if data_name is None:
@@ -1387,8 +1390,7 @@ def cmd_compare_any(argv) -> int:
         raise SystemExit(
             f"zoo: {out} already holds a comparison; pass --overwrite or another --out"
         )
-    given = {o.name: getattr(args, o.name) for o in spec.options() if o.data is None}
-    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
+    given = _given_options(spec, args)
     table = comparisons.compare_declared(
         spec,
         given,

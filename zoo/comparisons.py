@@ -706,16 +706,13 @@ def compare_declared(
 
 
 def _declared_run(spec, options, driver, train, test, settings, seed, recorder) -> Dict:
+    from zoo import registry
+
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = spec.build(options)
-    arguments = getattr(model, "arguments", None)
-
-    def args_of(x, y, split):
-        value = tuple(arguments(x, y, split)) if callable(arguments) else (x,)
-        return value[0] if len(value) == 1 else value
-
-    value, held_out = args_of(*train, "train"), args_of(*test, "test")
+    value = registry.as_data(registry.model_arguments(model, *train, "train"))
+    held_out = registry.as_data(registry.model_arguments(model, *test, "test"))
     k = settings["num_samples"]
 
     def score():

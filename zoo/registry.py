@@ -147,6 +147,17 @@ class Spec:
         return dict(getattr(model, "_zoo_options", {}))
 
 
+def model_arguments(model, x, y, split: str) -> tuple:
+    """The model's arguments for a split: its own ``arguments(x, y, split)``, else ``(x,)``."""
+    hook = getattr(model, "arguments", None)
+    return tuple(hook(x, y, split)) if callable(hook) else (x,)
+
+
+def as_data(arguments: tuple):
+    """What the drivers take for these arguments: the tensor itself when there is one."""
+    return arguments[0] if len(arguments) == 1 else arguments
+
+
 _REGISTRY: Dict[str, Spec] = {}
 
 
