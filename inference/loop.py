@@ -507,13 +507,19 @@ class Parameters:
                 for name, leaf in self.leaves.items()
             }
 
+    def _own(self) -> Dict[str, torch.Tensor]:
+        """The leaves Pyro's param store does not hold (module-local ones, an owning module's):
+        the loop saves and restores the store's own with the store, so each is kept once."""
+        held = {id(p) for p in pyro.get_param_store()._params.values()}
+        return {name: leaf for name, leaf in self.leaves.items() if id(leaf) not in held}
+
     def state_dict(self):
         # detached: Pyro hangs a weakref on some leaves, which a checkpoint cannot pickle
-        return {name: leaf.detach() for name, leaf in self.leaves.items()}
+        return {name: leaf.detach() for name, leaf in self._own().items()}
 
     def load_state_dict(self, saved):
         with torch.no_grad():
-            for name, leaf in self.leaves.items():
+            for name, leaf in self._own().items():
                 leaf.copy_(saved[name])
 
 

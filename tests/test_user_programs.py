@@ -530,6 +530,35 @@ def test_early_stopping_returns_the_kept_epochs_parameters(driver):
     assert_same_params(result.params, seen[1], rtol=0, atol=0)
 
 
+def test_early_stopping_restores_module_local_parameters():
+    """With module_local_params=True nothing is in Pyro's store: the kept epoch's values come
+    back from the driver's own copy of the modules' parameters."""
+    x, y = regression_data()
+    scores, seen = iter([1.0, 3.0, 2.0, 2.5, 0.0]), []
+    with pyro.settings.context(module_local_params=True):
+        model = BayesianRegression()
+        guide = AutoNormal(model)
+
+        def record(entry):
+            seen.append({k: v.detach().clone() for k, v in guide.named_parameters()})
+
+        result = svi.fit(
+            model,
+            guide,
+            (x, y),
+            lr=0.1,
+            batch_size=16,
+            num_epochs=5,
+            validate=lambda: next(scores),
+            patience=2,
+            callback=record,
+        )
+        assert len(pyro.get_param_store()) == 0 and result.best_epoch == 2
+        assert any(not torch.equal(seen[1][k], seen[3][k]) for k in seen[1])
+        now = {k: v.detach() for k, v in guide.named_parameters()}
+        assert_same_params(now, seen[1], rtol=0, atol=0)
+
+
 def test_patience_without_a_validation_score_is_refused():
     x, y = regression_data()
     model, guide = local_latent_program(lambda x, who: pyro.plate("data", len(x)))
