@@ -152,6 +152,24 @@ def fit(
     return best
 
 
+def initialize(model, guide, data, seed: int = 0, init: str = "kmeans++", data_plate=None):
+    """Set a one-latent model's parameters to EM's start, without iterating: ``init``'s hard
+    assignments (k-means++, seeded as ``fit``'s first restart, or random) and one M-step. What
+    another optimizer starts from when it is compared with EM from the same point."""
+    data = _check_data(data)
+    if init not in ("kmeans++", "random"):
+        raise ValueError(f"init must be 'kmeans++' or 'random', not {init!r}")
+    example = data.rows(0, 4) if isinstance(data, SparseRows) else data[:4]
+    enum = Enumerated(model, guide, example, data_plate)
+    if not enum.single:
+        raise ValueError("EM's start is for models with one discrete latent per data point")
+    row_size = data.shape[1] if isinstance(data, SparseRows) else data[0].numel()
+    chunk_size = _default_chunk_size(model, enum.num_values, max(1, row_size))
+    state = _State(enum, _closed_form(model, "auto"), data, chunk_size, 100, example)
+    generator = torch.Generator(device=data.device).manual_seed(seed)
+    state.initialize(init, 10, generator)
+
+
 def _run(state, tol, max_iter, callback, progress, restart, n_init) -> FitResult:
     history, start = [], time.perf_counter()
     converged, stop_reason, previous = False, f"reached max_iter={max_iter}", None

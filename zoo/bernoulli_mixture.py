@@ -111,6 +111,20 @@ class ProductBernoulli(dist.TorchDistribution):
     default_data="mnist",
     default_binarize="static",
     config=BMMConfig,
+    comparison={
+        "data": ("bmm-synthetic", "digits", "mnist"),
+        "options": {"bmm-synthetic": {"num_components": 4}},
+        "settings": {"epochs": 1000, "lr": 0.05, "batch_size": 1000},
+        "methods": {
+            "em": {"driver": "em", "description": "closed-form EM (k-means++ start)"},
+            "svi": {
+                "driver": "svi",
+                "start": "em",
+                "description": "SVI, TraceEnum_ELBO (MAP), Adam from EM's start",
+            },
+            "nuts": {"driver": "nuts", "description": "NUTS on the Bayesian Bernoulli mixture"},
+        },
+    },
 )
 class BernoulliMixture(Mixture):
     """A mixture of Bernoulli products; ``.model`` and ``.guide`` go into any driver."""
@@ -190,6 +204,28 @@ class BernoulliMixture(Mixture):
         )
         return {"components.png": fig}
 
+    def bayesian(self, x: torch.Tensor) -> dict:
+        """The Bayesian version of this mixture, for NUTS: ``bayesian_model`` (its priors:
+        this one's Dirichlet and Beta), label switching undone by ``relabel``. Every parameter
+        is a continuous unknown, K (D + 1) of them: refused beyond what NUTS explores on a CPU
+        in minutes."""
+        k, d = self.config.num_components, x.shape[1]
+        if k * (d + 1) > _NUTS_MAX_DIM:
+            raise ValueError(
+                f"NUTS on this mixture explores K (D + 1) = {k * (d + 1)} continuous unknowns,"
+                f" more than {_NUTS_MAX_DIM} is impractical here: use fewer components or"
+                " smaller data (bmm-synthetic, digits)"
+            )
+        prior = (self.config.weight_concentration, (self.config.beta_a, self.config.beta_b))
+        return {
+            "model": lambda data: bayesian_model(data, k, prior[0], prior[1]),
+            "data": x,
+            "relabel": relabel,
+            "predictive": posterior_log_predictive,
+            "summarize": ("weights", "probs"),
+            "dims": {"weights": ["component"], "probs": ["component", "pixel"]},
+        }
+
     @property
     def num_parameters(self) -> int:
         k, d = self.config.num_components, self.config.dim
@@ -234,6 +270,7 @@ def posterior_log_predictive(draws: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 COMPONENT_SITES = ("weights", "probs")
+_NUTS_MAX_DIM = 5000  # continuous unknowns NUTS is asked to explore on a CPU in minutes
 
 
 def relabel(draws: dict, num_iters: int = 5) -> tuple:

@@ -28,14 +28,25 @@ from torch import nn
 from zoo.nets import GaussianEncoder, check_sizes, mlp
 from zoo.registry import register
 
+_QUADRANT_SEEDS = {"train": 0, "valid": 1, "test": 2}  # which quadrants show, fixed per split
+
 
 @dataclass
 class CVAEConfig:
     x_dim: int = field(default=784, metadata={"data": "dim"})
-    # condition size: 10 for one-hot labels, 784 for the quadrant task
-    y_dim: int = field(default=10, metadata={"help": "condition size"})
+    # condition size: the classes for one-hot labels, x_dim for the quadrant task (set from
+    # the data and the task by ``CVAE.from_data``)
+    y_dim: int = field(default=10, metadata={"internal": True})
     z_dim: int = field(default=20, metadata={"help": "latent units"})
     hidden: Tuple[int, ...] = field(default=(500, 500), metadata={"help": "hidden widths"})
+    # the task: y is a one-hot digit label, or the image with only some quadrants visible
+    condition: str = field(
+        default="label",
+        metadata={"choices": ("label", "quadrants"), "help": "condition on the label or quadrants"},
+    )
+    given: int = field(
+        default=1, metadata={"choices": (1, 2, 3), "help": "quadrant task: visible quadrants"}
+    )
 
 
 @register(
@@ -58,6 +69,17 @@ class CVAE(nn.Module):
         self.prior_net = GaussianEncoder(config.y_dim, config.hidden, config.z_dim)
         self.encoder = GaussianEncoder(config.x_dim + config.y_dim, config.hidden, config.z_dim)
         self.decoder = mlp([config.z_dim + config.y_dim, *reversed(config.hidden), config.x_dim])
+        if config.condition not in ("label", "quadrants"):
+            raise ValueError(f"condition must be 'label' or 'quadrants', not {config.condition!r}")
+        if config.condition == "quadrants":
+            if config.y_dim != config.x_dim:
+                raise ValueError("the quadrant task conditions on the image: y_dim = x_dim")
+            if _side(config.x_dim) ** 2 != config.x_dim:
+                raise ValueError(f"the quadrant task needs square images, not x_dim {config.x_dim}")
+            quadrant_task(torch.zeros(0, config.x_dim), config.given, side=_side(config.x_dim))
+            # the deterministic network to beat, trained after the CVAE by ``after_fit`` (the
+            # ELBO gives it no gradient: the optimizers step only parameters that have one)
+            self.baseline = Baseline(config.x_dim, config.hidden)
         self._pyro_name = name  # stable: checkpoints are keyed by it (see zoo.vae)
 
     def model(self, x: Optional[torch.Tensor], y: torch.Tensor, mask=None):
@@ -81,17 +103,106 @@ class CVAE(nn.Module):
 
     # ------------------------------------------------------------------------ the model surface
 
+    @classmethod
+    def from_data(cls, options: dict, info) -> dict:
+        """The condition's size from the task: the classes of the labels, or the image."""
+        if not info.binary:
+            raise ValueError("the CVAE has a Bernoulli decoder: binarize the data (--binarize)")
+        out = dict(options)
+        if out.get("condition", "label") == "quadrants":
+            if info.binarize == "dynamic":
+                raise ValueError(
+                    "the quadrant task builds its condition from fixed pixels: --binarize static"
+                    " or threshold"
+                )
+            out["y_dim"] = info.dim
+        elif info.num_classes is not None:
+            out.setdefault("y_dim", info.num_classes)
+        return out
+
     def arguments(self, x: torch.Tensor, y: Optional[torch.Tensor], split: str):
-        """The model's arguments for labelled data: (x, one-hot y), y_dim classes."""
+        """The model's arguments for a split: (x, one-hot y) in label mode; in the quadrant task
+        (target, visible, mask), the visible quadrants fixed per split."""
+        if self.config.condition == "quadrants":
+            seed = _QUADRANT_SEEDS.get(split, 0)
+            visible, target, mask = quadrant_task(
+                x, self.config.given, seed=seed, side=_side(x.shape[1])
+            )
+            return target, visible, mask
         if y is None:
             raise ValueError("the CVAE conditions on labels: these data have none")
-        return x, one_hot(y, self.config.y_dim)
+        return x, one_hot(y, self.config.y_dim).to(x.device)
+
+    def after_fit(self, arguments: tuple, settings: dict) -> None:
+        """The quadrant task's baseline, trained for the same epochs, batch size, rate and seed
+        as the CVAE (Adam on its mean negative log-likelihood of the hidden pixels)."""
+        if self.config.condition != "quadrants":
+            return
+        target, visible, mask = arguments
+        torch.manual_seed(settings["seed"])
+        optimizer = torch.optim.Adam(self.baseline.parameters(), lr=settings["lr"])
+        generator = torch.Generator().manual_seed(settings["seed"])
+        for _ in range(settings["epochs"]):
+            order = torch.randperm(len(target), generator=generator).to(target.device)
+            for idx in order.split(settings["batch_size"]):
+                optimizer.zero_grad()
+                self.baseline.loss(target[idx], visible[idx], mask[idx]).mean().backward()
+                optimizer.step()
+
+    @torch.no_grad()
+    def metrics(self, splits, num_samples=None, progress=False) -> dict:
+        """In the quadrant task, the baseline's negative log-likelihood of the test images'
+        hidden pixels, to set beside the CVAE's (minus its test_log_likelihood)."""
+        if self.config.condition != "quadrants" or "test" not in splits:
+            return {}
+        target, visible, mask = self.arguments(*splits["test"], "test")
+        nll = self.baseline.loss(target, visible, mask).mean().item()
+        return {"test_baseline_nll": nll, "quadrants_given": self.config.given}
+
+    @torch.no_grad()
+    def figures(self, splits, history=None, info=None) -> dict:
+        """Label mode: one row per digit, and style transfer; quadrant task: completions beside
+        the truth and the baseline's prediction. Square images only."""
+        from zoo import plots  # matplotlib only when figures are drawn
+
+        split = "test" if "test" in splits else "train"
+        x, y = splits[split]
+        if _side(self.config.x_dim) ** 2 != self.config.x_dim:
+            return {}
+        if self.config.condition == "quadrants":
+            return {"completions.png": self._completions(*self.arguments(x[:8], None, split))}
+        device = self.decoder[0].weight.device
+        c = self.config.y_dim
+        images = self.generate(one_hot(torch.arange(c, device=device).repeat_interleave(8), c))
+        out = {"digits.png": plots.image_grid(images, num_cols=8, title="one row per label")}
+        if y is not None:
+            x, y = x[:8].to(device), one_hot(y[:8], c).to(device)
+            moved = self.style_transfer(x, y, torch.eye(c, device=device))  # (8, C, X)
+            grid = torch.cat([x.unsqueeze(1), moved], 1).reshape(-1, x.shape[1])
+            title = "style transfer: each input, then its z decoded with every label"
+            out["style_transfer.png"] = plots.image_grid(grid, num_cols=c + 1, title=title)
+        return out
+
+    def _completions(self, target, visible, mask):
+        from zoo import plots
+
+        device = self.decoder[0].weight.device
+        target, visible, mask = target.to(device), visible.to(device), mask.bool().to(device)
+        shown = torch.where(mask, torch.full_like(target, 0.5), target)  # hidden: grey
+        completions = [torch.where(mask, self.generate(visible), target) for _ in range(3)]
+        predicted = torch.where(mask, torch.sigmoid(self.baseline(visible)), target)
+        rows = torch.cat([shown, target, predicted, *completions])
+        title = "rows: given, truth, baseline, three CVAE completions"
+        return plots.image_grid(rows, num_cols=8, title=title)
 
     @torch.no_grad()
     def sample(self, num_samples: int, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Pixel probabilities for ``num_samples`` conditions ``y`` (N, Y), by default one-hot
-        labels drawn uniformly: (N, X)."""
+        labels drawn uniformly (label mode; the quadrant task needs its visible quadrants):
+        (N, X)."""
         device = self.decoder[0].weight.device
+        if y is None and self.config.condition == "quadrants":
+            raise ValueError("the quadrant task's samples need y: images with quadrants visible")
         if y is None:
             labels = torch.randint(self.config.y_dim, (num_samples,), device=device)
             y = one_hot(labels, self.config.y_dim)
@@ -139,6 +250,10 @@ class Baseline(nn.Module):
         """Bernoulli negative log-likelihood of the hidden pixels, summed per image, (N,)."""
         nll = nn.functional.binary_cross_entropy_with_logits(self(y), x, reduction="none")
         return (nll * mask).sum(-1)
+
+
+def _side(x_dim: int) -> int:
+    return int(round(x_dim**0.5))
 
 
 def one_hot(labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:

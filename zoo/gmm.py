@@ -74,6 +74,24 @@ class CholeskyNormal(dist.MultivariateNormal):
     drivers={"em": {}, "svi": {"loss": "TraceEnum_ELBO", "max_plate_nesting": 1}},
     default_data="faithful",
     config=GMMConfig,
+    comparison={
+        "data": ("faithful", "gmm-synthetic"),
+        "options": {"faithful": {"num_components": 2}, "gmm-synthetic": {"num_components": 3}},
+        "settings": {"epochs": 1000, "lr": 0.05, "batch_size": 1000},
+        "methods": {
+            "em": {"driver": "em", "description": "closed-form EM (k-means++ start)"},
+            "svi": {
+                "driver": "svi",
+                "start": "em",
+                "description": "SVI, TraceEnum_ELBO (MAP), Adam from EM's start",
+            },
+            "nuts": {"driver": "nuts", "description": "NUTS on the Bayesian GMM"},
+            "sklearn": {
+                "driver": "reference",
+                "description": "scikit-learn GaussianMixture (reference)",
+            },
+        },
+    },
 )
 class GaussianMixture(Mixture):
     """A Gaussian mixture; ``.model`` and ``.guide`` go into any driver (EM, SVI with TraceEnum)."""
@@ -185,6 +203,42 @@ class GaussianMixture(Mixture):
             self.covariances,
             labels=z,
             title=f"{len(x)} samples from the fitted mixture",
+        )
+
+    def bayesian(self, x: torch.Tensor) -> dict:
+        """The Bayesian version of this mixture, for NUTS (``inference.mcmc.sample_posterior``):
+        ``bayesian_model`` on standardized ``x`` (full covariances), draws mapped back, label
+        switching undone by ``relabel``; ``predictive(draws, rows)`` is the posterior
+        predictive log density per row."""
+        mean, sd = x.mean(0), x.std(0)
+        concentration = self.config.weight_concentration
+        k = self.config.num_components
+        return {
+            "model": lambda data: bayesian_model(data, k, concentration),
+            "data": (x - mean) / sd,
+            "to_draws": lambda draws: unstandardize(draws, mean, sd),
+            "relabel": relabel,
+            "predictive": posterior_log_predictive,
+            "summarize": ("weights", "locs", "scales"),
+            "dims": {
+                "weights": ["component"],
+                "locs": ["component", "coordinate"],
+                "scales": ["component", "coordinate"],
+                "corr": ["component", "row", "column"],
+            },
+        }
+
+    def reference(self, seed: int, tol: float, max_iter: int):
+        """scikit-learn's GaussianMixture with this one's settings: the reference fit."""
+        from sklearn.mixture import GaussianMixture as Reference
+
+        return Reference(
+            self.config.num_components,
+            covariance_type=self.config.covariance_type,
+            tol=tol,
+            max_iter=max_iter,
+            reg_covar=self.config.reg_covar,
+            random_state=seed,
         )
 
     @property

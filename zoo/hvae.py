@@ -22,9 +22,9 @@ KL warm-up: ``kl_weight`` (in (0, 1]) multiplies every z site of the model and t
 multiplies the KL terms of the training objective. It applies only while gradients are being
 taken; anything evaluated under ``torch.no_grad()`` (validation, the importance-sampled
 log-likelihood) sees the true bound. ``warmup(epochs)`` returns a schedule for the drivers'
-``schedule=`` hook that raises it linearly from 0 to 1. ``active_units`` counts, per layer, the
-units whose posterior mean varies across the data (Burda et al. 2016: Cov_x E_q[u | x] > 0.01);
-units that do not are collapsed onto the prior.
+``schedule=`` hook that raises it linearly from 0 to 1. ``active_units_per_layer`` counts, per
+layer, the units whose posterior mean varies across the data (Burda et al. 2016: Cov_x
+E_q[u | x] > 0.01); units that do not are collapsed onto the prior.
 
 Defaults follow the paper's MNIST model cut to L layers: z sizes 64-32-16-8-4 and deterministic
 widths 512-256-128-64-32 (two dense layers each), without batch normalization. The networks use
@@ -53,21 +53,50 @@ _PAPER_HIDDEN = (512, 256, 128, 64, 32)
 
 @dataclass
 class HVAEConfig:
-    x_dim: int = field(default=784, metadata={"data": "dim"})
-    # bottom (z1) to top (zL)
-    z_dims: Tuple[int, ...] = field(default=(64, 32), metadata={"help": "latent units per layer"})
-    # deterministic width of each layer
-    hidden: Tuple[int, ...] = field(default=(512, 256), metadata={"help": "width per layer"})
+    """Sizes bottom (z1) to top (zL). Give ``layers`` for the paper's sizes cut to that many
+    layers (1 to 5), or ``z_dims`` and ``hidden`` themselves; neither: two layers."""
 
-    @classmethod
-    def with_layers(cls, layers: int, x_dim: int = 784) -> "HVAEConfig":
-        """The paper's sizes for ``layers`` stochastic layers (1 to 5)."""
-        if not 1 <= layers <= len(_PAPER_Z):
+    x_dim: int = field(default=784, metadata={"data": "dim"})
+    layers: Optional[int] = field(
+        default=None, metadata={"help": "stochastic layers, with the paper's sizes (1-5)"}
+    )
+    z_dims: Optional[Tuple[int, ...]] = field(
+        default=None, metadata={"help": "latent units per layer, bottom to top"}
+    )
+    hidden: Optional[Tuple[int, ...]] = field(
+        default=None, metadata={"help": "deterministic width per layer, bottom to top"}
+    )
+    # KL warm-up: epochs over which kl_weight rises linearly from 0 to 1 (None: a fifth of the
+    # fit's epochs; 0: none)
+    warmup: Optional[int] = field(
+        default=None, metadata={"help": "KL warm-up epochs (default: a fifth of --epochs)"}
+    )
+
+    def __post_init__(self):
+        given = self.z_dims is not None or self.hidden is not None
+        layers = self.layers
+        if layers is None:
+            layers = len(self.z_dims or self.hidden or _PAPER_Z[:2])
+        elif not given and not 1 <= layers <= len(_PAPER_Z):
             raise ValueError(
                 f"layers must be 1 to {len(_PAPER_Z)} for the default sizes, got {layers};"
                 " pass z_dims and hidden for more"
             )
-        return cls(x_dim=x_dim, z_dims=_PAPER_Z[:layers], hidden=_PAPER_HIDDEN[:layers])
+        self.layers = layers
+        self.z_dims = tuple(self.z_dims if self.z_dims is not None else _PAPER_Z[:layers])
+        self.hidden = tuple(self.hidden if self.hidden is not None else _PAPER_HIDDEN[:layers])
+        if not (len(self.z_dims) == len(self.hidden) == layers):
+            raise ValueError(
+                f"z_dims {self.z_dims} and hidden {self.hidden} must have one entry per"
+                f" stochastic layer ({layers} layers)"
+            )
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative number of epochs, got {self.warmup}")
+
+    @classmethod
+    def with_layers(cls, layers: int, x_dim: int = 784) -> "HVAEConfig":
+        """The paper's sizes for ``layers`` stochastic layers (1 to 5)."""
+        return cls(x_dim=x_dim, layers=layers)
 
 
 @register(
@@ -84,13 +113,7 @@ class HVAE(nn.Module):
     def __init__(self, config: Optional[HVAEConfig] = None, name: str = "hvae", **kwargs):
         super().__init__()
         config = config or HVAEConfig(**kwargs)
-        config.z_dims, config.hidden = tuple(config.z_dims), tuple(config.hidden)
         check_sizes(config, "x_dim", "z_dims", "hidden")
-        if not config.z_dims or len(config.z_dims) != len(config.hidden):
-            raise ValueError(
-                f"z_dims {config.z_dims} and hidden {config.hidden} must be non-empty and of"
-                " equal length (one entry per stochastic layer)"
-            )
         self.config = config
         z, h = config.z_dims, config.hidden
         widths = (config.x_dim, *h)
@@ -174,8 +197,41 @@ class HVAE(nn.Module):
         return schedule
 
     def fit_options(self, num_epochs: int) -> dict:
-        """The training loop's KL warm-up: over a fifth of the epochs (the model surface)."""
-        return {"schedule": self.warmup(max(1, num_epochs // 5))}
+        """The training loop's KL warm-up: over ``config.warmup`` epochs, by default a fifth of
+        the fit's (the model surface)."""
+        epochs = self.config.warmup
+        return {"schedule": self.warmup(max(1, num_epochs // 5) if epochs is None else epochs)}
+
+    @classmethod
+    def from_data(cls, options: dict, info) -> dict:
+        if not info.binary:
+            raise ValueError("the ladder VAE has a Bernoulli decoder: binarize the data")
+        return options
+
+    @torch.no_grad()
+    def metrics(self, splits, num_samples=None, progress=False) -> dict:
+        """Active units per layer on (up to 5000) held-out rows, beside each layer's size."""
+        x = (splits["test"] if "test" in splits else splits["train"])[0][:5000]
+        units = self.active_units_per_layer(x)
+        return {
+            "active_units": {f"z{i + 1}": n for i, n in enumerate(units)},
+            "latent_units": {f"z{i + 1}": n for i, n in enumerate(self.config.z_dims)},
+        }
+
+    @torch.no_grad()
+    def figures(self, splits, history=None, info=None) -> dict:
+        """Samples layer by layer (square images), and the active units per layer."""
+        from zoo import plots  # matplotlib only when figures are drawn
+
+        x = (splits["test"] if "test" in splits else splits["train"])[0][:5000]
+        units = self.active_units_per_layer(x)
+        out = {"active_units.png": plots.active_units(units, self.config.z_dims)}
+        side = int(round(self.config.x_dim**0.5))
+        if side * side == self.config.x_dim:
+            rows = [self.sample(10, random_layers=k) for k in range(1, self.num_layers + 1)]
+            title = "row k: the top k layers drawn at random, the layers below at their means"
+            out["layer_samples.png"] = plots.image_grid(torch.cat(rows), num_cols=10, title=title)
+        return out
 
     @torch.no_grad()
     def sample(self, num_samples: int, random_layers: Optional[int] = None) -> torch.Tensor:
@@ -207,7 +263,7 @@ class HVAE(nn.Module):
         return [t / num_samples for t in totals]
 
     @torch.no_grad()
-    def active_units(
+    def active_units_per_layer(
         self, x: torch.Tensor, threshold: float = 0.01, num_samples: int = 10
     ) -> List[int]:
         """Units per layer (bottom to top) with Var_x(E_q[u | x]) > threshold."""

@@ -118,6 +118,8 @@ def latent_space(
     """Posterior means in 2-D: the latent itself when Z = 2, else its first two principal axes."""
     z = z.detach().cpu().float()
     axes = ("z1", "z2")
+    if z.shape[1] == 1:  # one unit: along the x axis, the rows spread out vertically
+        z, axes = torch.cat([z, torch.linspace(-1, 1, len(z)).unsqueeze(1)], 1), ("z1", "row")
     if z.shape[1] > 2:
         centred = z - z.mean(0)
         _, _, v = torch.linalg.svd(centred, full_matrices=False)

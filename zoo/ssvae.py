@@ -73,6 +73,14 @@ class SSVAEConfig:
     likelihood: str = field(default="bernoulli", metadata={"choices": ("bernoulli", "gaussian")})
     # sum over y in the guide (TraceEnum_ELBO); False samples it
     enumerate: bool = field(default=True, metadata={"help": "sum over y (else sample it)"})
+    # the training labels kept: a class-balanced subset of this size (the rest become -1)
+    labels: int = field(default=100, metadata={"help": "labelled training rows (balanced)"})
+    label_seed: int = field(default=0, metadata={"help": "which labelled subset"})
+    # M1+M2: the run directory of a fitted VAE whose latent space M2 models (``build_on``)
+    stack_on: Optional[str] = field(
+        default=None,
+        metadata={"run": True, "help": "M1+M2: an M2 over the latents of the fitted VAE in RUN"},
+    )
     # M1+M2: the frozen VAE (M1) whose latent M2 models
     stack: Optional[VAEConfig] = field(default=None, metadata={"internal": True})
     # the M1 units M2 models (None: all)
@@ -109,6 +117,26 @@ class _JointEncoder(nn.Module):
     default_data="mnist",
     default_binarize="dynamic",
     config=SSVAEConfig,
+    comparison={
+        "data": ("mnist", "digits"),
+        "seeded": ("label_seed",),  # each seed its own labelled subset
+        "methods": {
+            "sampled": {
+                "driver": "svi",
+                "options": {"enumerate": False, "alpha": 0.0},
+                "description": "y sampled, Trace_ELBO, alpha = 0",
+            },
+            "enumerated": {
+                "driver": "svi",
+                "options": {"alpha": 0.0},
+                "description": "y enumerated, TraceEnum_ELBO, alpha = 0",
+            },
+            "classifier": {
+                "driver": "svi",
+                "description": "y enumerated, TraceEnum_ELBO, alpha as configured (46)",
+            },
+        },
+    },
 )
 class SSVAE(nn.Module):
     """``.model(x, y)`` and ``.guide(x, y)``; ``y`` holds class indices, -1 where unknown."""
@@ -284,9 +312,82 @@ class SSVAE(nn.Module):
         loss = "TraceEnum_ELBO" if self.config.enumerate else "Trace_ELBO"
         return {"loss": loss, "max_plate_nesting": 1}
 
+    @classmethod
+    def from_data(cls, options: dict, info) -> dict:
+        if not info.binary and options.get("likelihood", "bernoulli") == "bernoulli":
+            raise ValueError("the SSVAE has a Bernoulli decoder: binarize the data (--binarize)")
+        return options
+
+    @classmethod
+    def build_on(cls, options: dict, fitted: dict, x: torch.Tensor) -> "SSVAE":
+        """M1+M2 from the command line: ``fitted["stack_on"]`` is the fitted VAE of the run
+        ``options["stack_on"]`` names, ``x`` the training images it judges active units on."""
+        kept = {k: v for k, v in options.items() if k not in ("x_dim", "likelihood")}
+        return cls.stacked_on(fitted["stack_on"], x, **kept)
+
     def arguments(self, x: torch.Tensor, y: Optional[torch.Tensor], split: str):
-        """The model's arguments: (x, labels), -1 where a label is unknown (all, without y)."""
-        return x, (torch.full((len(x),), -1, dtype=torch.long) if y is None else y)
+        """The model's arguments: (x, labels), -1 where a label is unknown: in the training
+        split all but a class-balanced ``labels`` of them (``data.partial_labels``), all of
+        them without y."""
+        if y is None:
+            return x, torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+        if split == "train":
+            from zoo.data import partial_labels
+
+            y = partial_labels(y.cpu(), self.config.labels, self.config.label_seed)
+        return x, y.to(x.device)
+
+    def validation_score(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """What early stopping watches (higher is better): the accuracy of q(y | x)."""
+        return self.accuracy(x, y)
+
+    @torch.no_grad()
+    def metrics(self, splits, num_samples=100, progress=False) -> dict:
+        """Test accuracy of q(y | x) and of the generative classifier argmax_y L(x, y), and the
+        bounds on log p(x) with the test labels hidden."""
+        from inference import evaluate, svi  # the shared scores; no driver
+
+        x, y = splits["test"] if "test" in splits else splits["train"]
+        log_px = evaluate.log_likelihood(
+            self.model, self.guide, x, num_samples=num_samples, progress=progress
+        )
+        enumerated, self.config.enumerate = self.config.enumerate, True  # the ELBO exact in y
+        try:
+            elbo = svi.make_loss("TraceEnum_ELBO", max_plate_nesting=1)
+            test_elbo = svi.elbo_per_datum(self.model, self.guide, x, elbo)
+        finally:
+            self.config.enumerate = enumerated
+        out = {
+            "test_elbo": test_elbo,
+            "test_log_likelihood": log_px.mean().item(),
+            "log_likelihood_samples": num_samples,
+            "num_test": len(x),
+            "units": "nats per data point (labels hidden; y and z importance-sampled)",
+        }
+        if y is not None:  # the generative model's own classification, argmax_y L(x, y)
+            by_label = torch.cat([self.elbo_by_label(chunk) for chunk in x.split(1000)])
+            out["test_accuracy"] = self.accuracy(x, y)
+            out["generative_accuracy"] = (by_label.argmax(-1) == y).float().mean().item()
+        return out
+
+    @torch.no_grad()
+    def figures(self, splits, history=None, info=None) -> dict:
+        """Samples per label, and style analogies of test images (square images only)."""
+        from zoo import plots  # matplotlib only when figures are drawn
+
+        side = int(round(self.config.x_dim**0.5))
+        if side * side != self.config.x_dim:
+            return {}
+        c = self.config.num_classes
+        device = self.decoder[0].weight.device
+        images = self.generate(torch.arange(c, device=device).repeat_interleave(8))
+        title = "samples per label: one row per class, z from the prior"
+        out = {"digits.png": plots.image_grid(images, num_cols=8, title=title)}
+        x = (splits["test"] if "test" in splits else splits["train"])[0][:8].to(device)
+        grid = torch.cat([x.unsqueeze(1), self.analogies(x)], 1).reshape(-1, x.shape[1])
+        title = "analogies: each image, then its style z decoded as every class"
+        out["analogies.png"] = plots.image_grid(grid, num_cols=c + 1, title=title)
+        return out
 
     @torch.no_grad()
     def sample(self, num_samples: int, labels: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -45,6 +45,38 @@ class VAEConfig:
     default_data="mnist",
     default_binarize="dynamic",
     config=VAEConfig,
+    comparison={
+        "data": ("mnist", "digits"),
+        "gradient_variance": True,
+        "methods": {
+            "trace": {
+                "driver": "svi",
+                "loss": "Trace_ELBO",
+                "description": "Trace_ELBO (Monte Carlo KL)",
+            },
+            "meanfield": {
+                "driver": "svi",
+                "loss": "TraceMeanField_ELBO",
+                "description": "TraceMeanField_ELBO (analytic KL)",
+            },
+            "iwae5": {
+                "driver": "reparam",
+                "num_particles": 5,
+                "description": "importance-weighted bound, K = 5",
+            },
+            "iwae50": {
+                "driver": "reparam",
+                "num_particles": 50,
+                "description": "importance-weighted bound, K = 50",
+            },
+            "tracegraph": {
+                "driver": "svi",
+                "loss": "TraceGraph_ELBO",
+                "guide": "score_function",
+                "description": "TraceGraph_ELBO, score function (no reparameterization)",
+            },
+        },
+    },
 )
 class VAE(nn.Module):
     """``.model`` and ``.guide`` go to the SVI or the reparameterized-ELBO driver."""
@@ -125,6 +157,26 @@ class VAE(nn.Module):
         device = self.decoder[0].weight.device
         z = torch.randn(num_samples, self.config.z_dim, device=device)
         return self.decode(z) if mean else self.likelihood(z).sample()
+
+    @torch.no_grad()
+    def figures(self, splits, history=None, info=None) -> dict:
+        """Samples, reconstructions of held-out images (square images only), and the posterior
+        means of 2000 held-out rows in the latent space, coloured by label where there is one."""
+        from zoo import plots  # matplotlib only when figures are drawn
+
+        x, y = splits["test"] if "test" in splits else splits["train"]
+        device = self.decoder[0].weight.device
+        loc, _ = self.encode(x[:2000].to(device))
+        labels = None if y is None else y[:2000]
+        out = {"latent_space.png": plots.latent_space(loc.cpu(), labels)}
+        side = int(round(self.config.x_dim**0.5))
+        if side * side == self.config.x_dim:
+            title = "samples (decoder means)"
+            out["samples.png"] = plots.image_grid(self.sample(64), num_cols=8, title=title)
+            pairs = torch.cat([x[:10].to(device), self.reconstruct(x[:10].to(device))])
+            title = "inputs (top), reconstructions"
+            out["reconstructions.png"] = plots.image_grid(pairs, num_cols=10, title=title)
+        return out
 
     def _check(self, x) -> int:
         return check_rows(x, self.config.x_dim)
