@@ -8,15 +8,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zoo import cli  # noqa: E402
+from zoo import cli, runs  # noqa: E402
 
 
 def fit(command, run: Path, reuse: bool = False) -> dict:
     """Run `zoo <command>` (which writes to ``run``) and return its metrics.json; with
     ``reuse``, a run that the same command already finished is read instead of fitted again."""
-    metrics, config = Path(run) / "metrics.json", Path(run) / "config.json"
-    if reuse and metrics.exists() and config.exists():
-        recorded = json.loads(config.read_text()).get("command")
+    metrics = Path(run) / "metrics.json"
+    if reuse and metrics.exists() and runs.is_run(Path(run)):
+        recorded = runs.read_config(run).get("command")
         if recorded == "zoo " + " ".join(shlex.quote(a) for a in command):
             print(f"reusing {run}")
             return json.loads(metrics.read_text())

@@ -61,7 +61,7 @@ def main(argv=None):
             {
                 "given": given,
                 "epochs": args.epochs,
-                "cvae_nll": m["test_cvae_nll"],
+                "cvae_nll": -m["test_log_likelihood"],  # of the hidden pixels given the rest
                 "baseline_nll": m["test_baseline_nll"],
                 "eval_samples": args.eval_samples,
                 "pyro_baseline": PYRO[given][0],

@@ -108,7 +108,7 @@ def main(argv=None):
                     "label_seed": seed,
                     "epochs_run": metrics["epochs"],
                     "test_accuracy": 100 * metrics["test_accuracy"],
-                    "best_valid_accuracy": 100 * metrics["best_valid_accuracy"],
+                    "best_valid_accuracy": 100 * metrics["best_valid_score"],
                     "generative_test_accuracy": 100 * metrics["generative_accuracy"],
                     "baseline_test_accuracy": baseline,
                     "fit_seconds": metrics["fit_seconds"],

@@ -16,7 +16,7 @@ from scipy.stats import multivariate_normal
 
 from inference import compare, em, evaluate, svi
 from inference.loop import run as loop_run
-from zoo import bernoulli_mixture, cli, comparisons, data, gmm
+from zoo import bernoulli_mixture, cli, comparisons, data, gmm, registry
 
 # ------------------------------------------------------------------------------- the runner
 
@@ -204,9 +204,9 @@ def test_nuts_on_the_bayesian_bmm_finds_at_least_the_em_fit(tmp_path):
         out=tmp_path,
         progress=False,
         max_data=300,
-        warmup=60,
-        samples=60,
-        svi_steps=50,
+        nuts_warmup=60,
+        nuts_samples=60,
+        epochs=50,
     )
     rows = {r["method"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert set(rows) == {"em", "svi", "nuts"}
@@ -227,9 +227,9 @@ def test_em_svi_nuts_and_sklearn_agree_on_old_faithful(tmp_path):
         seeds=(0,),
         out=tmp_path,
         progress=False,
-        warmup=100,
-        samples=100,
-        svi_steps=600,
+        nuts_warmup=100,
+        nuts_samples=100,
+        epochs=600,
     )
     rows = {r["method"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert set(rows) == {"em", "svi", "nuts", "sklearn"}
@@ -325,7 +325,7 @@ def test_vae_comparison_rows_and_score_function_variance(tmp_path):
         z_dim=8,
     )
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["method"] for r in rows] == list(comparisons.METHODS["vae"])
+    assert [r["method"] for r in rows] == list(comparisons.method_names(registry.get("vae")))
     assert all(math.isfinite(r["heldout_log_likelihood"]) for r in rows)
     assert all(r["heldout_method"] == "importance sampling, K=10" for r in rows)
     variance = {
@@ -339,7 +339,7 @@ def test_vae_comparison_rows_and_score_function_variance(tmp_path):
     # the recorded command is one the CLI accepts, tuples included
     command = (tmp_path / "command.txt").read_text().split()
     assert "--hidden" in command and command[command.index("--hidden") + 1] == "64"
-    args = cli.build_parser().parse_args(command[1:])
+    args = cli._compare_parser(registry.get("vae")).parse_args(command[3:])
     assert args.hidden == [64] and args.z_dim == 8 and args.gradient_draws == 30
 
 
@@ -390,7 +390,7 @@ def test_a_budget_stops_deep_methods_after_the_first_epoch(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"model": "hvae"}, "no comparison for model"),
+        ({"model": "nosuchmodel"}, "unknown model"),
         ({"model": "gmm", "data": "mnist"}, "compared on faithful"),
         ({"model": "gmm", "methods": ["em", "hmc"]}, "unknown method"),
         ({"model": "gmm", "methods": ["em", "em"]}, "named twice"),
@@ -409,7 +409,7 @@ def test_compare_rejects_unknown_options(tmp_path):
 def test_cli_compare_writes_the_report_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "report"
     argv = ["compare", "bmm", "--data", "bmm-synthetic", "--inference", "em,svi", "--seeds", "2"]
-    argv += ["--svi-steps", "30", "--out", str(out), "--quiet"]
+    argv += ["--epochs", "30", "--out", str(out), "--quiet"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| em |" in printed and "| svi |" in printed and "| nuts |" not in printed

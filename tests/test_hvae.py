@@ -84,7 +84,7 @@ def test_fits_with_warmup_uses_every_unit_and_importance_sampling_beats_the_elbo
     # measured over seeds 0-2: ELBO -19.8 to -20.0, log p(x) 0.52 to 0.62 nats higher; a plain
     # VAE with the same budget reaches -21.6 (z 8, hidden 64-64)
     assert log_px > elbo + 0.3 and elbo > -21.0
-    assert hvae.active_units(x) == [8, 4]
+    assert hvae.active_units_per_layer(x) == [8, 4]
     samples = []
     for k in (1, 2):
         torch.manual_seed(3)
@@ -127,14 +127,14 @@ def test_active_units_sees_a_collapsed_layer():
     with torch.no_grad():
         for head in hvae.up_heads:  # make every posterior mean vary strongly with x
             head.loc.weight.normal_(0.0, 5.0, generator=torch.Generator().manual_seed(0))
-    assert hvae.active_units(x) == [6, 3]
+    assert hvae.active_units_per_layer(x) == [6, 3]
     with torch.no_grad():
         hvae.up_heads[1].loc.weight.zero_()  # top layer: the same posterior mean for every x
-    assert hvae.active_units(x) == [6, 0]
+    assert hvae.active_units_per_layer(x) == [6, 0]
 
 
 def test_bad_configuration_and_input():
-    with pytest.raises(ValueError, match="equal length"):
+    with pytest.raises(ValueError, match="one entry per stochastic layer"):
         HVAE(HVAEConfig(z_dims=(8, 4), hidden=(16,)))
     with pytest.raises(ValueError, match="layers must be 1 to 5"):
         HVAEConfig.with_layers(6)

@@ -153,7 +153,7 @@ def test_contradictory_flags_are_refused(vae_run, tmp_path):
         cli.main([*VAE_DIGITS, "--resume", str(vae_run), "--out", str(tmp_path / "other")])
     with pytest.raises(SystemExit, match="--resume continues a run and --overwrite replaces it"):
         cli.main([*VAE_DIGITS, "--resume", str(vae_run), "--overwrite"])
-    with pytest.raises(SystemExit, match="--loss picks Pyro's ELBO for --inference svi"):
+    with pytest.raises(SystemExit, match="--loss applies to --inference svi"):
         cli.main([*VAE_DIGITS, "--loss", "Trace_ELBO", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="digits has no validation split"):
         cli.main([*VAE_DIGITS, "--patience", "1", "--out", str(tmp_path / "b")])
@@ -402,3 +402,28 @@ def test_out_that_is_a_file_and_a_negative_budget(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["compare", "gmm", "--budget", "-1", "--out", str(tmp_path / "c")])
     assert "must be a positive number, got -1" in capsys.readouterr().err
+
+
+def test_a_run_of_the_older_layout_is_refused_with_the_command_that_refits_it(tmp_path):
+    """A deep model's run written before the models declared their task options (config.json
+    without "format", with the CLI's old "held_out_binarize") cannot be rebuilt faithfully: a
+    CVAE's condition lived outside its model_config. evaluate and sample say so, with the
+    recorded command to fit it again."""
+    run = tmp_path / "old"
+    run.mkdir()
+    config = {
+        "model": "cvae",
+        "model_config": {"x_dim": 64, "y_dim": 64, "z_dim": 2, "hidden": [16]},
+        "data": "digits",
+        "binarize": "threshold",
+        "held_out_binarize": "threshold",
+        "max_data": None,
+        "inference": "reparam",
+        "options": {"condition": "quadrants", "given": 2},
+        "command": "zoo fit cvae --data digits --condition quadrants --given 2",
+    }
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "params.pt").write_bytes(b"")
+    for command in (["evaluate", str(run)], ["sample", str(run)]):
+        with pytest.raises(SystemExit, match="older zoo .* --given 2 --overwrite"):
+            cli.main(command)

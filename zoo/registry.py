@@ -18,19 +18,29 @@ field (``"dim"``: the data's width; ``"num_classes"``), which is then not a flag
 What a model may offer, discovered by name (``ZooModel``; every one is optional but ``model``
 and ``guide``; one meaning per name across models):
 - ``sample(num_samples, **condition)``: new data (an (N, D) tensor; mixtures also return z);
-- ``arguments(x, y, split)``: the model's arguments for a split (default ``(x,)``);
+- ``arguments(x, y, split)``: the model's arguments for a split (default ``(x,)``), such as
+  (x, labels with most hidden) for the training split of a semi-supervised model;
 - ``from_data(options, info)`` (classmethod): options completed from the data (sizes, a
   likelihood for binary data); raises ValueError when the data do not suit the model;
+- ``build_on(options, fitted, x)`` (classmethod): the model built on fitted runs, for options
+  declared with ``metadata={"run": True}`` (their values are run directories; ``fitted`` maps
+  each such option to the restored model, ``x`` is the training rows);
 - ``fit_options(num_epochs)``: extra options for the training loop (a KL warm-up schedule);
 - ``driver_options(driver)``: the driver's options when they depend on the config;
+- ``validation_score(*arguments)``: what early stopping watches instead of the validation
+  ELBO (higher is better; the semi-supervised VAE's accuracy);
+- ``after_fit(arguments, settings)``: work after the driver has finished (a baseline network
+  trained for the same epochs; ``settings``: epochs, batch_size, lr, seed);
 - ``metrics(splits, num_samples, progress)``: scores, a dict of numbers; ``splits`` maps
-  "train" and "test" (where the data have one) to ``(x, y)``, y None where unlabelled;
+  "train" and "test" (where the data have one) to ``(x, y)``, y None where unlabelled. They are
+  added to the shared scores (``inference.evaluate``: held-out log-likelihood, ELBO), which
+  are left out when the model reports a ``*_log_likelihood`` of its own (an exact one);
 - ``figures(splits, history, info)``: ``{file name: matplotlib Figure}``;
 - ``sample_figure(x, z)``: how to show its samples (default: an image grid for square images);
-- ``encode``, ``reconstruct``, ``predict`` / ``classify``, ``active_units``.
+- ``encode``, ``reconstruct``, ``predict`` / ``classify``.
 A model that offers none of the optional ones is fitted, scored by the shared metrics
 (``inference.evaluate``) and drawn by the shared figures; what needs an offer it lacks is refused
-with a message naming it.
+with a message naming it. Comparisons: ``comparison=`` of ``register`` (see ``zoo.comparisons``).
 """
 
 import dataclasses
@@ -92,6 +102,7 @@ class Option:
     flags: Tuple[str, ...] = ()
     data: Optional[str] = None  # a DataInfo attribute that sets it (not a flag)
     choices: Optional[Tuple[Any, ...]] = None
+    run: bool = False  # the value is a fitted run's directory, handed to ``build_on``
 
 
 @dataclass(frozen=True)
@@ -293,6 +304,7 @@ def _option(f: dataclasses.Field) -> Option:
         tuple(meta.get("flags", ())),
         meta.get("data"),
         meta.get("choices"),
+        bool(meta.get("run", False)),
     )
 
 

@@ -5,7 +5,8 @@ mixed with another.
     with runs.open_for_writing(out, overwrite=False, resume=False) as run:
         run.write_config(config)        # first, so that an interrupted run can resume
         ...                             # fit, checkpointing into run.checkpoint
-    config = runs.read_config(out)      # for evaluate, sample, --resume, --stack-on
+    model, config = runs.restore(out)   # for evaluate, sample, --resume and runs built on runs
+    splits = runs.splits(config)        # the run's data: {"train": (x, y), "test": (x, y)}
 
 - A run is marked by ``.zoo-run`` (JSON: format and model), written when the run starts; a
   folder written before the marker existed counts as a run when its ``config.json`` is the
@@ -22,16 +23,21 @@ mixed with another.
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 from pathlib import Path
 
-from inference.io import UnreadableFile, save_json
+import pyro
+import torch
+
+from inference.io import UnreadableFile, save_json, save_torch
 from inference.io import load_tensors as load_checked
 
 MARKER = ".zoo-run"
 LOCK = ".zoo-lock"
 FORMAT = 1
+CONFIG_FORMAT = 2  # config.json's layout: every model through the registry (zoo.registry)
 # what a run directory holds that a fit wrote: removed by --overwrite (with *.png and temp files)
 RUN_FILES = (
     "config.json",
@@ -39,7 +45,6 @@ RUN_FILES = (
     "history.json",
     "metrics.json",
     "checkpoint.pt",
-    "baseline.pt",
     "samples.pt",
     MARKER,
 )
@@ -191,11 +196,6 @@ TRAJECTORY_OPTIONS = {
     "loss": "--loss",
     "iwae": "--iwae",
     "lr_decay": "--lr-decay",
-    "condition": "--condition",
-    "given": "--given",
-    "labels": "--labels",
-    "label_seed": "--label-seed",
-    "warmup": "--warmup",
 }
 
 
@@ -227,10 +227,10 @@ def check_resume(saved: dict, config: dict, changed_lr: bool = False) -> None:
     if was.get("lr_decay", 1.0) != 1.0:
         hint = " (the decaying rate depends on it)"
         _same(was.get("epochs"), now.get("epochs"), "--epochs", hint)
-    if was.get("stack_on") != now.get("stack_on"):
+    if saved.get("built_on", {}) != config.get("built_on", {}):
         raise RunError(
-            f"the run was started on M1 {was.get('stack_on')}; resume it on the same VAE, not"
-            f" {now.get('stack_on')}"
+            f"the run was built on the fitted run(s) {saved.get('built_on')}; resume it on the"
+            f" same, unchanged, not {config.get('built_on')}"
         )
 
 
@@ -244,3 +244,106 @@ def _same(was, now, flag: str, hint: str = "") -> None:
 
 def _show(value) -> str:
     return "(unset)" if value is None else str(value)
+
+
+# ------------------------------------------------------------------------------- what a run holds
+
+
+def save_parameters(model, path: Path) -> None:
+    """A module's state dict, or for a model of plain pyro.params the store's values."""
+    if isinstance(model, torch.nn.Module):
+        state = model.state_dict()
+    else:
+        state = dict(pyro.get_param_store()._params)
+    save_torch(path, {k: v.detach().cpu() for k, v in state.items()})
+
+
+def digest(run: Path) -> dict:
+    """What a run built on another records of it: its path and its parameters' SHA-256."""
+    sha = hashlib.sha256((run / "params.pt").read_bytes()).hexdigest()
+    return {"run": str(run), "params_sha256": sha}
+
+
+def split(name: str, which: str, binarize, max_data=None):
+    """A split of a zoo data set, or of a user's .csv / .npy file (its rows: no split, no
+    labels), as float32 rows and integer labels (None where there are none)."""
+    from zoo import data
+
+    if name in data.NAMES:
+        x, y = data.load(name, which, binarize)
+    else:
+        path = run_path(name)
+        if path.suffix not in (".csv", ".npy"):
+            names = ", ".join(data.NAMES)
+            raise data.DataError(f"--data {name}: a data set ({names}) or a .csv / .npy file")
+        if which != "train":
+            raise ValueError(f"a data file has no {which} split")
+        x = data.load_file(path)
+        x, y = (data.binarize(x, binarize, seed=0) if binarize else x), None
+    if max_data:
+        x, y = x[:max_data], None if y is None else y[:max_data]
+    return x, y
+
+
+def splits(config: dict) -> dict:
+    """``{"train": (x, y), "test": (x, y)}`` of a run's data as its scores see them (a
+    dynamically binarized run's held-out draw); no "test" for a data file."""
+    binarize = config.get("held_out_binarize", config.get("binarize"))
+    out = {"train": split(config["data"], "train", binarize, config.get("max_data"))}
+    try:
+        out["test"] = split(config["data"], "test", binarize)
+    except ValueError:  # the data have no test split
+        pass
+    return out
+
+
+def restore(run):
+    """The fitted model of a run directory and its config, or a RunError naming the file and
+    what to do."""
+    from zoo import registry
+
+    run = run_path(run)
+    config = read_config(run)
+    if "format" not in config and "held_out_binarize" in config:
+        raise RunError(
+            f"{run} was written by an older zoo (before its models declared their task"
+            " options): its settings are in config.json, but the layout is gone; fit it again"
+            f" with the command it records: {config.get('command', 'zoo fit ...')} --overwrite"
+        )
+    if not (run / "params.pt").exists() and (run / "checkpoint.pt").exists():
+        raise RunError(
+            f"{run} has no params.pt: its fit did not finish; continue it with zoo fit"
+            f" {config['model']} --resume {run}"
+        )
+    try:
+        spec = registry.get(config["model"])
+        model = spec.build(config["model_config"])
+    except (TypeError, ValueError) as error:
+        raise RunError(
+            f"{run / 'config.json'}: its model_config does not make a {config['model']} ({error})"
+        ) from None
+    _load_state(model, load_tensors(run / "params.pt"), run, config)
+    return model, config
+
+
+def _load_state(model, state: dict, run: Path, config: dict) -> None:
+    from inference import loop
+    from zoo import registry
+
+    pyro.clear_param_store()
+    if isinstance(model, torch.nn.Module):
+        own = model.state_dict()
+    else:  # plain pyro.params: one run of the program on two rows creates them
+        binarize = config.get("held_out_binarize", config.get("binarize"))
+        x, y = split(config["data"], "train", binarize, 2)
+        arguments = registry.model_arguments(model, x, y, "train")
+        loop.Parameters(model.model, model.guide, registry.as_data(arguments))
+        own = dict(pyro.get_param_store()._params)
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in state):
+        raise RunError(
+            f"{run / 'params.pt'} does not hold this {config['model']}'s parameters (its names"
+            " or shapes differ from those its config.json makes)"
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
