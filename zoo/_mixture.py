@@ -23,6 +23,18 @@ from torch.distributions import transform_to
 
 from zoo.nets import check_number, check_sizes
 
+# what both mixtures are compared by (zoo.comparisons): EM, and SVI on the same MAP objective
+# from EM's start, so that only the optimizer differs; SVI full-batch-like, at a mixture's rate
+COMPARISON_SETTINGS = {"epochs": 1000, "lr": 0.05, "batch_size": 1000}
+COMPARISON_METHODS = {
+    "em": {"driver": "em", "description": "closed-form EM (k-means++ start)"},
+    "svi": {
+        "driver": "svi",
+        "start": "em",
+        "description": "SVI, TraceEnum_ELBO (MAP), Adam from EM's start",
+    },
+}
+
 _instances = itertools.count()
 
 

@@ -27,7 +27,7 @@ from pyro.distributions.util import broadcast_shape, is_validation_enabled
 from pyro.nn import PyroParam
 
 from inference import sparse
-from zoo._mixture import Mixture
+from zoo._mixture import COMPARISON_METHODS, COMPARISON_SETTINGS, Mixture
 from zoo._mixture import relabel as _relabel
 from zoo.nets import check_number
 from zoo.registry import register
@@ -114,14 +114,9 @@ class ProductBernoulli(dist.TorchDistribution):
     comparison={
         "data": ("bmm-synthetic", "digits", "mnist"),
         "options": {"bmm-synthetic": {"num_components": 4}},
-        "settings": {"epochs": 1000, "lr": 0.05, "batch_size": 1000},
+        "settings": COMPARISON_SETTINGS,
         "methods": {
-            "em": {"driver": "em", "description": "closed-form EM (k-means++ start)"},
-            "svi": {
-                "driver": "svi",
-                "start": "em",
-                "description": "SVI, TraceEnum_ELBO (MAP), Adam from EM's start",
-            },
+            **COMPARISON_METHODS,
             "nuts": {"driver": "nuts", "description": "NUTS on the Bayesian Bernoulli mixture"},
         },
     },

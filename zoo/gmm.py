@@ -21,7 +21,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
-from zoo._mixture import Mixture
+from zoo._mixture import COMPARISON_METHODS, COMPARISON_SETTINGS, Mixture
 from zoo._mixture import relabel as _relabel
 from zoo.nets import check_number
 from zoo.registry import register
@@ -77,14 +77,9 @@ class CholeskyNormal(dist.MultivariateNormal):
     comparison={
         "data": ("faithful", "gmm-synthetic"),
         "options": {"faithful": {"num_components": 2}, "gmm-synthetic": {"num_components": 3}},
-        "settings": {"epochs": 1000, "lr": 0.05, "batch_size": 1000},
+        "settings": COMPARISON_SETTINGS,
         "methods": {
-            "em": {"driver": "em", "description": "closed-form EM (k-means++ start)"},
-            "svi": {
-                "driver": "svi",
-                "start": "em",
-                "description": "SVI, TraceEnum_ELBO (MAP), Adam from EM's start",
-            },
+            **COMPARISON_METHODS,
             "nuts": {"driver": "nuts", "description": "NUTS on the Bayesian GMM"},
             "sklearn": {
                 "driver": "reference",
