@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from inference.batching import Rows, arguments, check_count, check_support, same_random_state
 from inference.enumeration import Enumerated, validation_off
-from inference.particles import Particles
+from inference.particles import Particles, check_full_terms
 
 
 @torch.no_grad()
@@ -69,6 +69,7 @@ def log_likelihood(
         )
     check_support(model, guide, rows.slice(0, batch_size))
     particles = Particles(model, guide, example, data_plate, batch_dims, vectorize_particles)
+    check_full_terms(particles, "an importance-sampled log p(x)")
     out = []
     steps = math.ceil(n / batch_size) * math.ceil(num_samples / particle_batch)
     bar = tqdm(total=steps, disable=not progress, desc=f"log p(x), K={num_samples}", leave=False)

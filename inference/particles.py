@@ -65,6 +65,16 @@ class Particles:
                 " and drop subsample_size"
             )
         self.data_dim = frame.dim
+        # plates other than the data plate that draw a subsample of their terms themselves (a
+        # diffusion model's levels): their sites keep the full_size / size factor, unbiased
+        # for the ELBO; an importance-sampled log p(x) cannot use them (see ``check_full_terms``)
+        self.subsampled = sorted(
+            {
+                f"{f.name} ({f.size} of {f.full_size})"
+                for f in frames.values()
+                if f.name != data_plate and f.full_size is not None and f.full_size != f.size
+            }
+        )
         self.latents = []
         for name, site in guide_trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
@@ -94,7 +104,8 @@ class Particles:
         """(K, N) log weights and the (K,) global model terms (priors outside the data plate).
 
         scaled: keep Pyro's ``poutine.scale`` factors (a beta on the KL); False gives the
-        weights of the unscaled model, as a log-likelihood estimate needs.
+        weights of the unscaled model, as a log-likelihood estimate needs. The factor of a plate
+        that subsamples its own terms is kept either way: it is part of the estimator.
         """
         if self.vectorized:
             return self._weights(x, num_particles, scaled)
@@ -148,7 +159,24 @@ def _log_prob(site, scaled: bool) -> torch.Tensor:
         log_prob = log_prob * site["mask"]
     if scaled and site["scale"] is not None:
         log_prob = log_prob * site["scale"]
+    elif not scaled:  # only the factors of plates that subsample their own terms
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.full_size != frame.size:
+                log_prob = log_prob * (frame.full_size / frame.size)
     return log_prob
+
+
+def check_full_terms(particles: "Particles", what: str) -> None:
+    """Refuse an estimate that needs every term of the joint density (an importance-sampled
+    log p(x), an IWAE bound) on a program whose plates subsample their terms."""
+    if particles.subsampled:
+        raise ValueError(
+            f"{what} needs every term of log p(x, z), and plate(s)"
+            f" {', '.join(particles.subsampled)} draw a subsample of theirs: the exponent of"
+            " an unbiased estimate is not unbiased."
+            " Score such a model by its ELBO (inference.evaluate.elbo, or the model's own"
+            " bound), or give the plate no subsample_size"
+        )
 
 
 def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from inference.batching import (
     same_random_state,
     scale_rows,
 )
-from inference.particles import Particles, iwae_bound
+from inference.particles import Particles, check_full_terms, iwae_bound
 from inference.result import FitResult
 from inference.svi import make_loss
 
@@ -206,6 +206,7 @@ class Objective:
             particles = Particles(
                 model, guide, example, data_plate, batch_dims, vectorize=vectorize_particles
             )
+            check_full_terms(particles, f"the IWAE bound (num_particles={num_particles})")
 
             def loss(*args, **kwargs):
                 value = kwargs if kwargs else args

@@ -148,9 +148,11 @@ def cmd_fit(args) -> int:
             )
         device = _init_distributed(device)
     rank = tdist.get_rank() if tdist.is_initialized() else 0
+    fit = _Fit(spec, flags, settings, out, resume, device, argv)
+    fit.load_data()  # bad data or options are refused before the run directory is touched
+    fit.build_model()
     claim = runs.open_for_writing(out, overwrite=flags.overwrite, resume=resume)
     with claim if rank == 0 else contextlib.nullcontext():  # rank 0 writes the run directory
-        fit = _Fit(spec, flags, settings, out, resume, device, argv)
         metrics = fit.run(rank)
     if metrics is not None:
         _print_metrics(out, metrics)
@@ -457,9 +459,8 @@ class _Fit:
         self.held_out = "static" if self.binarize == "dynamic" else self.binarize
 
     def run(self, rank: int):
-        """Fit and write the run; the metrics (None on ranks other than 0)."""
-        self.load_data()
-        self.build_model()
+        """Fit and write the run (after ``load_data`` and ``build_model``); the metrics (None
+        on ranks other than 0)."""
         config = self.config()
         if rank == 0:
             runs.Run(self.out).write_config(config)  # first, so that an interrupted run resumes
@@ -482,6 +483,8 @@ class _Fit:
         train_binarize = None if self.binarize == "dynamic" else self.binarize
         max_data = self.flags.max_data
         self.train = runs.split(self.data_name, "train", train_binarize, max_data)
+        if self.binarize == "dynamic":  # intensities in [0, 1], checked before the first epoch
+            data.binarize(self.train[0][:64], "dynamic", generator=torch.Generator())
         try:
             self.valid = runs.split(self.data_name, "valid", self.held_out, max_data)
         except ValueError:  # the data set has no validation split
@@ -712,8 +715,8 @@ def _sparse(choice: str, model, arguments) -> bool:
 
 
 def _metrics(model, config, num_samples, progress) -> dict:
-    """The model's own ``metrics(splits, ...)``, and unless those hold a log-likelihood the
-    shared scores of the held-out split (the training rows where there is none): the
+    """The model's own ``metrics(splits, ...)``, and unless those hold a log-likelihood or an
+    ELBO the shared scores of the held-out split (the training rows where there is none): the
     importance-sampled log-likelihood (exact where the latents are enumerable) and, for the
     loop's drivers, the ELBO."""
     if isinstance(model, torch.nn.Module):
@@ -722,8 +725,8 @@ def _metrics(model, config, num_samples, progress) -> dict:
     splits = {k: (x.to(device), y) for k, (x, y) in runs.splits(config).items()}
     hook = getattr(model, "metrics", None)
     own = dict(hook(splits, num_samples, progress)) if callable(hook) else {}
-    if any(key.endswith("_log_likelihood") for key in own):
-        return own
+    if any(key.endswith(("_log_likelihood", "_elbo")) for key in own):
+        return own  # the model scored the held-out data itself
     split = "test" if "test" in splits else "train"
     value = registry.as_data(registry.model_arguments(model, *splits[split], split))
     log_px = evaluate.log_likelihood(

@@ -37,6 +37,7 @@ iteration or epoch past it, NUTS starts no further chain, a reference estimator 
 tolerance (its iterations are reported).
 
 Held-out log-likelihood: the model's own ``log_likelihood(x)`` where it has one (exact), else
+its own ``elbo(x, num_samples)`` where it has one (a bound), else
 ``inference.evaluate.log_likelihood``: exact where the latents are enumerable, otherwise
 importance-sampled with the guide as proposal (K stated); the posterior predictive for NUTS.
 Curves: the held-out figure at geometrically spaced steps, evaluation time excluded.
@@ -332,6 +333,9 @@ def _scorer(task: _Task, model):
     if callable(own):
         return (lambda: own(held_out).mean().item()), "exact"
     k = task.setup.num_samples
+    bound = getattr(model, "elbo", None)
+    if callable(bound):  # the model's own bound (a diffusion model's: no exact score)
+        return (lambda: bound(held_out, k).mean().item()), f"the model's ELBO (K={k})"
 
     def score():
         return (

@@ -137,6 +137,18 @@ def latent_space(
     return fig
 
 
+def terms_by_level(levels: Sequence[int], terms: Sequence[float], title: str = ""):
+    """A diffusion ELBO's per-level terms L_t (nats per image) against the level t, log y."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(levels, terms, marker=".")
+    ax.set_yscale("log")
+    ax.set_xlabel("level t (noise grows with t)")
+    ax.set_ylabel("L_t, nats per image")
+    ax.set_title(title or "the ELBO's terms by level (held-out images)")
+    fig.tight_layout()
+    return fig
+
+
 def active_units(active: Sequence[int], sizes: Sequence[int], title: str = "active units"):
     """Bars of active units per stochastic layer (bottom z1 first) against the layer's size;
     the gap is posterior collapse."""

@@ -34,7 +34,9 @@ and ``guide``; one meaning per name across models):
 - ``metrics(splits, num_samples, progress)``: scores, a dict of numbers; ``splits`` maps
   "train" and "test" (where the data have one) to ``(x, y)``, y None where unlabelled. They are
   added to the shared scores (``inference.evaluate``: held-out log-likelihood, ELBO), which
-  are left out when the model reports a ``*_log_likelihood`` of its own (an exact one);
+  are left out when the model reports a ``*_log_likelihood`` or ``*_elbo`` of its own;
+- ``log_likelihood(x)``: the exact log p(x) per row; ``elbo(x, num_samples)``: the model's own
+  ELBO per row (the comparisons' held-out score where there is no exact one);
 - ``figures(splits, history, info)``: ``{file name: matplotlib Figure}``;
 - ``sample_figure(x, z)``: how to show its samples (default: an image grid for square images);
 - ``encode``, ``reconstruct``, ``predict`` / ``classify``.
@@ -227,8 +229,19 @@ def get(name: str) -> Spec:
     )
 
 
+# the zoo's modules that hold no model (every other public module of the package is imported,
+# and registers its models: a new model is one new file)
+_NOT_MODELS = {"cli", "comparisons", "data", "nets", "plots", "registry", "runs"}
+
+
 def _load_builtin() -> None:
-    import zoo  # noqa: F401  (importing the zoo registers its models)
+    import pkgutil
+
+    import zoo
+
+    for module in pkgutil.iter_modules(zoo.__path__):
+        if not module.name.startswith("_") and module.name not in _NOT_MODELS:
+            importlib.import_module(f"zoo.{module.name}")
 
 
 _loaded_entry_points = []
