@@ -60,3 +60,40 @@ def test_majority_mapping_for_more_clusters_than_labels():
     assert evaluate.clustering_accuracy(truth, pred) == pytest.approx(5 / 8)
     with pytest.raises(ValueError, match="mapping"):
         evaluate.clustering_accuracy(truth, pred, "greedy")
+
+
+def test_a_plate_that_subsamples_its_own_terms_keeps_its_factor_in_the_elbo():
+    """A program whose plate over each point's J = 6 observations draws 2 of them per run (the
+    pattern of a diffusion model's levels): evaluate.elbo averages to the closed-form ELBO of
+    all J terms (Pyro's J / 2 factor kept; dropping it gave a third of the likelihood term),
+    and an importance-sampled log p(x) is refused, naming the plate."""
+    import pyro
+    import pyro.distributions as dist
+
+    torch.manual_seed(0)
+    num, terms = 5, 6
+    y = torch.randn(num, terms) + 1.0
+    loc, scale = torch.linspace(-1, 1, num), torch.full((num,), 0.7)
+
+    def model(y):
+        with pyro.plate("data", len(y)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("terms", terms, subsample_size=2, dim=-2) as j:
+                pyro.sample("y", dist.Normal(z, 1.0), obs=y[:, j].T)
+
+    def guide(y):
+        with pyro.plate("data", len(y)):
+            pyro.sample("z", dist.Normal(loc[: len(y)], scale[: len(y)]))
+
+    # E_q log N(y_j | z, 1) = log N(y_j | m, 1) - s^2 / 2; E_q log p(z) - log q(z) = -KL
+    q, prior = torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)
+    expected_lik = (
+        torch.distributions.Normal(loc.unsqueeze(-1), 1.0).log_prob(y)
+        - scale.pow(2).unsqueeze(-1) / 2
+    )
+    exact = expected_lik.sum(-1) - torch.distributions.kl_divergence(q, prior)
+    draws = torch.stack([evaluate.elbo(model, guide, y, num_samples=50) for _ in range(400)])
+    se = draws.std(0) / draws.shape[0] ** 0.5
+    assert ((draws.mean(0) - exact).abs() < 4 * se + 1e-3).all(), (draws.mean(0), exact)
+    with pytest.raises(ValueError, match="plate\\(s\\) terms \\(2 of 6\\)"):
+        evaluate.log_likelihood(model, guide, y, num_samples=10)
