@@ -55,3 +55,23 @@ def test_vae_speed_benchmark_quick(tmp_path):
     for row in report["rows"].values():  # driver and plain epochs come in timed pairs
         assert row["pairs"] and all(d > 0 and p > 0 for d, p in row["pairs"])
         assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+
+
+def test_diffusion_benchmark_quick(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "diffusion_nll.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    rows = json.loads((tmp_path / "diffusion_depth-quick.json").read_text())
+    assert [r["steps"] for r in rows] == [10, 100]
+    # every bound is finite, below the 64 log 2 of uniform pixels after two epochs
+    assert all(0 < r["test_neg_elbo"] < 64 * 0.6931 for r in rows)
+    assert (tmp_path / "diffusion_depth-quick.png").exists()
