@@ -10,14 +10,15 @@ from tests.conftest import requires_mnist
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _quick(script: str, out: Path) -> None:
+    """Run benchmarks/SCRIPT in its quick mode, writing into ``out``."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+
+
 @requires_mnist
 def test_em_benchmark_quick(tmp_path):
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "em.py"), "--quick", "--out", str(tmp_path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    _quick("em.py", tmp_path)
     report = json.loads((tmp_path / "em-quick.json").read_text())
     rows = report["gmm"]["rows"]
     assert {"scikit-learn (float64)", "zoo EM (float64)"} <= set(rows)
@@ -38,18 +39,7 @@ def test_em_benchmark_quick(tmp_path):
 
 @requires_mnist
 def test_vae_speed_benchmark_quick(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "vae_speed.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    _quick("vae_speed.py", tmp_path)
     report = json.loads((tmp_path / "vae_speed-quick.json").read_text())
     assert len(report["rows"]) == 12  # six drivers, validation off and on
     for row in report["rows"].values():  # driver and plain epochs come in timed pairs
@@ -58,18 +48,7 @@ def test_vae_speed_benchmark_quick(tmp_path):
 
 
 def test_diffusion_benchmark_quick(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "diffusion_nll.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    _quick("diffusion_nll.py", tmp_path)
     rows = json.loads((tmp_path / "diffusion_depth-quick.json").read_text())
     assert [r["steps"] for r in rows] == [10, 100]
     # every bound is finite, below the 64 log 2 of uniform pixels after two epochs
