@@ -512,9 +512,18 @@ def _estimator(model, batch, method: Dict):
     return lambda: [g / len(batch) for g in evaluate.elbo_gradient(elbo, model.model, guide, batch)]
 
 
+def _with_state(task: _Task, method: Dict, state: Dict):
+    """A fresh model of the method's options holding the parameters ``state``, alone in
+    Pyro's param store (so that its first run cannot swap in another model's tensors)."""
+    model = _model(task, method, 0)
+    model.load_state_dict(state)
+    return model
+
+
 def _gradient_variance_section(task: _Task, methods: Dict) -> List[str]:
     """Every method's gradient variance at the same parameters (the model after one epoch of
-    Trace_ELBO, seed 0) on the same minibatch of training rows."""
+    Trace_ELBO, seed 0) on the same minibatch of training rows; each method's model built
+    with its own options (a module: the zoo's models)."""
     model = _model(task, {}, 0)
     x = _arguments(model, task.train, "train")
     setup = task.setup
@@ -529,10 +538,12 @@ def _gradient_variance_section(task: _Task, methods: Dict) -> List[str]:
         seed=0,
     )
     batch = x[: setup.batch_size]
-    estimators = gradient_estimators(model, batch, methods)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     figures = {}
-    for name in methods:
-        variance, signal = evaluate.gradient_variance(estimators[name], setup.gradient_draws)
+    for name, method in methods.items():
+        # the method's own model (its options: all levels, say) with the same parameters
+        estimator = _estimator(_with_state(task, method, state), batch, method)
+        variance, signal = evaluate.gradient_variance(estimator, setup.gradient_draws)
         figures[name] = {"variance": variance, "squared_norm_of_mean": signal}
     save_json(task.out / "gradient_variance.json", figures)
     base_name = "trace" if "trace" in figures else next(iter(figures))

@@ -107,6 +107,7 @@ class DiffusionConfig:
         "data": ("digits", "mnist"),
         # the whole chain takes T network calls per step: a shallower hierarchy for the table
         "options": {"digits": {"steps": 100}, "mnist": {"steps": 100}},
+        "gradient_variance": True,  # one sampled level against every level, same parameters
         "methods": {
             "sampled": {
                 "driver": "reparam",
