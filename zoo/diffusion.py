@@ -1,7 +1,7 @@
 """
 A diffusion model seen as a deep hierarchical VAE: the variational diffusion model in discrete
 time (Ho, Jain and Abbeel 2020; Kingma, Salimans, Poole and Ho 2021, "Variational Diffusion
-Models"), for binary images.
+Models"), for binary images or images of L grey levels.
 
 Latents z_0, ..., z_T (each (N, D), the data's shape); x is the image, x' = 2 x - 1 in {-1, 1}.
 A noise schedule gives every level t a log signal-to-noise ratio -gamma_t, increasing in t:
@@ -13,6 +13,9 @@ Generative model (top-down, as the ladder VAE):
         mu = alpha_{t-1} ((1 - c_t) z_t / alpha_t + c_t x_hat(z_t, t)),
         c_t = -expm1(gamma_{t-1} - gamma_t)
     x ~ Bernoulli(logits = 2 alpha_0 z_0 / sigma_0^2)    (per pixel; the posterior of x' given z_0)
+      or, for grey levels v_k = 2 k / (L - 1) - 1 (``likelihood="grey"``), the categorical
+      p(v_k | z_0) proportional to exp(-(z_0 - alpha_0 v_k)^2 / (2 sigma_0^2)): VDM's discretized
+      Gaussian, again q's posterior of x' under a uniform prior on the levels
 The "encoder" is fixed, the forward noising process, and needs no network:
     q(z_t | x) = Normal(alpha_t x', sigma_t^2 I)          every level in closed form
     q(z_{t-1} | z_t, x) = Normal(alpha_{t-1} ((1 - c_t) z_t / alpha_t + c_t x'),
@@ -29,7 +32,8 @@ the eps-prediction loss of Ho et al., itself a weighted denoising score-matching
 log-odds: x_hat = tanh((2 alpha_t z_t / sigma_t^2 + network(z_t, t)) / 2), where the first term
 is exactly E[x' | z_t] for independent uniform pixels; an untrained network thus starts at that
 model's 64 log 2 nats (8x8 images), and near t = 0, where SNR_{t-1} - SNR_t is huge, the guess is
-sharp by construction.
+sharp by construction. Grey pixels the same way: x_hat is the mean over the L levels v_k with
+weights q(z_t | v_k) exp(v_k r / 2), r the network's output (for L = 2 this is the binary form).
 
 Two Pyro programs express it, by ``DiffusionConfig.timesteps``:
 - ``timesteps=None``: the chain. The model is the generative process above (sites ``z{T}`` ...
@@ -71,6 +75,7 @@ from zoo.nets import check_rows, check_sizes, mlp
 from zoo.registry import register
 
 SCHEDULES = ("cosine", "linear", "learned")
+LIKELIHOODS = ("bernoulli", "grey")
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0  # VDM's endpoints: log SNR from 13.3 down to -5
 
 
@@ -94,6 +99,12 @@ class DiffusionConfig:
         default=(32, 64), metadata={"help": "the U-Net's channels at full and half size"}
     )
     time_dim: int = field(default=64, metadata={"help": "size of the time embedding"})
+    # p(x | z_0): "bernoulli" for binary pixels; "grey" for pixels on `levels` grey levels
+    # k / (levels - 1) (a categorical over the levels, the discretized Gaussian of VDM)
+    likelihood: str = field(
+        default="bernoulli", metadata={"choices": LIKELIHOODS, "help": "binary or grey pixels"}
+    )
+    levels: int = field(default=256, metadata={"help": "grey levels (--likelihood grey)"})
 
 
 @register(
@@ -138,6 +149,12 @@ class Diffusion(nn.Module):
                 raise ValueError(
                     f"timesteps ({config.timesteps}) cannot exceed steps ({config.steps})"
                 )
+        if config.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {config.likelihood!r}")
+        if config.likelihood == "grey" and not (
+            isinstance(config.levels, int) and config.levels >= 2
+        ):
+            raise ValueError(f"levels must be an integer of at least 2, got {config.levels!r}")
         if config.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, not {config.schedule!r}")
         self.config = config
@@ -177,18 +194,54 @@ class Diffusion(nn.Module):
         return loc, (torch.sigmoid(g_s) * c).sqrt().expand_as(loc)
 
     def denoise(self, z_t, t) -> torch.Tensor:
-        """x_hat(z_t, t), the denoiser's guess of E[x' | z_t], in (-1, 1): tanh of half the
-        log-odds of each pixel, 2 alpha_t z_t / sigma_t^2 (what z_t alone says under a uniform
-        prior on x') plus the network's correction (the dependence between pixels)."""
+        """x_hat(z_t, t), the denoiser's guess of E[x' | z_t]: the mean of x' over its values
+        v (-1 and 1, or the grey levels) with weights q(z_t | v) exp(v r / 2), r the network's
+        output per pixel. With r = 0 that is exactly E[x' | z_t] for independent uniform
+        pixels; r tilts each pixel by what the others say. For binary pixels it is
+        tanh((2 alpha_t z_t / sigma_t^2 + r) / 2)."""
         g = self.gamma()[t].unsqueeze(-1)
-        alone = 2 * torch.sigmoid(-g).sqrt() * z_t / torch.sigmoid(g)
-        return torch.tanh((alone + self.network(z_t, t.float() / self.config.steps)) / 2)
+        alpha, variance = torch.sigmoid(-g).sqrt(), torch.sigmoid(g)
+        out = self.network(z_t, t.float() / self.config.steps)
+        if self.config.likelihood == "bernoulli":
+            return torch.tanh((2 * alpha * z_t / variance + out) / 2)
+        values = torch.linspace(-1, 1, self.config.levels, device=z_t.device, dtype=z_t.dtype)
+        logits = -(z_t.unsqueeze(-1) - alpha.unsqueeze(-1) * values).pow(2)
+        logits = logits / (2 * variance.unsqueeze(-1)) + values * out.unsqueeze(-1) / 2
+        return torch.softmax(logits, -1) @ values  # (..., N, D)
 
     def likelihood(self, z_0):
-        """p(x | z_0): per pixel the posterior of x' in {-1, 1} given z_0 under q, (..., N, D)."""
+        """p(x | z_0): per pixel the posterior of x' given z_0 under q, for x' uniform on its
+        values: {-1, 1} (Bernoulli), or the grey levels (a categorical over them, whose value
+        is ``observed(x)``), (..., N, D)."""
         g = self.gamma()[0]
-        logits = 2 * torch.sigmoid(-g).sqrt() * z_0 / torch.sigmoid(g)
-        return dist.Bernoulli(logits=logits).to_event(1)
+        alpha, variance = torch.sigmoid(-g).sqrt(), torch.sigmoid(g)
+        if self.config.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=2 * alpha * z_0 / variance).to_event(1)
+        values = torch.linspace(-1, 1, self.config.levels, device=z_0.device, dtype=z_0.dtype)
+        logits = -(z_0.unsqueeze(-1) - alpha * values).pow(2) / (2 * variance)  # (..., D, L)
+        return dist.Categorical(logits=logits).to_event(1)
+
+    def observed(self, x: torch.Tensor) -> torch.Tensor:
+        """What the x site observes: the pixels (binary), or their grey level's index; refused
+        when x is not on the model's grid."""
+        if self.config.likelihood == "bernoulli":
+            return x
+        index = x * (self.config.levels - 1)
+        if (index - index.round()).abs().max() > 1e-4 or x.min() < 0 or x.max() > 1:
+            raise ValueError(
+                f"grey pixels must be multiples of 1/{self.config.levels - 1} in [0, 1] (the"
+                f" {self.config.levels} levels of --levels)"
+            )
+        return index.round().long()
+
+    def _mean_image(self, z_0) -> torch.Tensor:
+        """E[x | z_0] in [0, 1], (..., N, D)."""
+        fn = self.likelihood(z_0).base_dist
+        if self.config.likelihood == "bernoulli":
+            return torch.sigmoid(fn.logits)
+        return fn.probs @ torch.linspace(
+            0, 1, self.config.levels, device=z_0.device, dtype=z_0.dtype
+        )
 
     # ------------------------------------------------------------------ model and guide
 
@@ -204,7 +257,7 @@ class Diffusion(nn.Module):
                     level = torch.full((num,), t, device=x.device)
                     loc, scale = self.posterior(z, self.denoise(z, level), level)
                     z = pyro.sample(f"z{t - 1}", dist.Normal(loc, scale).to_event(1))
-                return pyro.sample("x", self.likelihood(z), obs=x)
+                return pyro.sample("x", self.likelihood(z), obs=self.observed(x))
             pyro.sample("zT", prior)
             with self._time_plate() as index:  # the guide's levels, replayed
                 t = (index.to(x.device) + 1).unsqueeze(-1)  # (k, 1), in 1..T
@@ -213,7 +266,7 @@ class Diffusion(nn.Module):
                 pyro.sample("zs", dist.Normal(*self.posterior(z_t, x_hat, t)).to_event(1))
             zero = torch.zeros((), dtype=torch.long, device=x.device)
             z_0 = pyro.sample("z0", dist.Normal(*self.marginal(x, zero)).to_event(1))  # cancels
-            return pyro.sample("x", self.likelihood(z_0), obs=x)
+            return pyro.sample("x", self.likelihood(z_0), obs=self.observed(x))
 
     def guide(self, x: torch.Tensor):
         pyro.module(self._pyro_name, self)
@@ -246,9 +299,10 @@ class Diffusion(nn.Module):
 
     @classmethod
     def from_data(cls, options: dict, info) -> dict:
-        if not info.binary:
+        if not info.binary and options.get("likelihood", "bernoulli") == "bernoulli":
             raise ValueError(
-                "the diffusion model here has a Bernoulli decoder: binarize the data (--binarize)"
+                "the diffusion model's default decoder is Bernoulli: binarize the data"
+                " (--binarize), or model grey levels (--likelihood grey --levels L)"
             )
         return options
 
@@ -273,7 +327,8 @@ class Diffusion(nn.Module):
     def _elbo(self, x, num_samples):
         steps = self.config.steps
         loc, scale = self.marginal(x, torch.tensor(0, device=x.device))
-        reconstruction = self.likelihood(loc + scale * torch.randn_like(loc)).log_prob(x)
+        z_0 = loc + scale * torch.randn_like(loc)
+        reconstruction = self.likelihood(z_0).log_prob(self.observed(x))
         loc, scale = self.marginal(x, torch.tensor(steps, device=x.device))
         prior = dist.Normal(loc, scale).to_event(1)
         kl_top = kl_divergence(prior, dist.Normal(torch.zeros_like(loc), 1.0).to_event(1))
@@ -303,7 +358,7 @@ class Diffusion(nn.Module):
             guesses.append((x_hat + 1) / 2)
             loc, scale = self.posterior(z, x_hat, level, torch.full_like(level, s))
             z = loc + scale * torch.randn_like(loc) if s > 0 else loc
-        probs = torch.sigmoid(self.likelihood(z).base_dist.logits)
+        probs = self._mean_image(z)
         return (probs, torch.stack(guesses)) if chain else probs
 
     def _strided(self, steps: Optional[int]):
