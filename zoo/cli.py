@@ -532,7 +532,8 @@ class _Fit:
         options = {**self.settings, "seed": self.flags.seed, "device": str(self.device)}
         options.pop("resume", None)
         options.pop("resume_lr", None)
-        options.update(self.driver_options())
+        self.declared = self.driver_options()  # computed once: EM's sparse check reads the data
+        options.update(self.declared)
         config = {
             "format": runs.CONFIG_FORMAT,
             "model": self.spec.name,
@@ -585,8 +586,7 @@ class _Fit:
 
     def fit(self, config):
         driver, options = self.flags.inference, dict(config["options"])
-        declared = self.driver_options()
-        declared.pop("sparse", None)
+        declared = {k: v for k, v in self.declared.items() if k != "sparse"}
         train = self.arguments("train", self.train)
         value = registry.as_data(train)
         if driver == "em":
