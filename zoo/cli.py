@@ -659,7 +659,8 @@ class _Fit:
         runs.save_parameters(self.model, self.out / "params.pt")
         save_json(self.out / "history.json", result.history)
         samples = self.settings.get("eval_samples", 100)
-        metrics = _metrics(self.model, config, samples, not self.flags.quiet)
+        splits = _device_splits(self.model, config)  # read once for the scores and figures
+        metrics = _metrics(self.model, config, samples, not self.flags.quiet, splits)
         # training time summed over the run's resumes (the loop's clock continues across them)
         seconds = result.history[-1].get("time") if result.history else None
         steps = "iterations" if config["inference"] == "em" else "epochs"  # what num_steps counts
@@ -674,7 +675,7 @@ class _Fit:
             name = "score" if getattr(self, "validated", False) else "objective"
             metrics[f"best_valid_{name}"] = result.valid_objective
         save_json(self.out / "metrics.json", metrics)
-        _figures(self.model, config, result.history, self.out, self.info)
+        _figures(self.model, config, result.history, self.out, self.info, splits)
         return metrics
 
 
@@ -714,15 +715,20 @@ def _sparse(choice: str, model, arguments) -> bool:
 # ---------------------------------------------------------------------- scores and figures
 
 
-def _metrics(model, config, num_samples, progress) -> dict:
+def _device_splits(model, config) -> dict:
+    """The run's data splits (``runs.splits``), on the model's device."""
+    device = _model_device(model)
+    return {k: (x.to(device), y) for k, (x, y) in runs.splits(config).items()}
+
+
+def _metrics(model, config, num_samples, progress, splits=None) -> dict:
     """The model's own ``metrics(splits, ...)``, and unless those hold a log-likelihood or an
     ELBO the shared scores of the held-out split (the training rows where there is none): the
     importance-sampled log-likelihood (exact where the latents are enumerable) and, for the
     loop's drivers, the ELBO."""
     if isinstance(model, torch.nn.Module):
         model.eval()
-    device = _model_device(model)
-    splits = {k: (x.to(device), y) for k, (x, y) in runs.splits(config).items()}
+    splits = _device_splits(model, config) if splits is None else splits
     hook = getattr(model, "metrics", None)
     own = dict(hook(splits, num_samples, progress)) if callable(hook) else {}
     if any(key.endswith(("_log_likelihood", "_elbo")) for key in own):
@@ -742,7 +748,7 @@ def _metrics(model, config, num_samples, progress) -> dict:
     return {**shared, **own}
 
 
-def _figures(model, config, history, out: Path, info=None) -> None:
+def _figures(model, config, history, out: Path, info=None, splits=None) -> None:
     """The learning curve, and the model's own ``figures`` (``{file name: Figure}``)."""
     if config["inference"] == "em":
         fig = plots.curve(
@@ -756,8 +762,7 @@ def _figures(model, config, history, out: Path, info=None) -> None:
         plots.save(_learning_curve(history, config), out / "learning_curve.png")
     hook = getattr(model, "figures", None)
     if callable(hook):
-        device = _model_device(model)
-        splits = {k: (x.to(device), y) for k, (x, y) in runs.splits(config).items()}
+        splits = _device_splits(model, config) if splits is None else splits
         with torch.no_grad():
             for name, figure in hook(splits, history, info).items():
                 plots.save(figure, out / name)
