@@ -15,13 +15,18 @@ It owns:
   ``valid_objective``;
 - a checkpoint written atomically after every epoch: the ``state`` objects' state dicts, all
   random number generator states, the position in the epoch and the history; ``resume=True``
-  continues from it exactly (bit for bit on CPU), and it loads with ``weights_only=True``;
+  continues from it exactly (bit for bit on CPU, see ``threads`` below for the one caveat),
+  and it loads with ``weights_only=True``;
 - SIGINT/SIGTERM: the loop finishes the current step, saves a checkpoint at that position, and
   raises KeyboardInterrupt (SIGINT) or SystemExit (SIGTERM);
 - a NaN guard: a non-finite loss, parameters that are no longer finite, or Pyro's value checks
   failing on NaN values made from them stop the run with a FloatingPointError naming the epoch
   and step, before anything is saved, so the last good checkpoint stays intact; an objective
   that runs away by orders of magnitude is warned about (``DivergenceWarning``);
+- torch's CPU thread count (``threads``): by default chosen by timing the steps on all of
+  torch's threads and on one, so that a fit on a machine shared with other work does not
+  collapse (``inference.threads``); a full reduction can differ in its last bit between
+  counts, so pin it (``threads=2``) where bits must match across runs;
 - a progress bar (``progress=True``), a ``callback(record)`` after every epoch (returning True
   stops the run there, e.g. when a time budget is spent) and a
   ``schedule(epoch)`` before every epoch, also the first one after a resume (for annealing such
@@ -62,6 +67,7 @@ from inference.batching import (
 )
 from inference.io import load_tensors, save_torch
 from inference.result import FitResult
+from inference.threads import Threads
 
 Batch = Union[torch.Tensor, Sequence[torch.Tensor], Dict[str, object]]
 
@@ -84,6 +90,7 @@ def run(
     schedule: Optional[Callable[[int], None]] = None,
     progress: bool = False,
     max_steps: Optional[int] = None,
+    threads: Union[str, int, None] = None,
 ) -> FitResult:
     """Run ``step(batch) -> loss per data point`` over minibatches of ``data`` for some epochs.
 
@@ -96,6 +103,8 @@ def run(
     validate: returns the objective on held-out data (higher is better) after each epoch.
     schedule: called with the 0-based epoch before it runs (and when a resume re-enters it).
     max_steps: stop after this many steps in total (for tests and smoke runs).
+    threads: torch's CPU thread count while the steps run: "auto" (timed, see
+        ``inference.threads``), a count, or "torch" (left alone); None reads ``ZOO_THREADS``.
     """
     rows = data if isinstance(data, Rows) else Rows(data, batch_dims)
     num_data = rows.num_data
@@ -140,6 +149,7 @@ def run(
         if path is not None and rank == 0:
             save_torch(path, _snapshot(state, generator, position, history, best))
 
+    tuner = Threads(threads)
     interrupted = _SignalCatcher()
     total_steps = num_epochs * steps_per_epoch
     done_steps = position["epoch"] * steps_per_epoch + position["step"]
@@ -152,7 +162,7 @@ def run(
     )
     start = time.perf_counter() - (history[-1]["time"] if history else 0.0)
     stop_reason, converged = f"finished {num_epochs} epochs", True
-    with interrupted, bar:
+    with interrupted, bar, tuner:
         while position["epoch"] < num_epochs:
             if position["perm"] is None:  # the whole data each step: rows in their order, as
                 # a model with a parameter per row (a local, non-amortized guide) needs
@@ -165,6 +175,7 @@ def run(
             if schedule is not None:
                 schedule(position["epoch"])  # 0-based epoch about to run (or to continue)
             losses = []
+            tuner.restart_clock()
             while position["step"] < steps_per_epoch:
                 i = position["step"] * batch_size
                 idx = position["perm"][i : i + batch_size]
@@ -192,6 +203,7 @@ def run(
                     where = f"epoch {position['epoch'] + 1}, step {position['step'] + 1}"
                     raise FloatingPointError(f"the loss is {loss} at {where}{_kept(path)}")
                 losses.append(loss)
+                tuner.tick()
                 position["step"] += 1
                 done_steps += 1
                 bar.update(1)

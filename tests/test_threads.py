@@ -1,0 +1,148 @@
+"""The drivers' CPU thread count (inference.threads): pinned, left alone, or chosen by timing
+steps whose speed depends on the count."""
+
+import time
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from inference import em, mcmc, svi
+from inference.threads import ENV, Threads, resolve
+
+
+@pytest.fixture
+def two_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def fake_step(seconds_on):
+    """A step that takes ``seconds_on[count]`` seconds on ``count`` threads."""
+
+    def step():
+        time.sleep(seconds_on[torch.get_num_threads()])
+
+    return step
+
+
+def run_steps(tuner, step, num_steps):
+    counts = []
+    with tuner:
+        for _ in range(num_steps):
+            step()
+            counts.append(torch.get_num_threads())
+            tuner.tick()
+    return counts
+
+
+def test_resolve_reads_the_environment_and_names_a_bad_value(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert resolve(None) == "auto"
+    monkeypatch.setenv(ENV, "3")
+    assert resolve(None) == 3
+    assert resolve("torch") == "torch"
+    monkeypatch.setenv(ENV, "many")
+    with pytest.raises(ValueError, match="ZOO_THREADS='many'"):
+        resolve(None)
+    for bad in (0, -1, True, 1.5, "fast"):
+        with pytest.raises(ValueError, match="threads="):
+            resolve(bad)
+
+
+def test_a_pinned_count_holds_for_the_block_and_is_restored(two_threads):
+    counts = run_steps(Threads(1), lambda: None, 5)
+    assert counts == [1] * 5
+    assert torch.get_num_threads() == 2
+    assert run_steps(Threads("torch"), lambda: None, 3) == [2, 2, 2]
+
+
+def test_auto_keeps_one_thread_when_it_is_clearly_faster(two_threads):
+    # two threads 5x slower, as measured on a busy machine: after the probe, one thread
+    tuner = Threads("auto", hold=60)
+    counts = run_steps(tuner, fake_step({1: 0.002, 2: 0.01}), 20)
+    assert counts[-10:] == [1] * 10
+    # the slow count's probe ends at its first timed step (after one untimed first use)
+    assert counts.count(2) <= 2
+    assert torch.get_num_threads() == 2  # restored
+
+
+def test_auto_keeps_the_larger_count_when_it_is_faster_or_ties(two_threads):
+    counts = run_steps(Threads("auto", hold=60), fake_step({1: 0.01, 2: 0.005}), 15)
+    assert counts[-7:] == [2] * 7
+    # memory-bound steps run as fast on either count: the larger one is kept
+    counts = run_steps(Threads("auto", hold=60), fake_step({1: 0.005, 2: 0.005}), 15)
+    assert counts[-7:] == [2] * 7
+
+
+def test_auto_probes_again_when_its_hold_ends_and_follows_a_change_of_load(two_threads):
+    slow = {"two": False}
+
+    def step():  # two threads turn slow halfway through, as when other work starts
+        if torch.get_num_threads() == 2 and slow["two"]:
+            time.sleep(0.01)
+        else:
+            time.sleep(0.002)
+
+    tuner = Threads("auto", hold=0.03, hold_factor=1.0, max_hold=0.03)
+    counts = []
+    with tuner:
+        for i in range(80):
+            slow["two"] = i >= 40
+            step()
+            counts.append(torch.get_num_threads())
+            tuner.tick()
+    assert counts[30:40].count(2) >= 8  # idle: two threads held
+    assert counts[-10:].count(1) >= 8  # loaded: one thread, after the next probe
+
+
+def test_auto_leaves_the_count_alone_under_deterministic_algorithms(two_threads):
+    torch.use_deterministic_algorithms(True)
+    try:
+        counts = run_steps(Threads("auto"), fake_step({1: 0.001, 2: 0.01}), 10)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert counts == [2] * 10
+
+
+def test_the_drivers_run_their_steps_on_the_count_asked_for(two_threads):
+    seen = []
+
+    def model(x):
+        seen.append(torch.get_num_threads())
+        loc = pyro.param("loc", torch.zeros(()))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    x = torch.randn(20)
+    svi.fit(model, lambda x: None, x, batch_size=None, num_epochs=3, threads=1)
+    assert seen[-3:] == [1, 1, 1] and torch.get_num_threads() == 2
+    seen.clear()
+
+    def mixture(x):
+        seen.append(torch.get_num_threads())
+        weights = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(weights))
+            pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+
+    with warnings.catch_warnings():  # three iterations do not converge, and are not meant to
+        warnings.simplefilter("ignore", em.ConvergenceWarning)
+        em.fit(mixture, None, x, max_iter=3, tol=1e-12, init="params", threads=1)
+    assert set(seen[-3:]) == {1} and torch.get_num_threads() == 2
+    seen.clear()
+
+    def normal(x):
+        seen.append(torch.get_num_threads())
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    # NUTS's "auto" is one thread: its steps vary in length with the tree depth
+    mcmc.sample_posterior(normal, x, chains=2, warmup=5, samples=5, threads="auto", workers=1)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
