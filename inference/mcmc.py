@@ -6,11 +6,14 @@ how to undo label switching.
     posterior = mcmc.sample_posterior(model, data, chains=2, warmup=150, samples=150)
     lines = mcmc.write_posterior(posterior, "runs/compare", seed=0)   # files + Markdown lines
 
-Chains run one after the other (a ``recorder`` from ``inference.compare`` stops before a new
-chain once its budget is spent), each with its own seed, JIT-compiled (the model's shapes must
-not change between steps).
+Chains run at once in forked worker processes, as many as there are cores (``workers=1``: one
+after the other, here), each from its own seed, so the draws do not depend on how they ran;
+JIT-compiled (the model's shapes must not change between steps), on one thread each. A
+``recorder`` from ``inference.compare`` stops before a new group of chains once its budget is
+spent.
 """
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +22,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import pyro
 import torch
+
+from inference.threads import Threads
+from inference.threads import resolve as resolve_threads
 
 
 def sample_posterior(
@@ -36,54 +42,56 @@ def sample_posterior(
     summarize: Sequence[str] = (),
     dims: Optional[Mapping[str, List[str]]] = None,
     observed: Optional[Dict[str, np.ndarray]] = None,
+    threads=None,
+    workers: Optional[int] = None,
 ) -> Dict:
-    """NUTS on ``model(data)``, ``chains`` chains one after the other.
+    """NUTS on ``model(data)``, ``chains`` chains, each from its own seed.
 
     to_draws: maps each chain's draws (a dict of tensors), e.g. back from standardized data.
     relabel: ``draws (chains, samples, ...) -> (relabelled draws, (chains, samples) bool
         permuted)``, undoing label switching before the summary; the raw draws are summarized
         too (r_hat before relabelling).
     summarize, dims: the variables arviz summarizes, and their dimension names.
+    threads: torch's CPU thread count while the chains run: a count, "torch" (left alone), or
+        "auto", which for NUTS means one thread: its steps differ in length by their tree depth
+        (1 to 1023 gradients), so timing them compares nothing, and on Old Faithful one thread
+        is as fast as two idle and far faster on a busy machine (``benchmarks/load.py``);
+        None reads ``ZOO_THREADS`` (see ``inference.threads``).
+    workers: chains run at once, each in a forked process (None: as many as there are cores
+        and chains, where the platform forks; 1: one after the other, in this process). Each
+        chain seeds itself, so the draws are the same either way. A ``recorder``'s budget is
+        checked before each group of chains.
 
     Returns the relabelled draws (arrays (chains, samples, ...)), the raw draws, an arviz
     InferenceData of the relabelled draws, its summary, r_hat and bulk ESS (worst over
     ``summarize``, before and after relabelling), the fraction of relabelled draws, the number
-    of divergent transitions, and the wall-clock time at which each draw was made
-    (``recorder``'s clock if given, else seconds from the start).
+    of divergent transitions, the wall-clock time at which each draw was made
+    (``recorder``'s clock if given, else seconds from the start), the number of workers and the
+    largest growth of a worker's resident memory (MiB; 0 when the chains ran here).
     """
-    import arviz as az
-    from pyro.infer import MCMC, NUTS
+    import arviz as az  # imported before any fork, not in each worker
 
     if chains < 1 or warmup < 1 or samples < 2:
         raise ValueError("NUTS needs chains >= 1, warmup >= 1 and samples >= 2")
     clock = recorder.elapsed if recorder is not None else _stopwatch()
-    times, divergent, raw = [], [], []
-    for chain in range(chains):
-        if chain > 0 and recorder is not None and recorder.out_of_time():
-            break  # the budget is spent: keep the chains already run (r_hat splits each one)
-        pyro.set_rng_seed(1000 * seed + chain)
-
-        def hook(kernel, params, stage, i):
-            if stage == "Sample":
-                times.append(clock())
-
-        # jit: about twice as fast on the zoo's mixtures; their shapes never change
-        kernel = NUTS(model, jit_compile=True, ignore_jit_warnings=True)
-        run = MCMC(
-            kernel,
-            num_samples=samples,
-            warmup_steps=warmup,
-            hook_fn=hook,
-            disable_progbar=not progress,
-        )
-        run.run(data)
-        draws = run.get_samples()
-        if to_draws is not None:
-            draws = to_draws(draws)
-        raw.append({k: v.detach().numpy() for k, v in draws.items()})
-        flags = np.zeros(samples, dtype=bool)
-        flags[run.diagnostics()["divergences"]["chain 0"]] = True
-        divergent.append(flags)
+    workers = _workers(workers, chains)
+    times, divergent, raw, worker_mib = [], [], [], 0.0
+    run = (model, data, warmup, samples, seed, clock, progress, to_draws)
+    with Threads(1 if resolve_threads(threads) == "auto" else threads):
+        for first in range(0, chains, workers):
+            if first > 0 and recorder is not None and recorder.out_of_time():
+                break  # the budget is spent: keep the chains already run (r_hat splits each one)
+            group = range(first, min(first + workers, chains))
+            if workers == 1:
+                results = [_chain(*run, chain) for chain in group]
+            else:
+                results = _forked(run, group)
+            for chain_raw, flags, chain_times, grew in results:
+                raw.append(chain_raw)
+                divergent.append(flags)
+                times.extend(chain_times)
+                worker_mib = max(worker_mib, grew)
+    times.sort()  # chains that ran at once drew at interleaved moments
     raw = {k: np.stack([r[k] for r in raw]) for k in raw[0]}  # (chains, samples, ...)
     if relabel is not None:
         draws, permuted = relabel(raw)
@@ -113,7 +121,108 @@ def sample_posterior(
         "divergences": int(np.stack(divergent).sum()),
         "sample_times": times,
         "chains": len(divergent),
+        "workers": workers,
+        "worker_peak_memory_mib": worker_mib,
     }
+
+
+def _chain(model, data, warmup, samples, seed, clock, progress, to_draws, chain):
+    """One chain: (raw draws as arrays, divergent flags, the clock at each draw, 0)."""
+    from pyro.infer import MCMC, NUTS
+    from pyro.infer.autoguide import init_to_median
+
+    pyro.set_rng_seed(1000 * seed + chain)
+    times = []
+
+    def hook(kernel, params, stage, i):
+        if stage == "Sample":
+            times.append(clock())
+
+    # jit: about twice as fast on the zoo's mixtures; their shapes never change. The median of
+    # prior draws starts every chain in a typical region: from init_to_uniform's start, one
+    # chain in eight of the Bayesian GMM on Old Faithful spent three times as long in warm-up
+    kernel = NUTS(model, jit_compile=True, ignore_jit_warnings=True, init_strategy=init_to_median())
+    run = MCMC(
+        kernel, num_samples=samples, warmup_steps=warmup, hook_fn=hook, disable_progbar=not progress
+    )
+    run.run(data)
+    draws = run.get_samples()
+    if to_draws is not None:
+        draws = to_draws(draws)
+    flags = np.zeros(samples, dtype=bool)
+    flags[run.diagnostics()["divergences"]["chain 0"]] = True
+    return {k: v.detach().numpy() for k, v in draws.items()}, flags, times, 0.0
+
+
+def _workers(workers: Optional[int], chains: int) -> int:
+    import multiprocessing
+
+    if workers is None:
+        forks = "fork" in multiprocessing.get_all_start_methods()
+        return max(1, min(chains, os.cpu_count() or 1)) if forks else 1
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be a count >= 1 or None, not {workers!r}")
+    return min(workers, chains)
+
+
+def _forked(run, group) -> list:
+    """The chains of ``group`` at once, each in a forked process (the model, a closure, is
+    inherited rather than pickled); results come back through pipes, errors with their
+    traceback."""
+    import multiprocessing
+    import traceback
+
+    context = multiprocessing.get_context("fork")
+    jobs = []
+    for chain in group:
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_worker, args=(run, chain, send), daemon=True)
+        process.start()
+        send.close()
+        jobs.append((chain, process, receive))
+    results = []
+    try:
+        for chain, process, receive in jobs:
+            try:
+                status, value = receive.recv()
+            except EOFError:
+                status, value = "error", f"the worker died (exit code {process.exitcode})"
+            process.join()
+            if status == "error":
+                raise RuntimeError(f"NUTS chain {chain} failed in its worker process:\n{value}")
+            results.append(value)
+    finally:
+        for _, process, receive in jobs:
+            receive.close()
+            if process.is_alive():
+                process.kill()
+                process.join()
+    del traceback
+    return results
+
+
+def _worker(run, chain, send) -> None:
+    import resource
+    import traceback
+
+    try:
+        start = _rss_mib()
+        chain_raw, flags, times, _ = _chain(*run, chain)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        send.send(("ok", (chain_raw, flags, times, max(0.0, peak - start))))
+    except BaseException:  # noqa: BLE001  (reported to the parent, which raises it)
+        send.send(("error", traceback.format_exc()))
+    finally:
+        send.close()
+        os._exit(0)  # no atexit handlers or buffers of the parent's run twice
+
+
+def _rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+    except OSError:
+        return 0.0
 
 
 def _stopwatch():

@@ -1,5 +1,6 @@
 """inference.mcmc knows no model: NUTS on a conjugate model matches the closed-form posterior."""
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -32,3 +33,27 @@ def test_nuts_on_a_normal_mean_matches_the_closed_form(tmp_path):
         assert (tmp_path / "nuts-seed0" / name).exists(), name
     with pytest.raises(ValueError, match="chains >= 1"):
         mcmc.sample_posterior(normal_mean, x, chains=0)
+
+
+def test_chains_in_worker_processes_draw_what_they_draw_one_after_the_other():
+    x = torch.randn(20, generator=torch.Generator().manual_seed(1))
+    here = mcmc.sample_posterior(normal_mean, x, chains=2, warmup=20, samples=20, workers=1)
+    forked = mcmc.sample_posterior(normal_mean, x, chains=2, warmup=20, samples=20, workers=2)
+    assert here["workers"] == 1 and forked["workers"] == 2
+    assert here["worker_peak_memory_mib"] == 0 and forked["worker_peak_memory_mib"] >= 0
+    assert np.array_equal(here["raw"]["mu"], forked["raw"]["mu"])  # each chain seeds itself
+    assert len(forked["sample_times"]) == 40 and forked["sample_times"] == sorted(
+        forked["sample_times"]
+    )
+
+
+def failing(x):
+    pyro.sample("mu", dist.Normal(0.0, 1.0))
+    raise RuntimeError("this model always fails")
+
+
+def test_a_chain_that_fails_in_its_worker_is_raised_with_its_traceback():
+    with pytest.raises(RuntimeError, match="chain 0 failed in its worker(?s:.*)always fails"):
+        mcmc.sample_posterior(failing, torch.zeros(3), chains=2, warmup=2, samples=2, workers=2)
+    with pytest.raises(ValueError, match="workers must be"):
+        mcmc.sample_posterior(normal_mean, torch.zeros(3), workers=0)

@@ -472,11 +472,22 @@ def _nuts_run(task: _Task, method: Dict, seed: int, recorder) -> Dict:
         "divergences": posterior["divergences"],
         "notes": (
             f"{posterior['chains']} chains x ({setup.nuts_warmup} warm-up +"
-            f" {setup.nuts_samples} draws), chains one after the other (a budget stops before a"
-            " new chain); objective = mean log posterior predictive of the training data"
+            f" {setup.nuts_samples} draws), {_how_chains_ran(posterior)} (a budget stops before"
+            " a new group of chains); objective = mean log posterior predictive of the"
+            " training data"
         ),
         "details": details,
     }
+
+
+def _how_chains_ran(posterior: Dict) -> str:
+    if posterior["workers"] == 1:
+        return "one after the other"
+    return (
+        f"{posterior['workers']} at a time in worker processes, whose memory (at most"
+        f" {posterior['worker_peak_memory_mib']:.0f} MiB of growth each) the peak-memory column"
+        " leaves out"
+    )
 
 
 # ---------------------------------------------------------------------------- gradient variance
