@@ -1,0 +1,197 @@
+"""
+The main job's steps on an idle machine and on one shared with CPU-bound work: how much slower
+each gets under load, all measured in one run; prints a table, saves JSON and Markdown.
+
+    python benchmarks/load.py            # about 4 minutes on 2 cores
+    python benchmarks/load.py --quick    # seconds: check that the script works
+
+Steps (each timed in a fresh process, so that no thread pool or cache is shared between cases):
+- EM: a fit of the Bernoulli mixture, K = 100, on the 60,000 MNIST training images (sparse
+  rows, as ``zoo fit bmm --data mnist --components 100`` runs it): the k-means++ start and 20
+  iterations;
+- NUTS: one chain of the Bayesian GMM on Old Faithful (``inference.mcmc.sample_posterior``),
+  100 warm-up steps and 100 draws;
+- VAE: one epoch of the reparameterized driver on 20,000 MNIST images (784-400-20, batch 128),
+  after a first epoch that is not timed.
+
+Load: four processes that each keep one core busy (a Python loop), started before the step and
+stopped after it. A fair scheduler gives each of the five runnable processes 2/5 of the two
+cores, so a step that uses one thread fairly takes 2.5x its one-thread idle time; a step that
+used both cores idle can take up to 5x its idle time. Goal (issue 19): at most 4x the idle time.
+
+Each step runs under the drivers' defaults (``threads="auto"``: the thread count chosen by timing
+the steps, see ``inference.threads``) and again pinned to every core (``ZOO_THREADS`` set to the
+core count, which is what the drivers did before), to show what the default buys.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+COMPETITOR = "while True: pass"
+
+
+def step_em(quick: bool) -> float:
+    from inference import em
+    from inference.sparse import SparseRows
+    from zoo import data
+    from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig
+
+    x, _ = data.load("mnist", split="train", binarize="static")
+    x = x[:6000] if quick else x
+    mixture = BernoulliMixture(BMMConfig(num_components=100, dim=784))
+    rows = SparseRows(x)
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # 20 iterations do not converge, and are not meant to
+        warnings.simplefilter("ignore", em.ConvergenceWarning)
+        em.fit(mixture.model, None, rows, max_iter=5 if quick else 20, tol=1e-12)
+    return time.perf_counter() - start
+
+
+def step_nuts(quick: bool) -> float:
+    from inference import mcmc
+    from zoo import data
+    from zoo.gmm import GaussianMixture
+
+    x, _ = data.load("faithful")
+    built = GaussianMixture(num_components=2, dim=2).bayesian(x)
+    steps = 20 if quick else 100
+    start = time.perf_counter()
+    mcmc.sample_posterior(
+        built["model"], built["data"], chains=1, warmup=steps, samples=steps, seed=0
+    )
+    return time.perf_counter() - start
+
+
+def step_vae(quick: bool) -> float:
+    import pyro
+
+    from inference import reparam
+    from zoo import data
+    from zoo.vae import VAE, VAEConfig
+
+    x, _ = data.load("mnist", split="train", binarize="static")
+    x = x[: 2048 if quick else 20000]
+    pyro.clear_param_store()
+    vae = VAE(VAEConfig(x_dim=784, z_dim=20, hidden=(400,)))
+    ends = []
+    reparam.fit(
+        vae.model,
+        vae.guide,
+        x,
+        batch_size=128,
+        num_epochs=2,
+        callback=lambda record: ends.append(record["time"]),
+    )
+    return ends[1] - ends[0]  # the second epoch
+
+
+STEPS = {"em": step_em, "nuts": step_nuts, "vae": step_vae}
+DESCRIPTIONS = {
+    "em": "EM fit, Bernoulli mixture K=100, 60,000 MNIST images: k-means++ and 20 iterations",
+    "nuts": "NUTS chain, Bayesian GMM on Old Faithful (100 warm-up + 100 draws)",
+    "vae": "VAE epoch, reparameterized driver, 20,000 MNIST images",
+}
+
+
+def measure(step: str, quick: bool, load: int, threads: str) -> float:
+    """Seconds of one step in a fresh process, with ``load`` competing busy processes."""
+    env = dict(os.environ)
+    if threads == "auto":
+        env.pop("ZOO_THREADS", None)
+    else:
+        env["ZOO_THREADS"] = threads
+    competitors = [subprocess.Popen([sys.executable, "-c", COMPETITOR]) for _ in range(load)]
+    try:
+        time.sleep(0.5 if load else 0)
+        command = [sys.executable, __file__, "--step", step] + (["--quick"] if quick else [])
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    finally:
+        for process in competitors:
+            process.kill()
+            process.wait()
+    if out.returncode != 0:
+        raise RuntimeError(f"step {step} failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--load", type=int, default=4, help="competing busy processes")
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each case")
+    parser.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    if args.step:  # the child: time one step and print its seconds
+        print(STEPS[args.step](args.quick))
+        return
+    cores = os.cpu_count()
+    repeats = args.repeats or (1 if args.quick else 2)
+    table = {}
+    for step in STEPS:
+        row = {}
+        for threads in ("auto", str(cores)):
+            for load in (0, args.load):
+                times = [measure(step, args.quick, load, threads) for _ in range(repeats)]
+                row[f"{threads}/{load}"] = min(times)
+                print(f"  {step}, threads {threads}, load {load}: {times}", flush=True)
+        idle = row["auto/0"]
+        row["ratio_auto"] = row[f"auto/{args.load}"] / idle
+        row["ratio_pinned"] = row[f"{cores}/{args.load}"] / row[f"{cores}/0"]
+        table[step] = row
+        print(
+            f"{step}: idle {idle:.3f} s, under load {row[f'auto/{args.load}']:.3f} s"
+            f" ({row['ratio_auto']:.2f}x); pinned to {cores} threads {row[f'{cores}/0']:.3f} ->"
+            f" {row[f'{cores}/{args.load}']:.3f} s ({row['ratio_pinned']:.2f}x)",
+            flush=True,
+        )
+    import torch
+
+    report = {
+        "cores": cores,
+        "load": args.load,
+        "repeats": repeats,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "steps": table,
+        "command": "python benchmarks/load.py" + (" --quick" if args.quick else ""),
+    }
+    load = args.load
+    lines = [
+        f"# The main job's steps under load\n\n`{report['command']}` on {cores} cores, torch"
+        f" {torch.__version__}. Load: {load} processes each keeping a core busy. Each case is"
+        f" the best of {repeats} runs, each in a fresh process. `auto` is the drivers' default"
+        " (the thread count chosen by timing the steps, `inference.threads`); the pinned"
+        f" columns fix {cores} threads, as the drivers did before. Goal: under load at most 4x"
+        " the idle time.\n",
+        f"| step | idle, auto (s) | load {load}, auto (s) | ratio | idle, {cores} threads (s) |"
+        f" load {load}, {cores} threads (s) | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for step, row in table.items():
+        lines.append(
+            f"| {DESCRIPTIONS[step]} | {row['auto/0']:.3f} | {row[f'auto/{load}']:.3f} |"
+            f" {row['ratio_auto']:.2f}x | {row[f'{cores}/0']:.3f} | {row[f'{cores}/{load}']:.3f}"
+            f" | {row['ratio_pinned']:.2f}x |"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "load" + ("-quick" if args.quick else "")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
+
+
+if __name__ == "__main__":
+    main()
