@@ -129,6 +129,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--load", type=int, default=4, help="competing busy processes")
     parser.add_argument("--repeats", type=int, default=None, help="runs of each case")
+    parser.add_argument("--steps", default=",".join(STEPS), help="which: em,nuts,vae")
     parser.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -138,7 +139,11 @@ def main(argv=None):
     cores = os.cpu_count()
     repeats = args.repeats or (1 if args.quick else 2)
     table = {}
-    for step in STEPS:
+    chosen = args.steps.split(",")
+    unknown = sorted(set(chosen) - set(STEPS))
+    if unknown:
+        parser.error(f"unknown steps {unknown}: choose from {','.join(STEPS)}")
+    for step in chosen:
         row = {}
         for threads in ("auto", str(cores)):
             for load in (0, args.load):
@@ -165,7 +170,10 @@ def main(argv=None):
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "steps": table,
-        "command": "python benchmarks/load.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/load.py"
+        + (" --quick" if args.quick else "")
+        + (f" --load {args.load}" if args.load != 4 else "")
+        + (f" --steps {args.steps}" if chosen != list(STEPS) else ""),
     }
     load = args.load
     lines = [

@@ -62,38 +62,140 @@ def plain_epoch(vae, x, batch_size, optimizer, generator):
 
 
 class PlainLoop:
-    """The hand-written loop on its own copy of the network, run one epoch at a time."""
+    """The hand-written loop on its own copy of the network, run one epoch at a time.
+    compiled: the loss (forward and backward, through AOTAutograd) and the optimizer's step
+    each compiled by ``torch.compile``, the whole step a user could compile."""
 
-    def __init__(self, x, batch_size):
+    def __init__(self, x, batch_size, compiled=False):
         self.vae, self.x, self.batch_size = make_vae(x.device), x, batch_size
         # the drivers' own default optimizer (fused Adam where it can be): identical updates
         self.optimizer = loop.adam(self.vae.parameters(), lr=1e-3)
         self.generator = torch.Generator().manual_seed(0)
-        plain_epoch(self.vae, x[:1024], batch_size, self.optimizer, self.generator)  # warm-up
+        self.run = plain_epoch
+        if compiled:
+            self.run = compiled_epoch(self.vae, self.optimizer)
+        self.run(self.vae, x[:1024], batch_size, self.optimizer, self.generator)  # warm-up
 
     def epoch(self) -> float:
         synchronize(self.x.device)
         start = time.perf_counter()
-        plain_epoch(self.vae, self.x, self.batch_size, self.optimizer, self.generator)
+        self.run(self.vae, self.x, self.batch_size, self.optimizer, self.generator)
         synchronize(self.x.device)
         return time.perf_counter() - start
 
 
-def time_pairs(fit, x, batch_size, epochs, validation, **options):
-    """Driver and plain-loop epochs interleaved: after each driver epoch the loop's callback
-    runs one plain epoch, so each ratio compares two epochs timed seconds apart (this machine's
-    speed drifts by tens of percent over minutes). The plain epoch's time is taken out of the
+def compiled_epoch(vae, optimizer):
+    def loss_of(batch, noise, num_data):
+        loc, scale = vae.encoder(batch)
+        logits = vae.decoder(loc + scale * noise)
+        log_lik = -F.binary_cross_entropy_with_logits(logits, batch, reduction="sum")
+        kl = 0.5 * (loc**2 + scale**2 - 1 - 2 * scale.log()).sum()
+        return -(log_lik - kl) / len(batch)
+
+    loss_of = torch.compile(loss_of)
+    step = torch.compile(optimizer.step)
+
+    def run(vae, x, batch_size, optimizer, generator):
+        for idx in torch.randperm(len(x), generator=generator).split(batch_size):
+            batch = x[idx.to(x.device)]
+            optimizer.zero_grad()
+            loss = loss_of(batch, torch.randn(len(batch), vae.config.z_dim, device=x.device), 0)
+            loss.backward()
+            step()
+
+    return run
+
+
+class NumPyroLoop:
+    """NumPyro's SVI on the same network (stax), objective (TraceMeanField_ELBO, the same
+    scaling by N / B), optimizer (Adam 1e-3) and batches, its step compiled by ``jax.jit``."""
+
+    def __init__(self, x, batch_size, loss="TraceMeanField_ELBO"):
+        import jax
+        import numpyro
+        import numpyro.distributions as nd
+        from jax.example_libraries import stax
+        from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+
+        self.jax = jax
+        z_dim, num_data = 20, len(x)
+        softplus = stax.elementwise(jax.nn.softplus)
+        scale = stax.elementwise(lambda h: jax.nn.softplus(h) + 1e-4)  # the zoo's encoder floor
+        encoder = stax.serial(
+            stax.Dense(400),
+            softplus,
+            stax.FanOut(2),
+            stax.parallel(stax.Dense(z_dim), stax.serial(stax.Dense(z_dim), scale)),
+        )
+        decoder = stax.serial(stax.Dense(400), softplus, stax.Dense(784))
+
+        def model(batch):
+            decode = numpyro.module("decoder", decoder, (batch_size, z_dim))
+            with numpyro.plate("data", num_data, subsample_size=batch.shape[0]):
+                z = numpyro.sample("z", nd.Normal(0, 1).expand([z_dim]).to_event(1))
+                numpyro.sample("x", nd.Bernoulli(logits=decode(z)).to_event(1), obs=batch)
+
+        def guide(batch):
+            encode = numpyro.module("encoder", encoder, (batch_size, 784))
+            loc, scale = encode(batch)
+            with numpyro.plate("data", num_data, subsample_size=batch.shape[0]):
+                numpyro.sample("z", nd.Normal(loc, scale).to_event(1))
+
+        elbo = {"TraceMeanField_ELBO": TraceMeanField_ELBO, "Trace_ELBO": Trace_ELBO}[loss]()
+        self.svi = SVI(model, guide, numpyro.optim.Adam(1e-3), elbo)
+        self.x = jax.numpy.asarray(x.cpu().numpy())
+        self.batch_size = batch_size
+        self.update = jax.jit(self.svi.update)
+        self.state = self.svi.init(jax.random.PRNGKey(0), self.x[:batch_size])
+        self.rng = torch.Generator().manual_seed(0)
+        self._run(self.x[:1024])  # warm-up: compiles the full and the last, smaller batch
+
+    def _run(self, x):
+        import numpy as np
+
+        order = np.asarray(torch.randperm(len(x), generator=self.rng))
+        loss = None
+        for i in range(0, len(x), self.batch_size):
+            self.state, loss = self.update(self.state, x[order[i : i + self.batch_size]])
+        self.jax.block_until_ready((self.state, loss))
+
+    def epoch(self) -> float:
+        start = time.perf_counter()
+        self._run(self.x)
+        return time.perf_counter() - start
+
+
+def numpyro_available() -> bool:
+    try:
+        import jax  # noqa: F401
+        import numpyro  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_peers(x, batch_size, loss):
+    peers = {"plain": PlainLoop(x, batch_size), "compiled": PlainLoop(x, batch_size, True)}
+    if numpyro_available() and not x.is_cuda:
+        peers["numpyro"] = NumPyroLoop(x, batch_size, loss)
+    return peers
+
+
+def time_pairs(fit, x, batch_size, epochs, validation, peers, **options):
+    """Driver and peer epochs interleaved: after each driver epoch the loop's callback runs
+    one epoch of every peer, so each ratio compares epochs timed seconds apart (this machine's
+    speed drifts by tens of percent over minutes). The peers' time is taken out of the
     driver's clock. The first driver epoch (compilation, warm caches) is not used. On a GPU
-    both clocks wait for the device: the driver's loop reads every step's loss back, and the
-    plain epoch synchronizes before and after itself.
-    Returns [(driver seconds, plain seconds)] for epochs 2..epochs."""
-    plain = PlainLoop(x, batch_size)
+    the clocks wait for the device: the driver's loop reads every step's loss back, and the
+    plain epochs synchronize before and after themselves.
+    Returns {"driver": [seconds], peer: [seconds]} for epochs 2..epochs."""
     vae = make_vae(x.device)
-    ends, plain_times = [], []
+    ends, times = [], {name: [] for name in peers}
 
     def clock(record):
         ends.append(record["time"])
-        plain_times.append(plain.epoch())
+        for name, peer in peers.items():
+            times[name].append(peer.epoch())
 
     with pyro.validation_enabled(validation):
         fit(vae.model, vae.guide, x[:1024], batch_size=batch_size, num_epochs=1, **options)
@@ -107,10 +209,47 @@ def time_pairs(fit, x, batch_size, epochs, validation, **options):
             **options,
         )
     # driver epoch i ran between the end of epoch i-1's callback and the end of epoch i
-    return [
-        (ends[i] - ends[i - 1] - plain_times[i - 1], plain_times[i - 1])
-        for i in range(1, len(ends))
-    ]
+    spent = [sum(times[name][i] for name in peers) for i in range(len(ends))]
+    times["driver"] = [ends[i] - ends[i - 1] - spent[i - 1] for i in range(1, len(ends))]
+    for name in peers:
+        times[name] = times[name][: len(ends) - 1]
+    return times
+
+
+def step_flops(batch_size: int, sizes=((784, 400), (400, 20), (400, 20), (20, 400), (400, 784))):
+    """Matrix-multiply flops of one training step of the 784-400-20 VAE: the forward products
+    (2 B in out each), the weight gradients (the same again) and the input gradients of every
+    layer but the first, whose input is the data."""
+    products = sum(a * b for a, b in sizes)
+    return 2 * batch_size * (3 * products - sizes[0][0] * sizes[0][1])
+
+
+def matmul_rate(device, n=2048, repeats=5) -> float:
+    """float32 GFLOP/s of a large square matrix product on ``device``, best of ``repeats``."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def summarize(times, roofline_s):
+    driver = times["driver"]
+    row = {"sec_per_epoch": statistics.median(driver), "epochs": times}
+    row["roofline_fraction"] = roofline_s / row["sec_per_epoch"]
+    for name in times:
+        if name == "driver":
+            continue
+        ratios = [d / p for d, p in zip(driver, times[name])]
+        row[f"{name}_sec_per_epoch"] = statistics.median(times[name])
+        row[f"ratio_{name}"] = statistics.median(ratios)
+        row[f"ratio_{name}_range"] = (min(ratios), max(ratios))
+    return row
 
 
 def main(argv=None):
@@ -131,27 +270,31 @@ def main(argv=None):
         ("svi driver, TraceMeanField_ELBO", svi.fit, {"loss": "TraceMeanField_ELBO"}),
         ("svi driver, JitTraceMeanField_ELBO (fixed)", svi.fit, {"loss": "JitTraceMeanField_ELBO"}),
     ]
+    flops = sum(step_flops(len(b)) for b in torch.arange(num).split(batch_size))
+    rates = [matmul_rate(args.device)]
+    peers = make_peers(x, batch_size, "TraceMeanField_ELBO")
+    print(f"peers: {', '.join(peers)}", flush=True)
     table = {}
     for validation in (False, True):
         for name, fit, options in cases:
             label = f"{name}, validation {'on' if validation else 'off'}"
-            pairs = time_pairs(fit, x, batch_size, epochs, validation, **options)
-            ratios = [d / p for d, p in pairs]
-            table[label] = {
-                "sec_per_epoch": statistics.median(d for d, _ in pairs),
-                "plain_sec_per_epoch": statistics.median(p for _, p in pairs),
-                "ratio": statistics.median(ratios),
-                "ratio_min": min(ratios),
-                "ratio_max": max(ratios),
-                "pairs": pairs,
-            }
+            times = time_pairs(fit, x, batch_size, epochs, validation, peers, **options)
+            rates.append(matmul_rate(args.device))
+            table[label] = summarize(times, flops / max(rates) / 1e9)
             row = table[label]
             print(
-                f"  {label}: {row['sec_per_epoch']:.3f} s/epoch, plain loop"
-                f" {row['plain_sec_per_epoch']:.3f}: {row['ratio']:.2f}x"
-                f" (pairs {row['ratio_min']:.2f}-{row['ratio_max']:.2f})",
+                f"  {label}: {row['sec_per_epoch']:.3f} s/epoch;"
+                + "".join(
+                    f" {p} {row[f'{p}_sec_per_epoch']:.3f} ({row[f'ratio_{p}']:.2f}x)"
+                    for p in peers
+                )
+                + f"; {100 * row['roofline_fraction']:.0f}% of the matmul roofline",
                 flush=True,
             )
+    rate = max(rates)
+    roofline_s = flops / rate / 1e9
+    for row in table.values():  # at the best GEMM rate of the whole run
+        row["roofline_fraction"] = roofline_s / row["sec_per_epoch"]
     report = {
         "num_images": num,
         "batch_size": batch_size,
@@ -160,29 +303,60 @@ def main(argv=None):
         "device": torch.cuda.get_device_name() if x.is_cuda else "cpu",
         "torch": torch.__version__,
         "pyro": pyro.__version__,
+        "peers": list(peers),
+        "matmul_gflops": rate,
+        "matmul_gflops_all": rates,
+        "epoch_gflop": flops / 1e9,
+        "roofline_sec_per_epoch": roofline_s,
         "rows": table,
         "command": "python benchmarks/vae_speed.py"
         + (" --quick" if args.quick else "")
         + (f" --device {args.device}" if x.is_cuda else ""),
     }
+    if "numpyro" in peers:
+        import jax
+        import numpyro
+
+        report["numpyro"], report["jax"] = numpyro.__version__, jax.__version__
+    versions = f"torch {torch.__version__}, pyro {pyro.__version__}" + (
+        f", numpyro {report['numpyro']}, jax {report['jax']}" if "numpyro" in peers else ""
+    )
+    peer_names = {
+        "plain": "plain torch loop",
+        "compiled": "plain loop, torch.compile'd",
+        "numpyro": "NumPyro, jax.jit",
+    }
     lines = [
         f"# VAE driver speed\n\n`{report['command']}`: {num} static MNIST images, batch "
         f"{batch_size}, 784-400-20, on {report['device']} with {report['threads']} CPU threads,"
-        f" torch {torch.__version__},"
-        f" pyro {pyro.__version__}. Each driver epoch is followed by one plain-loop epoch;"
-        f" the ratio is the median over {epochs - 1} such adjacent pairs (the first, compiling"
-        " epoch left out), with the smallest and largest pair beside it. jit=True traces the"
-        " bound with torch.jit; jit='inductor' compiles it with torch.compile, which fuses its"
-        " elementwise operations into generated kernels (about half a minute of compiling, in"
-        " the first epoch). The plain loop runs eagerly, as the goal states it.\n",
-        "| loop | s / epoch (median) | plain loop (median) | ratio (median of pairs) |"
-        " pairs, min-max |",
-        "|---|---|---|---|---|",
+        f" {versions}. Each driver epoch is followed by one epoch of each peer ({', '.join(peers)}"
+        "); each ratio is the median over"
+        f" {epochs - 1} such adjacent pairs (the first, compiling epoch left out), its range"
+        " beside it. jit=True traces the bound with torch.jit; jit='inductor' compiles it with"
+        " torch.compile. The plain loop runs eagerly; the compiled plain loop compiles its loss"
+        " (forward and backward) and its optimizer step with torch.compile; NumPyro runs"
+        " `SVI.update` under `jax.jit` on the same network (stax), TraceMeanField_ELBO and"
+        f" Adam. Roofline: {flops / 1e9:.1f} GFLOP of matrix products per epoch at this"
+        f" machine's float32 GEMM rate ({rate:.0f} GFLOP/s, 2048^3, best over the run) ="
+        f" {roofline_s:.3f} s per epoch; the column is that over the epoch's time.\n",
+        "| loop | s / epoch | "
+        + " | ".join(f"{peer_names[p]} (s)" for p in peers)
+        + " | "
+        + " | ".join(f"ratio to {peer_names[p]} (range)" for p in peers)
+        + " | of roofline |",
+        "|---" * (3 + 2 * len(peers)) + "|",
     ]
     for name, row in table.items():
         lines.append(
-            f"| {name} | {row['sec_per_epoch']:.3f} | {row['plain_sec_per_epoch']:.3f} |"
-            f" {row['ratio']:.2f}x | {row['ratio_min']:.2f}-{row['ratio_max']:.2f} |"
+            f"| {name} | {row['sec_per_epoch']:.3f} | "
+            + " | ".join(f"{row[f'{p}_sec_per_epoch']:.3f}" for p in peers)
+            + " | "
+            + " | ".join(
+                f"{row[f'ratio_{p}']:.2f}x ({row[f'ratio_{p}_range'][0]:.2f}-"
+                f"{row[f'ratio_{p}_range'][1]:.2f})"
+                for p in peers
+            )
+            + f" | {100 * row['roofline_fraction']:.0f}% |"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,14 +5,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import requires_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _quick(script: str, out: Path) -> None:
+def _quick(script: str, out: Path, *options: str) -> None:
     """Run benchmarks/SCRIPT in its quick mode, writing into ``out``."""
     command = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)]
+    command += options
     subprocess.run(command, check=True, capture_output=True, text=True)
 
 
@@ -42,9 +45,23 @@ def test_vae_speed_benchmark_quick(tmp_path):
     _quick("vae_speed.py", tmp_path)
     report = json.loads((tmp_path / "vae_speed-quick.json").read_text())
     assert len(report["rows"]) == 12  # six drivers, validation off and on
-    for row in report["rows"].values():  # driver and plain epochs come in timed pairs
-        assert row["pairs"] and all(d > 0 and p > 0 for d, p in row["pairs"])
-        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+    assert {"plain", "compiled"} <= set(report["peers"])  # numpyro too where it is installed
+    for row in report["rows"].values():  # driver and peer epochs come in timed pairs
+        epochs = row["epochs"]
+        assert set(epochs) == {"driver", *report["peers"]}
+        assert len({len(t) for t in epochs.values()}) == 1  # one peer epoch per driver epoch
+        assert all(t > 0 for times in epochs.values() for t in times)
+        for peer in report["peers"]:
+            low, high = row[f"ratio_{peer}_range"]
+            assert low <= row[f"ratio_{peer}"] <= high
+        # the roofline: the epoch's matrix products at the GEMM rate measured in the run
+        assert row["roofline_fraction"] == pytest.approx(
+            report["roofline_sec_per_epoch"] / row["sec_per_epoch"]
+        )
+    # 2 B (3 sum(in out) - 784 400) flops per step of B rows: 0.42 GFLOP at B = 128
+    assert report["epoch_gflop"] == pytest.approx(
+        2 * 3 * 651200 * 2048 / 1e9 - 2 * 784 * 400 * 2048 / 1e9
+    )
 
 
 def test_diffusion_benchmark_quick(tmp_path):
@@ -54,3 +71,16 @@ def test_diffusion_benchmark_quick(tmp_path):
     # every bound is finite, below the 64 log 2 of uniform pixels after two epochs
     assert all(0 < r["test_neg_elbo"] < 64 * 0.6931 for r in rows)
     assert (tmp_path / "diffusion_depth-quick.png").exists()
+
+
+@requires_mnist
+def test_load_benchmark_quick(tmp_path):
+    _quick("load.py", tmp_path, "--load", "1", "--steps", "vae")
+    report = json.loads((tmp_path / "load-quick.json").read_text())
+    row = report["steps"]["vae"]
+    cores = report["cores"]
+    for case in ("auto/0", "auto/1", f"{cores}/0", f"{cores}/1"):  # idle and loaded, each way
+        assert row[case] > 0
+    assert row["ratio_auto"] == pytest.approx(row["auto/1"] / row["auto/0"])
+    assert row["ratio_pinned"] == pytest.approx(row[f"{cores}/1"] / row[f"{cores}/0"])
+    assert "--load 1 --steps vae" in report["command"]
