@@ -170,14 +170,18 @@ def _forked(run, group) -> list:
     inherited rather than pickled); results come back through pipes, errors with their
     traceback."""
     import multiprocessing
-    import traceback
 
     context = multiprocessing.get_context("fork")
     jobs = []
     for chain in group:
         receive, send = context.Pipe(duplex=False)
         process = context.Process(target=_worker, args=(run, chain, send), daemon=True)
-        process.start()
+        with warnings.catch_warnings():
+            # Python 3.12 warns that forking a process with threads (a memory sampler, torch's
+            # pool) may deadlock the child; the child here only runs one-threaded NUTS and
+            # never takes the locks those threads hold
+            warnings.filterwarnings("ignore", "This process .* multi-threaded", DeprecationWarning)
+            process.start()
         send.close()
         jobs.append((chain, process, receive))
     results = []
@@ -197,7 +201,6 @@ def _forked(run, group) -> list:
             if process.is_alive():
                 process.kill()
                 process.join()
-    del traceback
     return results
 
 
