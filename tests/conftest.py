@@ -28,6 +28,14 @@ def _fresh_state():
         yield
 
 
+@pytest.fixture
+def pinned_threads(monkeypatch):
+    """torch's thread count left as it is for the test's fits (ZOO_THREADS=torch): tests that
+    compare two runs bit for bit (a resumed run with an uninterrupted one) must not see the
+    drivers change the count between them, which can move a reduction's last bit."""
+    monkeypatch.setenv("ZOO_THREADS", "torch")
+
+
 def mnist_available() -> bool:
     return (data.cache_dir() / "mnist.npz").exists()
 

@@ -142,7 +142,7 @@ def test_fit_vae_on_digits(tmp_path, flags, device):
     assert cli.main(["sample", str(out), "--num-samples", "8"]) == 0
 
 
-def test_vae_resume_from_the_cli(tmp_path):
+def test_vae_resume_from_the_cli(tmp_path, pinned_threads):
     out = tmp_path / "vae"
     base = [
         "fit",
@@ -265,7 +265,7 @@ def test_fit_ssvae_on_mnist_with_few_labels(tmp_path):
     assert cli.main([*argv, "--labels", "105", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
 
 
-def test_fit_hvae_resumes_its_warmup_exactly(tmp_path, device):
+def test_fit_hvae_resumes_its_warmup_exactly(tmp_path, device, pinned_threads):
     base = ["fit", "hvae", "--data", "digits", "--binarize", "threshold", "--layers", "2"]
     base += ["--device", device.type]
     base += ["--warmup", "4", "--eval-samples", "5", "--quiet", "--batch-size", "64"]

@@ -274,7 +274,7 @@ def uninterrupted(x):
     return params_of(straight)
 
 
-def test_resume_continues_exactly(tmp_path, device):
+def test_resume_continues_exactly(tmp_path, device, pinned_threads):
     """Bit for bit, also on CUDA: the checkpoint carries the device's RNG state."""
     x = binary_batch().to(device)
     expected = uninterrupted(x)
@@ -318,7 +318,7 @@ def test_default_adam_is_fused_and_takes_torch_adams_steps(device):
     torch.testing.assert_close(finals[0], finals[1], rtol=1e-5, atol=1e-6)
 
 
-def test_lr_schedule_follows_the_epoch_and_resumes_exactly(tmp_path):
+def test_lr_schedule_follows_the_epoch_and_resumes_exactly(tmp_path, pinned_threads):
     """The rate of each epoch is lr * factor(epoch) (geometric from 1 to 0.1 here), also in a
     resumed run, which therefore ends on the uninterrupted run's parameters bit for bit."""
     factor = loop.exponential_lr(0.1, 3)
@@ -369,7 +369,7 @@ def test_lr_schedule_bad_input():
         )
 
 
-def test_sigint_mid_epoch_saves_and_resumes_exactly(tmp_path):
+def test_sigint_mid_epoch_saves_and_resumes_exactly(tmp_path, pinned_threads):
     x = binary_batch()
     expected = uninterrupted(x)
 
@@ -467,7 +467,7 @@ def test_early_stopping_restores_pyro_parameters_the_state_does_not_list():
     assert result.best_epoch == 2 and pyro.param("loc").item() == values[1] == 2.0
 
 
-def test_resume_keeps_the_best_validated_state(tmp_path):
+def test_resume_keeps_the_best_validated_state(tmp_path, pinned_threads):
     """The best epoch's parameters travel in the checkpoint: a run interrupted after its best
     epoch and resumed ends on them, as the uninterrupted run does."""
     ckpt = tmp_path / "ckpt.pt"

@@ -203,7 +203,7 @@ def test_partial_labels_are_balanced_reproducible_and_checked():
         data.partial_labels(y, 400)
 
 
-def test_ssvae_resumes_exactly_under_the_svi_driver(tmp_path, device):
+def test_ssvae_resumes_exactly_under_the_svi_driver(tmp_path, device, pinned_threads):
     x, y = data.load("digits", "train", "threshold")
     x, labels = x[:200].to(device), data.partial_labels(y, 50, seed=0)[:200].to(device)
 
