@@ -58,7 +58,8 @@ def sample_posterior(
         is as fast as two idle and far faster on a busy machine (``benchmarks/load.py``);
         None reads ``ZOO_THREADS`` (see ``inference.threads``).
     workers: chains run at once, each in a forked process (None: as many as there are cores
-        and chains, where the platform forks; 1: one after the other, in this process). Each
+        and chains, where the platform forks and the data is on the CPU; 1: one after the
+        other, in this process). Each
         chain seeds itself, so the draws are the same either way. A ``recorder``'s budget is
         checked before each group of chains.
 
@@ -74,7 +75,7 @@ def sample_posterior(
     if chains < 1 or warmup < 1 or samples < 2:
         raise ValueError("NUTS needs chains >= 1, warmup >= 1 and samples >= 2")
     clock = recorder.elapsed if recorder is not None else _stopwatch()
-    workers = _workers(workers, chains)
+    workers = _workers(workers, chains, data)
     times, divergent, raw, worker_mib = [], [], [], 0.0
     run = (model, data, warmup, samples, seed, clock, progress, to_draws)
     with Threads(1 if resolve_threads(threads) == "auto" else threads):
@@ -154,14 +155,21 @@ def _chain(model, data, warmup, samples, seed, clock, progress, to_draws, chain)
     return {k: v.detach().numpy() for k, v in draws.items()}, flags, times, 0.0
 
 
-def _workers(workers: Optional[int], chains: int) -> int:
+def _workers(workers: Optional[int], chains: int, data) -> int:
     import multiprocessing
 
-    if workers is None:
-        forks = "fork" in multiprocessing.get_all_start_methods()
+    on_gpu = isinstance(data, torch.Tensor) and data.device.type != "cpu"
+    if workers is None:  # a forked child cannot use CUDA: chains of GPU data run here
+        forks = "fork" in multiprocessing.get_all_start_methods() and not on_gpu
         return max(1, min(chains, os.cpu_count() or 1)) if forks else 1
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be a count >= 1 or None, not {workers!r}")
+    if on_gpu and workers > 1:
+        raise ValueError(
+            f"workers={workers} forks processes, which cannot use the data's {data.device}"
+            " device (CUDA does not survive a fork): use workers=1 (or None), or move the data"
+            " to the CPU"
+        )
     return min(workers, chains)
 
 

@@ -57,3 +57,6 @@ def test_a_chain_that_fails_in_its_worker_is_raised_with_its_traceback():
         mcmc.sample_posterior(failing, torch.zeros(3), chains=2, warmup=2, samples=2, workers=2)
     with pytest.raises(ValueError, match="workers must be"):
         mcmc.sample_posterior(normal_mean, torch.zeros(3), workers=0)
+    # data off the CPU (a GPU's; here the meta device) cannot go to forked workers
+    with pytest.raises(ValueError, match="cannot use the data's meta device"):
+        mcmc.sample_posterior(normal_mean, torch.zeros(3, device="meta"), workers=2)
