@@ -131,7 +131,9 @@ def run(
             pyro.clear_param_store()
             pyro.set_rng_seed(0)
             method.run(0, Recorder(budget=0.0))  # stops at its first check of the budget
-    for method, seed in tqdm(jobs, desc="compare", disable=not progress, leave=False):
+    bar = tqdm(jobs, desc="compare", disable=not progress, leave=False)
+    for method, seed in bar:
+        bar.set_description(f"compare: {method.name}, seed {seed}")  # what is running now
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         recorder = Recorder(budget)

@@ -421,3 +421,14 @@ def test_cli_compare_writes_the_report_and_refuses_to_overwrite(tmp_path, capsys
         cli.main(["compare", "gmm", "--inference", "em,gibbs", "--out", str(tmp_path / "x")]) == 2
     )
     assert "unknown method(s) gibbs" in capsys.readouterr().err
+
+
+def test_the_progress_bar_names_the_method_and_seed_that_run(capsys):
+    seen = []
+
+    def fit(seed, recorder):
+        seen.append(capsys.readouterr().err)  # what the bar shows while this job runs
+        return {"objective": 0.0}
+
+    compare.run([compare.Method("first", fit), compare.Method("second", fit)], seeds=(0, 7))
+    assert "compare: first, seed 0" in seen[0] and "compare: second, seed 7" in seen[3]
