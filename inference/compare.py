@@ -78,6 +78,15 @@ class Recorder:
         return self.budget is not None and self.elapsed() >= self.budget
 
 
+def resident_bytes() -> int:
+    """This process's resident set in bytes (Linux), 0 where /proc is not there."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    except OSError:  # not Linux: no sampling, growth stays 0
+        return 0
+
+
 class PeakMemory:
     """Peak growth of the resident set (sampled by a thread) and CUDA's peak allocation, MiB."""
 
@@ -85,20 +94,12 @@ class PeakMemory:
         self.interval, self.peak_rss, self.peak_cuda = interval, 0, None
         self._stop = threading.Event()
 
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * 4096
-        except OSError:  # not Linux: no sampling, growth stays 0
-            return 0
-
     def _watch(self):
         while not self._stop.wait(self.interval):
-            self.peak_rss = max(self.peak_rss, self._rss() - self._base)
+            self.peak_rss = max(self.peak_rss, resident_bytes() - self._base)
 
     def __enter__(self):
-        self._base = self._rss()
+        self._base = resident_bytes()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -108,7 +109,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak_rss = max(self.peak_rss, self._rss() - self._base)
+        self.peak_rss = max(self.peak_rss, resident_bytes() - self._base)
         if torch.cuda.is_available():
             self.peak_cuda = torch.cuda.max_memory_allocated() / 2**20
         return False

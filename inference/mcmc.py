@@ -23,6 +23,7 @@ import numpy as np
 import pyro
 import torch
 
+from inference.compare import resident_bytes
 from inference.threads import Threads
 from inference.threads import resolve as resolve_threads
 
@@ -59,9 +60,8 @@ def sample_posterior(
         None reads ``ZOO_THREADS`` (see ``inference.threads``).
     workers: chains run at once, each in a forked process (None: as many as there are cores
         and chains, where the platform forks and the data is on the CPU; 1: one after the
-        other, in this process). Each
-        chain seeds itself, so the draws are the same either way. A ``recorder``'s budget is
-        checked before each group of chains.
+        other, in this process). Each chain seeds itself, so the draws are the same either
+        way. A ``recorder``'s budget is checked before each group of chains.
 
     Returns the relabelled draws (arrays (chains, samples, ...)), the raw draws, an arviz
     InferenceData of the relabelled draws, its summary, r_hat and bulk ESS (worst over
@@ -84,7 +84,7 @@ def sample_posterior(
                 break  # the budget is spent: keep the chains already run (r_hat splits each one)
             group = range(first, min(first + workers, chains))
             if workers == 1:
-                results = [_chain(*run, chain) for chain in group]
+                results = [(*_chain(*run, chain), 0.0) for chain in group]  # no worker grew
             else:
                 results = _forked(run, group)
             for chain_raw, flags, chain_times, grew in results:
@@ -128,7 +128,7 @@ def sample_posterior(
 
 
 def _chain(model, data, warmup, samples, seed, clock, progress, to_draws, chain):
-    """One chain: (raw draws as arrays, divergent flags, the clock at each draw, 0)."""
+    """One chain: (raw draws as arrays, divergent flags, the clock at each draw)."""
     from pyro.infer import MCMC, NUTS
     from pyro.infer.autoguide import init_to_median
 
@@ -141,7 +141,8 @@ def _chain(model, data, warmup, samples, seed, clock, progress, to_draws, chain)
 
     # jit: about twice as fast on the zoo's mixtures; their shapes never change. The median of
     # prior draws starts every chain in a typical region: from init_to_uniform's start, one
-    # chain in eight of the Bayesian GMM on Old Faithful spent three times as long in warm-up
+    # chain in eight of the Bayesian GMM on Old Faithful spent five times the gradients of the
+    # others in warm-up (and took three times as long in all)
     kernel = NUTS(model, jit_compile=True, ignore_jit_warnings=True, init_strategy=init_to_median())
     run = MCMC(
         kernel, num_samples=samples, warmup_steps=warmup, hook_fn=hook, disable_progbar=not progress
@@ -152,7 +153,7 @@ def _chain(model, data, warmup, samples, seed, clock, progress, to_draws, chain)
         draws = to_draws(draws)
     flags = np.zeros(samples, dtype=bool)
     flags[run.diagnostics()["divergences"]["chain 0"]] = True
-    return {k: v.detach().numpy() for k, v in draws.items()}, flags, times, 0.0
+    return {k: v.detach().numpy() for k, v in draws.items()}, flags, times
 
 
 def _workers(workers: Optional[int], chains: int, data) -> int:
@@ -217,23 +218,15 @@ def _worker(run, chain, send) -> None:
     import traceback
 
     try:
-        start = _rss_mib()
-        chain_raw, flags, times, _ = _chain(*run, chain)
+        start = resident_bytes() / 2**20
+        result = _chain(*run, chain)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        send.send(("ok", (chain_raw, flags, times, max(0.0, peak - start))))
+        send.send(("ok", (*result, max(0.0, peak - start))))
     except BaseException:  # noqa: BLE001  (reported to the parent, which raises it)
         send.send(("error", traceback.format_exc()))
     finally:
         send.close()
         os._exit(0)  # no atexit handlers or buffers of the parent's run twice
-
-
-def _rss_mib() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096 / 2**20
-    except OSError:
-        return 0.0
 
 
 def _stopwatch():
