@@ -40,6 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _rates import matmul_rate  # noqa: E402
+
 from inference import em  # noqa: E402
 from inference.sparse import SparseRows, t_matmul  # noqa: E402
 from zoo import data  # noqa: E402
@@ -47,12 +49,6 @@ from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
 from zoo.gmm import GaussianMixture  # noqa: E402
 
 PUBLISHED_MOB_K500 = -137.64
-
-
-def matmul_rate(n=2048, repeats=5) -> float:
-    """float32 GFLOP/s of a large square matrix product: the machine's own GEMM rate."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _best_time(lambda: a @ b, repeats) / 1e9
 
 
 def products_rate(x, k, chunk_size=None, repeats=5) -> float:

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _rates import matmul_rate, synchronize  # noqa: E402
+
 from inference import loop, reparam, svi  # noqa: E402
 from zoo import data  # noqa: E402
 from zoo.vae import VAE, VAEConfig  # noqa: E402
@@ -38,12 +40,6 @@ def make_vae(device="cpu"):
     torch.manual_seed(0)
     pyro.clear_param_store()
     return VAE(VAEConfig(x_dim=784, z_dim=20, hidden=(400,))).to(device)
-
-
-def synchronize(device) -> None:
-    """Wait for the GPU's queued work, so that a host clock read after it is honest."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def plain_epoch(vae, x, batch_size, optimizer, generator):
@@ -224,20 +220,6 @@ def step_flops(batch_size: int, sizes=((784, 400), (400, 20), (400, 20), (20, 40
     return 2 * batch_size * (3 * products - sizes[0][0] * sizes[0][1])
 
 
-def matmul_rate(device, n=2048, repeats=5) -> float:
-    """float32 GFLOP/s of a large square matrix product on ``device``, best of ``repeats``."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
-
-
 def summarize(times, roofline_s):
     driver = times["driver"]
     row = {"sec_per_epoch": statistics.median(driver), "epochs": times}
@@ -271,7 +253,7 @@ def main(argv=None):
         ("svi driver, JitTraceMeanField_ELBO (fixed)", svi.fit, {"loss": "JitTraceMeanField_ELBO"}),
     ]
     flops = sum(step_flops(len(b)) for b in torch.arange(num).split(batch_size))
-    rates = [matmul_rate(args.device)]
+    rates = [matmul_rate(device=args.device)]
     peers = make_peers(x, batch_size, "TraceMeanField_ELBO")
     print(f"peers: {', '.join(peers)}", flush=True)
     table = {}
@@ -279,7 +261,7 @@ def main(argv=None):
         for name, fit, options in cases:
             label = f"{name}, validation {'on' if validation else 'off'}"
             times = time_pairs(fit, x, batch_size, epochs, validation, peers, **options)
-            rates.append(matmul_rate(args.device))
+            rates.append(matmul_rate(device=args.device))
             table[label] = summarize(times, flops / max(rates) / 1e9)
             row = table[label]
             print(

@@ -1,0 +1,26 @@
+"""What the speed benchmarks share: honest clocks on a GPU, and the machine's own GEMM rate."""
+
+import time
+
+import torch
+
+
+def synchronize(device) -> None:
+    """Wait for the GPU's queued work, so that a host clock read after it is honest."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5, device="cpu") -> float:
+    """float32 GFLOP/s of an n x n matrix product on ``device``: the fastest of ``repeats``
+    after one untimed product."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
