@@ -230,19 +230,25 @@ class _PrivateDraws(Messenger):
             msg["value"] = msg["fn"](*msg["args"], **msg["kwargs"])
 
 
+@contextlib.contextmanager
 def private_draws():
-    """The context of a set-up run that creates parameters (see ``_PrivateDraws``)."""
-    return _PrivateDraws()
+    """The context of a set-up run that creates parameters (see ``_PrivateDraws``), with
+    gradients off like every probe (``same_random_state``)."""
+    with _PrivateDraws(), torch.no_grad():
+        yield
 
 
 @contextlib.contextmanager
 def same_random_state():
     """Run a probe of the program without moving torch's random state, so that a fit draws
-    the same numbers as Pyro's own loop started from the same seed."""
+    the same numbers as Pyro's own loop started from the same seed. Gradients are off: a
+    program that updates state of its own while training (a VQ-VAE's moving-average codebook,
+    gated on ``torch.is_grad_enabled()``) is updated by the steps alone, as in Pyro's loop."""
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        yield
+        with torch.no_grad():
+            yield
     finally:
         torch.set_rng_state(cpu)
         if cuda is not None:

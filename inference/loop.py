@@ -91,6 +91,7 @@ def run(
     progress: bool = False,
     max_steps: Optional[int] = None,
     threads: Union[str, int, None] = None,
+    description: str = "train",
 ) -> FitResult:
     """Run ``step(batch) -> loss per data point`` over minibatches of ``data`` for some epochs.
 
@@ -105,6 +106,7 @@ def run(
     max_steps: stop after this many steps in total (for tests and smoke runs).
     threads: torch's CPU thread count while the steps run: "auto" (timed, see
         ``inference.threads``), a count, or "torch" (left alone); None reads ``ZOO_THREADS``.
+    description: what the progress bar says is running.
     """
     rows = data if isinstance(data, Rows) else Rows(data, batch_dims)
     num_data = rows.num_data
@@ -157,7 +159,7 @@ def run(
         total=total_steps,
         initial=done_steps,
         disable=not progress or rank != 0,
-        desc="train",
+        desc=description,
         leave=False,
     )
     start = time.perf_counter() - (history[-1]["time"] if history else 0.0)

@@ -4,7 +4,8 @@ Importance weights log p(x[n], z) - log q(z | x[n]) for every data point and K p
 The guide is run inside a ``pyro.plate`` of K particles left of the model's plates (or K times,
 one particle at a time, for a program that does not broadcast over them), the model is
 replayed against its samples, and every site's log-probability is reduced to (K, N) as in
-``inference.enumeration``. This is what the importance-weighted bound (IWAE) and the
+``inference.enumeration``; a ``pyro.factor`` in the guide counts in log q, as Pyro's ELBOs
+count it. This is what the importance-weighted bound (IWAE) and the
 importance-sampled log-likelihood need; neither knows which model it runs.
 """
 
@@ -138,9 +139,9 @@ class Particles:
         local, global_term = 0.0, torch.zeros(k, device=device)
         for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
             for site in trace.nodes.values():
+                # every sample site of both traces, the guide's observed ones too: a
+                # pyro.factor in the guide is part of log q, as in Pyro's ELBOs
                 if site["type"] != "sample" or site_is_subsample(site):
-                    continue
-                if sign < 0 and site["is_observed"]:
                     continue
                 site = dict(site, log_prob=_log_prob(site, scaled))
                 if in_plate(site, self.data_plate):

@@ -3,8 +3,9 @@ The reparameterized-ELBO driver: a plain torch training loop for fully reparamet
 
     result = reparam.fit(model, guide, x, num_particles=1, lr=1e-3, batch_size=128)
 
-Every latent site of the guide must have ``rsample`` (checked up front; the error names the
-site), so gradients flow through z = loc + scale * eps. With ``num_particles=1`` the objective
+Every latent site of the guide must have ``rsample``, and every ``pyro.factor`` in the guide
+must be declared ``has_rsample=True`` (checked up front; the error names the site), so
+gradients flow through z = loc + scale * eps. With ``num_particles=1`` the objective
 is Pyro's ``TraceMeanField_ELBO`` (the KL term in closed form where one exists; set
 ``analytic_kl=False`` for the Monte Carlo estimate); with K > 1 particles it is the
 importance-weighted bound of Burda et al. (2016), log (1/K) sum_k p(x, z_k) / q(z_k | x),
@@ -46,8 +47,10 @@ def check_reparameterizable(guide, example, model=None) -> None:
     draw it from the prior, silently optimizing another objective."""
     args, kwargs = arguments(example)
     trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_sites = ()
     if model is not None:
         model_trace = poutine.trace(poutine.replay(model, trace=trace)).get_trace(*args, **kwargs)
+        model_sites = model_trace.nodes
         for name, site in model_trace.nodes.items():
             if (
                 site["type"] == "sample"
@@ -62,6 +65,16 @@ def check_reparameterizable(guide, example, model=None) -> None:
                     " TraceEnum_ELBO)"
                 )
     for name, site in trace.nodes.items():
+        if site["type"] == "sample" and site["is_observed"] and name not in model_sites:
+            # a pyro.factor in the guide: Pyro's ELBOs count it in log q and differentiate it
+            # as it stands only when it is declared reparameterized
+            if not getattr(site["fn"], "has_rsample", False):
+                raise ValueError(
+                    f"guide factor {name!r} is not declared reparameterized, so the"
+                    " reparameterized driver cannot differentiate it; write"
+                    f" pyro.factor({name!r}, ..., has_rsample=True) when it comes from"
+                    " reparameterized draws, or use svi.fit with TraceGraph_ELBO"
+                )
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
             if not getattr(site["fn"], "has_rsample", False):
                 raise ValueError(

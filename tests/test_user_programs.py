@@ -747,3 +747,97 @@ def test_em_fits_an_hmm_as_hmmlearn_does():
         fitted["scales"].numpy() ** 2, reference.covars_.reshape(3, -1)[:, 0], atol=1e-4
     )
     assert math.isfinite(result.objective)
+
+
+# --------------------------------------------------------------- guide factors, program state
+
+
+def factor_program(declared=True):
+    """The local-latent program of above with a ``pyro.factor`` in the guide (a penalty on the
+    guide's mean, the way a VQ-VAE adds its commitment term), and a state of its own that the
+    guide updates while training (``torch.is_grad_enabled()``), as a moving-average codebook."""
+    model, _ = local_latent_program(lambda x, who: pyro.plate("data", len(x)))
+    updates = torch.zeros(())
+
+    def guide(x, y):
+        a = pyro.param("a", torch.zeros(3))
+        s = pyro.param("s", torch.tensor(0.7), constraint=constraints.positive)
+        with pyro.plate("data", len(x)):
+            loc = x @ a + 0.1 * y
+            pyro.sample("z", dist.Normal(loc, s))
+            pyro.factor("penalty", 0.3 * loc**2, has_rsample=True if declared else None)
+        if torch.is_grad_enabled():
+            updates.add_(1)
+
+    return model, guide, updates
+
+
+@pytest.mark.parametrize("driver", ["reparam", "svi"])
+def test_a_guide_factor_and_training_state_follow_pyros_loop(driver):
+    """A factor in the guide counts in log q (the objective falls by it) and the guide's own
+    state is updated once per step, the drivers' probes and validation leaving it alone: the
+    parameters and the count are Pyro's loop's."""
+    x, y = regression_data()
+    model, guide, updates = factor_program()
+    expected = pyros_loop(model, guide, [(x, y)] * 25, seed=1)
+    assert updates.item() == 25
+    updates.zero_()
+    fit = reparam.fit if driver == "reparam" else svi.fit
+    options = {"loss": "Trace_ELBO"} if driver == "svi" else {"analytic_kl": False}
+    fit(
+        model,
+        guide,
+        (x, y),
+        batch_size=None,
+        num_epochs=25,
+        lr=0.05,
+        seed=1,
+        progress=False,
+        **options,
+    )
+    assert updates.item() == 25
+    assert_same_params(store_values(), expected)
+    pyro.clear_param_store()
+    updates.zero_()
+    fit(
+        model,
+        guide,
+        (x, y),
+        batch_size=None,
+        num_epochs=5,
+        lr=0.05,
+        seed=1,
+        valid_data=(x, y),
+        progress=False,
+        **options,
+    )
+    assert updates.item() == 5  # validated after every epoch, updated by the steps alone
+
+
+def test_a_guide_factor_counts_in_the_importance_weights():
+    """With a point-mass guide every particle is the same, so the IWAE bound (K = 3) and the
+    importance-sampled log p(x) are log p(y, z = v) - penalty exactly, by hand."""
+    x, y = regression_data(num=6)
+    model, _, _ = factor_program()
+
+    def guide(x, y):
+        v = x[:, 0]  # z[n] = x[n, 0], a point mass per row
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Delta(v))
+            pyro.factor("penalty", 0.3 * v**2, has_rsample=True)
+
+    v = x[:, 0]
+    w, b = 0.5, torch.zeros(3)  # the program's initial parameters
+    by_hand = dist.Normal(0.0, 1.0).log_prob(v) + dist.Normal(w * v + x @ b, 1.0).log_prob(y)
+    by_hand = by_hand - 0.3 * v**2
+    objective = reparam.Objective(model, guide, (x, y), len(x), num_particles=3, plates=())
+    assert objective((x, y)).item() == pytest.approx(-by_hand.mean().item(), abs=1e-5)
+    scores = evaluate.log_likelihood(model, guide, (x, y), num_samples=4)
+    torch.testing.assert_close(scores, by_hand, atol=1e-5, rtol=0)
+
+
+def test_an_undeclared_guide_factor_is_refused_by_name():
+    x, y = regression_data()
+    model, guide, _ = factor_program(declared=False)
+    with pytest.raises(ValueError, match="guide factor 'penalty' .*has_rsample=True"):
+        reparam.fit(model, guide, (x, y), batch_size=None, num_epochs=1, progress=False)
