@@ -1,6 +1,6 @@
 """The probabilistic-programming model zoo: generative stories as Pyro model/guide pairs.
 
-from zoo import GaussianMixture, BernoulliMixture, VAE, CVAE, SSVAE, HVAE, data
+from zoo import GaussianMixture, BernoulliMixture, VAE, CVAE, SSVAE, HVAE, VQVAE, data
 """
 
 from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig
@@ -9,6 +9,7 @@ from zoo.gmm import GaussianMixture, GMMConfig
 from zoo.hvae import HVAE, HVAEConfig
 from zoo.ssvae import SSVAE, SSVAEConfig
 from zoo.vae import VAE, VAEConfig
+from zoo.vqvae import VQVAE, VQVAEConfig
 
 __all__ = [
     "BernoulliMixture",
@@ -23,5 +24,7 @@ __all__ = [
     "SSVAEConfig",
     "VAE",
     "VAEConfig",
+    "VQVAE",
+    "VQVAEConfig",
 ]
 __version__ = "0.1.0"

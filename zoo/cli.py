@@ -468,6 +468,7 @@ class _Fit:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", em.ConvergenceWarning)
             result = self.fit(config)
+            self.stage_results = self.fit_stages(config)
         for warning in caught:  # said once, plainly, and recorded in metrics.json below
             if issubclass(warning.category, em.ConvergenceWarning):
                 print(f"zoo: warning: {warning.message}", file=sys.stderr)
@@ -609,6 +610,42 @@ class _Fit:
         except FloatingPointError as error:
             raise SystemExit(f"zoo: error: {error}{self._nan_hint()}") from None
 
+    def fit_stages(self, config) -> dict:
+        """The model's further stages (``stages()``, a VQ-VAE's prior), each on the data the
+        fitted model makes of the training (and validation) split, with the run's epochs,
+        batch size, rate and seed and a checkpoint of its own; {name: FitResult}."""
+        results = {}
+        options = config["options"]
+        for stage in registry.stages(self.model):
+            checkpoint = self.out / f"checkpoint_{stage.name}.pt"
+            valid = None
+            if self.valid is not None:
+                valid = registry.stage_data(stage, self.arguments("valid", self.valid))
+                valid = registry.as_data(valid)
+            loop = dict(
+                batch_size=options["batch_size"],
+                num_epochs=options["epochs"],
+                lr=options["lr"],
+                seed=options["seed"],
+                patience=options["patience"],
+                max_steps=options["max_steps"],
+                checkpoint=checkpoint,
+                resume=self.resume and checkpoint.exists(),
+                progress=not self.flags.quiet,
+                valid_data=valid,
+                lr_schedule=_lr_schedule(options, self.settings.get("resume_lr")),
+                description=stage.name,
+            )
+            value = registry.stage_data(stage, self.arguments("train", self.train))
+            fit = svi.fit if stage.driver == "svi" else reparam.fit
+            try:
+                results[stage.name] = fit(
+                    stage.model, stage.guide, registry.as_data(value), **stage.options, **loop
+                )
+            except FloatingPointError as error:
+                raise SystemExit(f"zoo: error in stage {stage.name!r}: {error}") from None
+        return results
+
     def loop_options(self, options: dict) -> dict:
         """The training loop's options: the shared flags, the run's checkpoint, the validation
         split, dynamic binarization, and the model's own ``fit_options`` (a KL warm-up)."""
@@ -658,6 +695,8 @@ class _Fit:
             hook(self.arguments("train", self.train), {k: config["options"].get(k) for k in keys})
         runs.save_parameters(self.model, self.out / "params.pt")
         save_json(self.out / "history.json", result.history)
+        for name, stage in getattr(self, "stage_results", {}).items():
+            save_json(self.out / f"history_{name}.json", stage.history)
         samples = self.settings.get("eval_samples", 100)
         splits = _device_splits(self.model, config)  # read once for the scores and figures
         metrics = _metrics(self.model, config, samples, not self.flags.quiet, splits)
@@ -671,6 +710,12 @@ class _Fit:
             stop_reason=result.stop_reason,
             objective=result.objective,
         )
+        for name, stage in getattr(self, "stage_results", {}).items():
+            metrics.update({
+                f"{name}_objective": stage.objective,
+                f"{name}_epochs": stage.num_steps,
+                f"{name}_fit_seconds": stage.history[-1]["time"] if stage.history else None,
+            })  # fmt: skip
         if result.valid_objective is not None:  # the model's validation_score, else the ELBO
             name = "score" if getattr(self, "validated", False) else "objective"
             metrics[f"best_valid_{name}"] = result.valid_objective

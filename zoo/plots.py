@@ -165,6 +165,48 @@ def active_units(active: Sequence[int], sizes: Sequence[int], title: str = "acti
     return fig
 
 
+def code_maps(images: torch.Tensor, codes: torch.Tensor, num_codes: int, title: str = ""):
+    """Each image beside its grid of discrete codes (the index of the codebook vector at each
+    position, coloured and written in the cell)."""
+    images, codes = images.detach().cpu().float().numpy(), codes.detach().cpu().numpy()
+    num, side = len(images), int(round(images.shape[1] ** 0.5))
+    fig, axes = plt.subplots(2, num, figsize=(1.6 * num, 3.4), squeeze=False)
+    for i in range(num):
+        axes[0, i].imshow(images[i].reshape(side, side), cmap="gray", vmin=0, vmax=1)
+        axes[1, i].imshow(codes[i], cmap="tab20", vmin=0, vmax=max(num_codes - 1, 1))
+        if codes.shape[1] * codes.shape[2] <= 64:
+            for (r, c), k in np.ndenumerate(codes[i]):
+                axes[1, i].text(c, r, str(k), ha="center", va="center", fontsize=6)
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("image")
+    axes[1, 0].set_ylabel("codes")
+    fig.suptitle(title or f"code maps (K = {num_codes} codes)")
+    fig.tight_layout()
+    return fig
+
+
+def codebook_usage(usage: Sequence[dict], num_codes: int, title: str = "codebook use"):
+    """Per training step: the perplexity of the batch's code histogram (K when every code is
+    used equally) and the number of dead codes (restarted ones marked)."""
+    steps = np.arange(1, len(usage) + 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(steps, [u["perplexity"] for u in usage])
+    left.axhline(num_codes, color="0.6", ls="--", label=f"K = {num_codes}")
+    left.set_xlabel("training step")
+    left.set_ylabel("perplexity of the codes in the batch")
+    left.legend()
+    right.plot(steps, [u["dead"] for u in usage], label="dead codes")
+    right.plot(steps, np.cumsum([u["restarted"] for u in usage]), label="restarts, in total")
+    right.set_xlabel("training step")
+    right.set_yscale("symlog")
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig, path) -> None:
     """Write ``fig`` as PNG and free its memory."""
     fig.savefig(path, dpi=100)

@@ -37,6 +37,9 @@ and ``guide``; one meaning per name across models):
   are left out when the model reports a ``*_log_likelihood`` or ``*_elbo`` of its own;
 - ``log_likelihood(x)``: the exact log p(x) per row; ``elbo(x, num_samples)``: the model's own
   ELBO per row (the comparisons' held-out score where there is no exact one);
+- ``stages()``: further programs fitted after the model's own, each a ``Stage`` on data the
+  fitted model makes (a VQ-VAE's PixelCNN prior on the codes of the training images), by the
+  same driver loop with the run's epochs, batch size, rate and seed;
 - ``figures(splits, history, info)``: ``{file name: matplotlib Figure}``;
 - ``sample_figure(x, z)``: how to show its samples (default: an image grid for square images);
 - ``encode``, ``reconstruct``, ``predict`` / ``classify``.
@@ -158,6 +161,41 @@ class Spec:
         if self.config is not None:
             return dataclasses.asdict(model.config)
         return dict(getattr(model, "_zoo_options", {}))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A program fitted after the model's own (``stages()``): ``model`` and ``guide`` go to
+    ``driver`` ("reparam" or "svi", with ``options``) on ``data(arguments)``, where
+    ``arguments`` are the model's own arguments for a split (``model_arguments``). ``name``
+    labels its files (``checkpoint_NAME.pt``, ``history_NAME.json``) and scores (NAME_...)."""
+
+    name: str
+    model: Callable
+    guide: Callable
+    data: Callable[[tuple], Any]
+    driver: str = "reparam"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.driver not in ("reparam", "svi"):
+            raise ValueError(f"stage {self.name!r}: driver must be 'reparam' or 'svi'")
+
+
+def stages(model) -> Tuple[Stage, ...]:
+    """The model's further stages (``stages()``), none when it offers none."""
+    hook = getattr(model, "stages", None)
+    out = tuple(hook()) if callable(hook) else ()
+    for stage in out:
+        if not isinstance(stage, Stage):
+            raise TypeError(f"stages() must return registry.Stage objects, got {stage!r}")
+    return out
+
+
+def stage_data(stage: Stage, arguments: tuple) -> tuple:
+    """A stage's arguments, as a tuple, from the model's own for a split."""
+    value = stage.data(arguments)
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def model_arguments(model, x, y, split: str) -> tuple:
