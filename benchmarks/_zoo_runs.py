@@ -30,6 +30,7 @@ def save(out, name: str, rows, lines) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = [*lines, "\nCommands:\n", *(f"    {r['command']}" for r in rows)]
+    commands = dict.fromkeys(r["command"] for r in rows)  # once each, in order
+    lines = [*lines, "\nCommands:\n", *(f"    {c}" for c in commands)]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / (name + '.md')}")

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end in their quick mode (their figures come from full runs)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,17 @@ def test_diffusion_benchmark_quick(tmp_path):
     # every bound is finite, below the 64 log 2 of uniform pixels after two epochs
     assert all(0 < r["test_neg_elbo"] < 64 * 0.6931 for r in rows)
     assert (tmp_path / "diffusion_depth-quick.png").exists()
+
+
+def test_vqvae_benchmark_quick(tmp_path):
+    _quick("vqvae_nll.py", tmp_path, "--runs", str(tmp_path / "runs"))
+    learned, uniform, vae = json.loads((tmp_path / "vqvae_nll-quick.json").read_text())
+    assert uniform["codes"] == pytest.approx(4 * math.log(64))  # four codes, K = 64
+    assert learned["codes"] < uniform["codes"] - 1.0  # the fitted prior shortens them
+    for row in (learned, uniform):
+        assert row["bound"] == pytest.approx(row["reconstruction"] + row["codes"], abs=1e-3)
+    assert 0 < vae["bound"] < 64 * math.log(2)
+    assert (tmp_path / "vqvae_nll-quick-samples_learned.png").exists()
 
 
 @requires_mnist

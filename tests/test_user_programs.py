@@ -784,33 +784,13 @@ def test_a_guide_factor_and_training_state_follow_pyros_loop(driver):
     updates.zero_()
     fit = reparam.fit if driver == "reparam" else svi.fit
     options = {"loss": "Trace_ELBO"} if driver == "svi" else {"analytic_kl": False}
-    fit(
-        model,
-        guide,
-        (x, y),
-        batch_size=None,
-        num_epochs=25,
-        lr=0.05,
-        seed=1,
-        progress=False,
-        **options,
-    )
+    options.update(batch_size=None, lr=0.05, seed=1, progress=False)
+    fit(model, guide, (x, y), num_epochs=25, **options)
     assert updates.item() == 25
     assert_same_params(store_values(), expected)
     pyro.clear_param_store()
     updates.zero_()
-    fit(
-        model,
-        guide,
-        (x, y),
-        batch_size=None,
-        num_epochs=5,
-        lr=0.05,
-        seed=1,
-        valid_data=(x, y),
-        progress=False,
-        **options,
-    )
+    fit(model, guide, (x, y), num_epochs=5, valid_data=(x, y), **options)
     assert updates.item() == 5  # validated after every epoch, updated by the steps alone
 
 

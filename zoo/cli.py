@@ -623,12 +623,7 @@ class _Fit:
                 valid = registry.stage_data(stage, self.arguments("valid", self.valid))
                 valid = registry.as_data(valid)
             loop = dict(
-                batch_size=options["batch_size"],
-                num_epochs=options["epochs"],
-                lr=options["lr"],
-                seed=options["seed"],
-                patience=options["patience"],
-                max_steps=options["max_steps"],
+                **_run_settings(options),
                 checkpoint=checkpoint,
                 resume=self.resume and checkpoint.exists(),
                 progress=not self.flags.quiet,
@@ -656,12 +651,7 @@ class _Fit:
                 " validation split: leave --patience out"
             )
         out = dict(
-            batch_size=options["batch_size"],
-            num_epochs=options["epochs"],
-            lr=options["lr"],
-            seed=options["seed"],
-            patience=options["patience"],
-            max_steps=options["max_steps"],
+            **_run_settings(options),
             checkpoint=self.out / "checkpoint.pt",
             resume=self.resume,
             progress=not self.flags.quiet,
@@ -722,6 +712,13 @@ class _Fit:
         save_json(self.out / "metrics.json", metrics)
         _figures(self.model, config, result.history, self.out, self.info, splits)
         return metrics
+
+
+def _run_settings(options: dict) -> dict:
+    """The training loop's settings from a run's flags, shared by a fit and its stages."""
+    keys = {"batch_size": "batch_size", "num_epochs": "epochs", "lr": "lr", "seed": "seed"}
+    keys.update(patience="patience", max_steps="max_steps")
+    return {name: options[flag] for name, flag in keys.items()}
 
 
 def _dynamic(batch, generator):
