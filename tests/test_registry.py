@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.figure
+import matplotlib.pyplot
 import pyro
 import pytest
 import torch
@@ -56,6 +57,8 @@ def test_every_registered_model_honours_its_declarations(name):
         metrics = getattr(model, "metrics", lambda *a: {})(splits, 2, False)
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figures.values()), name
     assert all(k.endswith(".png") for k in figures), name
+    for figure in figures.values():  # pyplot keeps every figure until closed
+        matplotlib.pyplot.close(figure)
     assert all(isinstance(v, (int, float, str, dict)) for v in metrics.values()), name
 
 
