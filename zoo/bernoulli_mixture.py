@@ -94,6 +94,14 @@ class ProductBernoulli(dist.TorchDistribution):
             log_prob = torch.einsum("...d,...d->...", value, self.logits) + bias
         return log_prob.expand(broadcast_shape(log_prob.shape, self.batch_shape))
 
+    # what it is, for code that works per feature (inference.uses masks features out of it):
+    # ``Bernoulli(logits).to_event(1)``, materialized only when asked for
+    reinterpreted_batch_ndims = 1
+
+    @property
+    def base_dist(self) -> dist.Bernoulli:
+        return dist.Bernoulli(logits=self.logits).expand(self.batch_shape + self.event_shape)
+
     def _validate(self, value):
         if value.layout == torch.strided:
             return self._validate_sample(value)

@@ -1,0 +1,408 @@
+"""
+What a fitted generative model is for, for any Pyro model/guide pair: scores, completion and
+denoising, all from the posterior given what is seen.
+
+    s = uses.scores(model, guide, x, num_samples=1000)          # log p(x[n]) and its std. error
+    c = uses.complete(model, guide, x, observed, num_samples=1000)  # E[x_missing | x_observed]
+    d = uses.denoise(model, guide, noisy, flip=0.1)             # E[x_clean | noisy], bit flips
+    d = uses.denoise(model, guide, noisy, noise_scale=0.3)      # additive Gaussian noise
+
+Each works on the model's observed site (``site="x"``), whose distribution must be
+``Independent`` over the features of a data point (``dist.Bernoulli(...).to_event(1)``) or
+elementwise inside a plate over them. The posterior over the latent variables given what is
+seen is
+
+- exact, by Pyro's parallel enumeration, when the model's one latent variable is discrete
+  (mixtures; ``exact=True`` in the result): the K values with weights p(z = k | seen);
+- importance-sampled otherwise: ``num_samples`` draws of the guide, each weighted by
+  p(seen, z) / q(z | x), where the guide reads x with its missing entries filled by their
+  observed column means (any proposal is valid; a closer one needs fewer draws).
+
+What is "seen" is the model's own likelihood, changed at the observed site only:
+- completion masks the unobserved entries out of it (Pyro's ``.mask`` on the per-feature
+  distribution, so no second copy of the likelihood is written), and the prediction of each
+  missing entry is the posterior average of its likelihood mean;
+- denoising replaces it by the likelihood of the noisy data, p(noisy | z) = sum_clean
+  p(clean | z) p(noisy | clean): a Bernoulli with probability pi (1 - r) + (1 - pi) r under bit
+  flips at rate r, a Normal with variance sigma^2 + s^2 under added N(0, s^2) noise; the
+  prediction is the posterior average of E[clean | noisy, z], Bayes' rule per entry.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import pyro.distributions as dist
+import torch
+from pyro.poutine.messenger import Messenger
+
+from inference.batching import check_count
+from inference.enumeration import Enumerated, validation_off
+from inference.evaluate import _enumerable, _rows
+from inference.particles import Particles, check_full_terms
+
+
+@dataclass
+class Scores:
+    """log p(x[n]) per data point (N,), its standard error (zeros where it is exact) and how
+    it was computed."""
+
+    log_prob: torch.Tensor
+    std_error: torch.Tensor
+    exact: bool
+    num_samples: Optional[int]
+
+
+@dataclass
+class Prediction:
+    """The posterior prediction of a completion or a denoising, (N, D): ``mean`` is the
+    posterior mean of every entry (the data where an entry is observed, for a completion);
+    ``log_evidence`` (N,) is log p(what is seen), exact or importance-sampled; ``ess`` (N,)
+    the effective number of weighted draws (the K values, where exact)."""
+
+    mean: torch.Tensor
+    log_evidence: torch.Tensor
+    ess: torch.Tensor
+    exact: bool
+    num_samples: Optional[int]
+
+
+@torch.no_grad()
+def scores(
+    model: Callable,
+    guide: Optional[Callable],
+    x,
+    *,
+    num_samples: int = 1000,
+    batch_size: int = 500,
+    particle_batch: int = 100,
+    data_plate: Optional[str] = None,
+) -> Scores:
+    """log p(x[n]) for each data point: exact by enumeration for a discrete latent, else the
+    importance-sampled estimate log (1/K) sum_k w_k with the guide as proposal, and its
+    standard error by the delta method, sqrt(Var(w) / K) / mean(w) (read with care when the
+    weights are heavy-tailed: the error of an error)."""
+    rows = _rows(x, None)
+    check_count("num_samples", num_samples)
+    example = rows.slice(0, 4)
+    if _enumerable(model, example):
+        if rows.kind != "tensor":
+            raise ValueError("exact scores by enumeration take the data as one tensor")
+        enum = Enumerated(model, guide, example, data_plate)
+        with validation_off():
+            log_px = torch.cat(
+                [
+                    enum.log_px(rows.slice(i, i + batch_size))
+                    for i in range(0, rows.num_data, batch_size)
+                ]
+            )
+        return Scores(log_px, torch.zeros_like(log_px), True, None)
+    if guide is None:
+        raise ValueError(
+            "the model has continuous latent variables: importance sampling needs a guide"
+        )
+    particles = Particles(model, guide, example, data_plate)
+    check_full_terms(particles, "an importance-sampled log p(x)")
+    out, errors = [], []
+    for i in range(0, rows.num_data, batch_size):
+        chunk = rows.slice(i, i + batch_size)
+        lse1 = lse2 = None
+        for k in range(0, num_samples, particle_batch):
+            log_w, _ = particles.log_weights(chunk, min(particle_batch, num_samples - k))
+            a, b = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
+            lse1 = a if lse1 is None else torch.logaddexp(lse1, a)
+            lse2 = b if lse2 is None else torch.logaddexp(lse2, b)
+        log_mean = lse1 - math.log(num_samples)
+        # mean(w^2) / mean(w)^2 - 1 = K Var(w) / (sum w)^2 * ..., computed in log space
+        ratio = torch.exp(lse2 - math.log(num_samples) - 2 * log_mean)
+        out.append(log_mean)
+        errors.append(((ratio - 1).clamp_min(0) / num_samples).sqrt())
+    return Scores(torch.cat(out), torch.cat(errors), False, num_samples)
+
+
+@torch.no_grad()
+def complete(
+    model: Callable,
+    guide: Optional[Callable],
+    x: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    site: str = "x",
+    num_samples: int = 1000,
+    batch_size: int = 500,
+    data_plate: Optional[str] = None,
+) -> Prediction:
+    """The posterior mean of every missing entry of ``x`` (N, D) given its observed ones.
+
+    observed: a boolean tensor, (N, D) or (D,) for the same entries in every row, True where
+        the entry is seen. The values of ``x`` at unobserved entries are never read (NaN is
+        fine). A row with nothing observed is refused (that is sampling, not completion).
+    """
+    x, observed = _check_completion(x, observed)
+    seen = torch.where(observed, x, torch.zeros_like(x))
+    counts = observed.sum(0)
+    fill = torch.where(counts > 0, seen.sum(0) / counts.clamp_min(1), torch.zeros_like(x[0]))
+    if bool(((seen == 0) | (seen == 1)).all()):  # binary data stay binary (a model may check)
+        fill = fill.round()
+    filled = torch.where(observed, x, fill.expand_as(x))
+
+    def transform(fn, rows):
+        return _per_feature(fn, site).mask(observed[rows]).to_event(_event_dims(fn))
+
+    def predict(fns, rows, value):
+        return _mean(fns, site)
+
+    mean, log_ev, ess, exact = _posterior_average(
+        model, guide, filled, site, transform, predict, num_samples, batch_size, data_plate
+    )
+    return Prediction(
+        torch.where(observed, x, mean), log_ev, ess, exact, None if exact else num_samples
+    )
+
+
+@torch.no_grad()
+def denoise(
+    model: Callable,
+    guide: Optional[Callable],
+    noisy: torch.Tensor,
+    *,
+    flip: Optional[float] = None,
+    noise_scale: Optional[float] = None,
+    site: str = "x",
+    num_samples: int = 1000,
+    batch_size: int = 500,
+    data_plate: Optional[str] = None,
+) -> Prediction:
+    """The posterior mean of the clean data given ``noisy`` (N, D) under a stated noise model:
+    ``flip``, each binary entry flipped independently with that probability (a Bernoulli
+    likelihood), or ``noise_scale``, N(0, s^2) added to each entry (a Normal likelihood)."""
+    if (flip is None) == (noise_scale is None):
+        raise ValueError(
+            "give one noise model: flip=RATE (binary data) or noise_scale=S (continuous)"
+        )
+    if flip is not None and not 0 <= flip < 0.5:
+        raise ValueError(f"flip must be a probability in [0, 0.5), got {flip!r}")
+    if noise_scale is not None and not noise_scale > 0:
+        raise ValueError(f"noise_scale must be positive, got {noise_scale!r}")
+    noisy = _check_rows_2d(noisy, "noisy")
+
+    def transform(fn, rows):
+        base = _per_feature(fn, site)
+        if flip is not None:
+            if not isinstance(base, dist.Bernoulli):
+                raise ValueError(
+                    f"flip= is a noise model of binary data; site {site!r} is {type(base).__name__}"
+                )
+            return dist.Bernoulli(probs=base.probs * (1 - flip) + (1 - base.probs) * flip).to_event(
+                _event_dims(fn)
+            )
+        if not isinstance(base, dist.Normal):
+            raise ValueError(
+                f"noise_scale= is a noise model of continuous data; site {site!r} is"
+                f" {type(base).__name__}"
+            )
+        scale = (base.scale**2 + noise_scale**2).sqrt()
+        return dist.Normal(base.loc, scale).to_event(_event_dims(fn))
+
+    def predict(fns, rows, value):
+        base = _per_feature(fns, site)
+        if flip is not None:  # Bayes' rule per entry: p(clean = 1 | noisy, z)
+            p = base.probs
+            keep, turn = p.new_tensor(1 - flip), p.new_tensor(flip)  # in p's dtype
+            like1 = torch.where(value.bool(), keep, turn)
+            like0 = torch.where(value.bool(), turn, keep)
+            return p * like1 / (p * like1 + (1 - p) * like0)
+        var, s2 = base.scale**2, noise_scale**2  # precision-weighted mean of loc and the data
+        return (base.loc * s2 + value * var) / (var + s2)
+
+    mean, log_ev, ess, exact = _posterior_average(
+        model, guide, noisy, site, transform, predict, num_samples, batch_size, data_plate
+    )
+    return Prediction(mean, log_ev, ess, exact, None if exact else num_samples)
+
+
+def roc_auc(normal_scores: torch.Tensor, anomalous_scores: torch.Tensor) -> float:
+    """The area under the ROC curve of telling anomalies (higher score) from normal data: the
+    probability that a random anomaly scores above a random normal point, ties counting half
+    (the Mann-Whitney statistic)."""
+    a = torch.as_tensor(normal_scores, dtype=torch.float64).flatten()
+    b = torch.as_tensor(anomalous_scores, dtype=torch.float64).flatten()
+    if not len(a) or not len(b):
+        raise ValueError("roc_auc needs at least one normal and one anomalous score")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError("roc_auc: the scores must be finite")
+    both = torch.cat([a, b])
+    order = both.argsort()
+    ranks = torch.empty_like(both)
+    ranks[order] = torch.arange(1, len(both) + 1, dtype=torch.float64)
+    values, inverse, counts = torch.unique(both, return_inverse=True, return_counts=True)
+    if len(values) < len(both):  # average the ranks of ties
+        sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
+        ranks = (sums / counts)[inverse]
+    u = ranks[len(a) :].sum() - len(b) * (len(b) + 1) / 2
+    return float(u / (len(a) * len(b)))
+
+
+# ---------------------------------------------------------------------------------- machinery
+
+
+class _Swap(Messenger):
+    """Replaces the distribution of the observed ``site`` by ``transform(fn, rows)`` and keeps
+    the original (its means are read afterwards)."""
+
+    def __init__(self, site: str, transform):
+        super().__init__()
+        self.site, self.transform, self.start, self.seen = site, transform, 0, []
+
+    def _pyro_sample(self, msg):
+        if msg["name"] != self.site:
+            return
+        if not msg["is_observed"]:
+            raise ValueError(
+                f"site {self.site!r} is latent in the model: name the observed data site with site="
+            )
+        fn = msg["fn"]
+        shape = _per_feature(fn, self.site).batch_shape
+        rows = slice(self.start, self.start + (shape[-2] if len(shape) >= 2 else 1))
+        self.seen.append(fn)
+        msg["fn"] = self.transform(fn, rows)
+
+
+def _posterior_average(
+    model, guide, value, site, transform, predict, num_samples, batch_size, data_plate
+):
+    """sum_k w_k predict(fn_k) / sum_k w_k per data point, the draws (or enumerated values)
+    weighted by p(seen, z_k) / q(z_k), with the seen data's likelihood ``transform``ed."""
+    check_count("num_samples", num_samples)
+    swap = _Swap(site, transform)
+
+    def swapped(*args, **kwargs):
+        with swap:
+            return model(*args, **kwargs)
+
+    example = value[:4]
+    _check_site(model, value[:2], site)
+    exact = _enumerable(model, example)
+    if exact:
+        enum = Enumerated(swapped, None, example, data_plate)
+        if not enum.single:
+            raise ValueError(
+                f"exact completion is for one discrete latent; the model has {enum.latents}:"
+                " give a guide"
+            )
+    elif guide is None:
+        raise ValueError(
+            "the model has continuous latent variables: importance sampling needs a guide"
+        )
+    else:
+        particles = Particles(swapped, guide, example, data_plate)
+        check_full_terms(particles, "a posterior given part of the data")
+    means, evidence, sizes = [], [], []
+    for i in range(0, len(value), batch_size):
+        chunk = value[i : i + batch_size]
+        swap.start, swap.seen = i, []
+        with validation_off():  # the filled entries need not lie in the support
+            if exact:
+                log_w, global_term = enum.log_joint(chunk)  # (N, K)
+                log_w = log_w.T + global_term  # (K, N)
+            else:
+                log_w, _ = particles.log_weights(chunk, num_samples)
+        k, n, d = log_w.shape[0], len(chunk), value.shape[1]
+        if len(swap.seen) == 1:  # enumerated, or particles vectorized: one run holds all K
+            predictions = predict(_broadcast(swap.seen[0], (k, n, d)), None, chunk)
+        else:  # one particle per run
+            runs = [predict(_broadcast(f, (1, n, d)), None, chunk) for f in swap.seen[-k:]]
+            predictions = torch.cat([p.expand(1, n, d) for p in runs])
+        predictions = predictions.expand(k, n, d)
+        w = log_w.softmax(0)  # (K, N)
+        means.append((w.unsqueeze(-1) * predictions).sum(0))
+        evidence.append(log_w.logsumexp(0) - (0.0 if exact else math.log(k)))
+        sizes.append(1 / w.pow(2).sum(0))
+    return torch.cat(means), torch.cat(evidence), torch.cat(sizes), exact
+
+
+def _per_feature(fn, site):
+    """The distribution of each feature: the base of an Independent (or of a distribution that
+    says it is one: ``base_dist`` and ``reinterpreted_batch_ndims``), or ``fn`` itself."""
+    if isinstance(fn, dist.Independent) or hasattr(fn, "reinterpreted_batch_ndims"):
+        if fn.reinterpreted_batch_ndims != 1:
+            raise ValueError(
+                f"site {site!r}: an Independent over one feature dim is supported, not"
+                f" {fn.reinterpreted_batch_ndims}"
+            )
+        return fn.base_dist
+    if fn.event_shape == ():
+        return fn
+    raise ValueError(
+        f"site {site!r} is a {type(fn).__name__} with event shape {tuple(fn.event_shape)}:"
+        " completion and denoising need a distribution that factorizes over the features"
+        " (Independent, .to_event(1))"
+    )
+
+
+def _event_dims(fn) -> int:
+    return getattr(fn, "reinterpreted_batch_ndims", 0)
+
+
+def _mean(fn, site) -> torch.Tensor:
+    return _per_feature(fn, site).mean
+
+
+def _broadcast(fn, shape):
+    """``fn`` with the batch shape of (K draws, N rows, D features) that the caller reads."""
+    base = _per_feature(fn, "x")
+    if base.batch_shape == shape:
+        return base
+    try:
+        return base.expand(torch.broadcast_shapes(base.batch_shape, shape))
+    except RuntimeError as error:
+        raise ValueError(
+            f"the observed site's distribution has batch shape {tuple(base.batch_shape)}, which"
+            f" does not broadcast to (draws, rows, features) = {shape}"
+        ) from error
+
+
+def _check_site(model, value, site):
+    from pyro import poutine
+
+    with validation_off():
+        trace = poutine.trace(model).get_trace(value)
+    if site not in trace.nodes:
+        names = [n for n, s in trace.nodes.items() if s["type"] == "sample" and s["is_observed"]]
+        raise ValueError(f"the model has no site {site!r}; its observed sites: {names}")
+    _per_feature(trace.nodes[site]["fn"], site)
+
+
+def _check_rows_2d(x, name):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor of shape (N, D), got {type(x).__name__}"
+        )
+    if x.dim() != 2 or not len(x):
+        raise ValueError(f"{name} must have shape (N, D) with N >= 1, got {tuple(x.shape)}")
+    return x
+
+
+def _check_completion(x, observed):
+    x = _check_rows_2d(x, "x")
+    if not isinstance(observed, torch.Tensor) or observed.dtype != torch.bool:
+        raise TypeError(
+            f"observed must be a boolean tensor (True where an entry is seen), got"
+            f" {getattr(observed, 'dtype', type(observed).__name__)}"
+        )
+    if observed.shape not in (x.shape, x.shape[1:]):
+        raise ValueError(
+            f"observed must have shape {tuple(x.shape)} or ({x.shape[1]},), got"
+            f" {tuple(observed.shape)}"
+        )
+    observed = observed.to(x.device).expand_as(x)
+    empty = torch.nonzero(~observed.any(1)).flatten()
+    if len(empty):
+        raise ValueError(
+            f"rows {empty[:5].tolist()} have no observed entry: there is nothing to complete from"
+            " (draw from the model instead)"
+        )
+    bad = ~torch.isfinite(x) & observed
+    if bad.any():
+        raise ValueError(f"x has {int(bad.sum())} non-finite observed entries")
+    return x, observed
