@@ -51,6 +51,7 @@ class Scores:
     std_error: torch.Tensor
     exact: bool
     num_samples: Optional[int]
+    point_mass: Optional[str] = None  # a Delta guide site: log p(x, z = v), not log p(x)
 
 
 @dataclass
@@ -81,7 +82,10 @@ def scores(
     """log p(x[n]) for each data point: exact by enumeration for a discrete latent, else the
     importance-sampled estimate log (1/K) sum_k w_k with the guide as proposal, and its
     standard error by the delta method, sqrt(Var(w) / K) / mean(w) (read with care when the
-    weights are heavy-tailed: the error of an error)."""
+    weights are heavy-tailed: the error of an error). A guide with a point-mass (Delta) site
+    gives log p(x, z = v) at its point v, not an estimate of log p(x): a lower bound on it
+    when the site is discrete (a VQ-VAE's codes), not even that for a continuous one;
+    ``point_mass`` names the site."""
     rows = _rows(x, None)
     check_count("num_samples", num_samples)
     example = rows.slice(0, 4)
@@ -103,6 +107,7 @@ def scores(
         )
     particles = Particles(model, guide, example, data_plate)
     check_full_terms(particles, "an importance-sampled log p(x)")
+    point_mass = _point_mass(guide, example)
     out, errors = [], []
     for i in range(0, rows.num_data, batch_size):
         chunk = rows.slice(i, i + batch_size)
@@ -117,7 +122,7 @@ def scores(
         ratio = torch.exp(lse2 - math.log(num_samples) - 2 * log_mean)
         out.append(log_mean)
         errors.append(((ratio - 1).clamp_min(0) / num_samples).sqrt())
-    return Scores(torch.cat(out), torch.cat(errors), False, num_samples)
+    return Scores(torch.cat(out), torch.cat(errors), False, num_samples, point_mass)
 
 
 @torch.no_grad()
@@ -297,6 +302,14 @@ def _posterior_average(
     else:
         particles = Particles(swapped, guide, example, data_plate)
         check_full_terms(particles, "a posterior given part of the data")
+        site_name = _point_mass(guide, example)
+        if site_name is not None:
+            raise ValueError(
+                f"guide site {site_name!r} is a point mass (Delta): every draw is the same value,"
+                " so importance weights cannot weigh one value against another, and the"
+                " answer would be that one value's prediction, not the posterior's. Use a"
+                " guide that spreads over the latent values (or an exact enumeration)"
+            )
     means, evidence, sizes = [], [], []
     for i in range(0, len(value), batch_size):
         chunk = value[i : i + batch_size]
@@ -319,6 +332,24 @@ def _posterior_average(
         evidence.append(log_w.logsumexp(0) - (0.0 if exact else math.log(k)))
         sizes.append(1 / w.pow(2).sum(0))
     return torch.cat(means), torch.cat(evidence), torch.cat(sizes), exact
+
+
+def _point_mass(guide, example) -> Optional[str]:
+    """The first latent site of the guide that is a Delta, or None."""
+    from pyro import poutine
+
+    with validation_off(), torch.no_grad():
+        trace = poutine.trace(guide).get_trace(
+            *((example,) if torch.is_tensor(example) else example)
+        )
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            fn = site["fn"]
+            while isinstance(fn, (dist.Independent, dist.MaskedDistribution)):
+                fn = fn.base_dist
+            if isinstance(fn, dist.Delta):
+                return name
+    return None
 
 
 def _per_feature(fn, site):

@@ -247,3 +247,27 @@ def test_the_zoo_bernoulli_mixture_completes_exactly():
     by_hand = torch.where(observed, target, post @ probs)
     assert result.exact
     torch.testing.assert_close(result.mean.double(), by_hand, rtol=0, atol=1e-5)
+
+
+def test_a_point_mass_guide_is_refused_for_completion_and_flagged_for_scores():
+    ppca = PPCA()
+    x = ppca.sample(6)
+
+    def delta_guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Delta(torch.zeros(len(x), 2, dtype=x.dtype)).to_event(1))
+
+    observed = torch.ones(5, dtype=torch.bool)
+    observed[3] = False
+    with pytest.raises(ValueError, match="guide site 'z' is a point mass"):
+        uses.complete(ppca.model, delta_guide, x, observed)
+    with pytest.raises(ValueError, match="guide site 'z' is a point mass"):
+        uses.denoise(ppca.model, delta_guide, x, noise_scale=0.1)
+    result = uses.scores(ppca.model, delta_guide, x, num_samples=3)
+    assert result.point_mass == "z"
+    # not an estimate of log p(x) but log p(x, z = 0), the joint at the guide's point
+    at_zero = dist.Normal(0.0, 1.0).log_prob(torch.zeros(2)).sum() + dist.Normal(
+        ppca.mu, ppca.sigma
+    ).log_prob(x).sum(-1)
+    torch.testing.assert_close(result.log_prob, at_zero.double())
+    assert (result.log_prob > ppca.exact_log_likelihood(x)).any()  # not even a bound here

@@ -17,6 +17,9 @@ model or the driver is refused, naming it.
     zoo compare gmm --data faithful --inference em,svi,nuts,sklearn --seeds 3
     zoo evaluate runs/bmm-mnist
     zoo sample runs/bmm-mnist --num-samples 100
+    zoo score runs/bmm-mnist --outliers noise,upside-down
+    zoo complete runs/vae-mnist --mask bottom-half
+    zoo denoise runs/vae-mnist --flip 0.1
     zoo data fetch mnist
 
 Where each responsibility lives: the flags and the order of a fit here; the run directory
@@ -192,6 +195,42 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_use(args) -> int:
+    """``zoo score`` / ``complete`` / ``denoise`` RUN: what a fitted model is for
+    (``zoo.applications``), written into the run directory."""
+    from zoo import applications
+
+    model, config = runs.restore(args.run)
+    run = runs.run_path(args.run)
+    model = model.to(_run_device(config)) if isinstance(model, torch.nn.Module) else model
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    pyro.set_rng_seed(args.seed)
+    shared = dict(split=args.split, num_samples=args.num_samples, seed=args.seed)
+    try:
+        if args.command == "score":
+            outliers = [o for o in (args.outliers or "").split(",") if o]
+            summary = applications.score(model, config, run, outliers=outliers, **shared)
+        elif args.command == "complete":
+            summary = applications.complete(
+                model, config, run, args.mask, num_rows=args.num_rows, **shared
+            )
+        else:
+            if (args.flip is None) == (args.noise_scale is None):
+                raise ValueError("give one noise model: --flip RATE or --noise-scale S")
+            summary = applications.denoise(
+                model, config, run, flip=args.flip, noise_scale=args.noise_scale,
+                num_rows=args.num_rows, **shared,
+            )  # fmt: skip
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"zoo {args.command}: {error}") from None
+    for key, value in summary.items():
+        shown = f"{value:.6g}" if isinstance(value, float) else value
+        print(f"  {key}: {shown}")
+    print(f"wrote into {run}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     """``zoo compare MODEL [flags]``: the model's comparison methods (or its drivers), every
     seed, on one split; a table, a plot and the rows."""
@@ -258,6 +297,37 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-samples", type=_positive_int, default=100)
     sample.add_argument("--seed", type=_seed, default=0)
     sample.set_defaults(func=cmd_sample)
+    uses = {
+        "score": "per-point log p(x) of a split, a histogram, ROC AUC against --outliers",
+        "complete": "fill hidden entries (--mask) from the posterior given the seen ones",
+        "denoise": "the posterior mean of clean data under a noise model (--flip, --noise-scale)",
+    }
+    for name, text in uses.items():
+        use = sub.add_parser(name, help=text, description=text)
+        use.add_argument("run")
+        use.add_argument("--split", default="test", help="the data split (default test)")
+        use.add_argument(
+            "--num-samples", type=_positive_int, default=1000 if name == "score" else 500,
+            help="importance samples per row (models without an exact posterior)",
+        )  # fmt: skip
+        use.add_argument("--seed", type=_seed, default=0)
+        if name == "score":
+            use.add_argument(
+                "--outliers",
+                help="comma-separated: noise, upside-down, or .npy / .csv files of rows",
+            )
+        else:
+            use.add_argument("--num-rows", type=_positive_int, default=1000)
+        if name == "complete":
+            use.add_argument(
+                "--mask", required=True,
+                help="random:P (each entry hidden with probability P), bottom-half,"
+                " right-half, quadrants:G (the first G quadrants seen)",
+            )  # fmt: skip
+        if name == "denoise":
+            use.add_argument("--flip", type=_unit_interval, help="bit-flip rate (binary data)")
+            use.add_argument("--noise-scale", type=float, help="std. dev. of added Gaussian noise")
+        use.set_defaults(func=cmd_use)
     data_cmd = sub.add_parser("data", help="data sets")
     data_sub = data_cmd.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser("fetch", help="download and verify a data set into the cache")

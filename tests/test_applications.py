@@ -1,0 +1,109 @@
+"""`zoo score`, `zoo complete` and `zoo denoise` on run directories (``zoo.applications``): the
+masks, the files, the numbers against their baselines and against ``inference.uses`` called
+directly, and the refusals."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from inference import uses
+from zoo import applications, cli, runs
+
+
+def test_masks():
+    g = applications.parse_mask("random:0.4", (500, 64), seed=3)
+    assert g.dtype == torch.bool and g.shape == (500, 64)
+    assert abs((~g).float().mean().item() - 0.4) < 0.01  # 32,000 entries: 4 standard errors
+    assert g.any(1).all()
+    assert torch.equal(g, applications.parse_mask("random:0.4", (500, 64), seed=3))
+    bottom = applications.parse_mask("bottom-half", (2, 64))
+    assert torch.equal(bottom[0].reshape(8, 8)[:4], torch.ones(4, 8, dtype=torch.bool))
+    assert not bottom[0].reshape(8, 8)[4:].any()
+    right = applications.parse_mask("right-half", (1, 64))[0].reshape(8, 8)
+    assert right[:, :4].all() and not right[:, 4:].any()
+    one = applications.parse_mask("quadrants:1", (1, 64))[0].reshape(8, 8)
+    assert one[:4, :4].all() and one.sum() == 16
+    three = applications.parse_mask("quadrants:3", (1, 64))[0].reshape(8, 8)
+    assert three.sum() == 48 and not three[4:, 4:].any()
+    for spec, message in (
+        ("random:1.5", r"random:P needs a fraction P in \(0, 1\)"),
+        ("random:x", r"random:P needs a fraction"),
+        ("quadrants:4", "quadrants:G needs G = 1, 2 or 3"),
+        ("left-half", "use random:P, bottom-half, right-half or quadrants:G"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            applications.parse_mask(spec, (2, 64))
+    with pytest.raises(ValueError, match="need square images, not 50 features"):
+        applications.parse_mask("bottom-half", (2, 50))
+
+
+@pytest.fixture(scope="module")
+def bmm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "bmm"
+    argv = ["fit", "bmm", "--data", "digits", "--components", "10", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    return out
+
+
+def test_zoo_score_writes_exact_scores_and_the_roc_auc(bmm_run):
+    assert cli.main(["score", str(bmm_run), "--outliers", "noise,upside-down"]) == 0
+    summary = json.loads((bmm_run / "scores_test.json").read_text())
+    assert summary["exact"] and summary["mean_std_error"] == 0
+    rows = [line.split(",") for line in (bmm_run / "scores_test.csv").read_text().split()[1:]]
+    model, config = runs.restore(bmm_run)
+    x, _ = runs.splits(config)["test"]
+    expected = model.log_likelihood(x)  # the mixture's own exact log p(x)
+    saved = torch.tensor([float(r[1]) for r in rows])
+    torch.testing.assert_close(saved, expected.float(), rtol=0, atol=1e-4)
+    assert summary["mean_log_prob"] == pytest.approx(expected.mean().item(), abs=1e-4)
+    assert summary["auroc"]["noise"] > 0.99  # random pixels are nothing like digits
+    assert 0.5 < summary["auroc"]["upside-down"] < 1.0  # some digits look alike upside down
+    assert (bmm_run / "scores_test.png").exists()
+
+
+def test_zoo_complete_beats_the_mean_image_and_keeps_what_is_seen(bmm_run):
+    assert cli.main(["complete", str(bmm_run), "--mask", "bottom-half"]) == 0
+    summary = json.loads((bmm_run / "completion_bottom-half_test.json").read_text())
+    assert summary["hidden_fraction"] == 0.5 and summary["exact"]
+    assert summary["completion_log_loss"] < summary["mean_log_loss"]
+    saved = torch.load(bmm_run / "completion_bottom-half_test.pt", weights_only=True)
+    model, config = runs.restore(bmm_run)
+    x, _ = runs.splits(config)["test"]
+    observed = saved["observed"]
+    assert torch.equal(saved["mean"][observed], x[observed])
+    direct = uses.complete(model.model, model.guide, x, observed)
+    torch.testing.assert_close(saved["mean"], direct.mean)
+    assert (bmm_run / "completion_bottom-half_test.png").exists()
+
+
+def test_zoo_denoise_beats_the_noisy_pixels(bmm_run):
+    assert cli.main(["denoise", str(bmm_run), "--flip", "0.1"]) == 0
+    summary = json.loads((bmm_run / "denoising_flip-0.1_test.json").read_text())
+    assert summary["denoised_log_loss"] < 0.8 * summary["noisy_input_log_loss"]
+    # the noisy input's own log-loss, in closed form from the share f of pixels flipped: each
+    # pixel is guessed right with probability 0.9
+    f = 1 - summary["noisy_input_accuracy"]
+    expected = -64 * ((1 - f) * math.log(0.9) + f * math.log(0.1))
+    assert summary["noisy_input_log_loss"] == pytest.approx(expected, rel=1e-5)
+    assert abs(f - 0.1) < 0.01  # 23,040 pixels flipped at rate 0.1
+
+
+def test_refusals_name_the_problem(bmm_run, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="use random:P, bottom-half"):
+        cli.main(["complete", str(bmm_run), "--mask", "top"])
+    with pytest.raises(SystemExit, match="give one noise model"):
+        cli.main(["denoise", str(bmm_run)])
+    cvae = tmp_path / "cvae"
+    argv = ["fit", "cvae", "--data", "digits", "--epochs", "1", "--out", str(cvae), "--quiet"]
+    assert cli.main(argv) == 0
+    with pytest.raises(SystemExit, match="works on models of the data alone; cvae takes 2"):
+        cli.main(["complete", str(cvae), "--mask", "bottom-half"])
+    vq = tmp_path / "vq"
+    argv = ["fit", "vqvae", "--data", "digits", "--epochs", "1", "--out", str(vq), "--quiet"]
+    assert cli.main(argv) == 0
+    with pytest.raises(SystemExit, match="guide site 'codes' is a point mass"):
+        cli.main(["complete", str(vq), "--mask", "random:0.3"])
+    assert cli.main(["score", str(vq)]) == 0  # a bound (discrete codes), and said so
+    assert json.loads((vq / "scores_test.json").read_text())["point_mass_guide_site"] == "codes"

@@ -1,0 +1,246 @@
+"""
+``zoo score``, ``zoo complete`` and ``zoo denoise`` on a run directory: the masks, the noise,
+the metrics beside their baselines and the figures. The posterior computations themselves are
+model-agnostic and live in ``inference.uses``; this module knows images and run directories.
+
+    zoo score RUN [--split test] [--outliers noise,upside-down,FILE.npy]
+    zoo complete RUN --mask random:0.4 | bottom-half | right-half | quadrants:G
+    zoo denoise RUN --flip 0.1 | --noise-scale 0.3
+
+Each writes its rows (``.csv`` or ``.pt``), a summary (``.json``) and a figure (``.png``) into
+the run directory, named after the split and the setting, and prints the summary. Models that
+take more than the data (a conditional VAE's labels) are refused by completion and denoising.
+"""
+
+import math
+from typing import Tuple
+
+import torch
+
+from inference import uses
+from inference.io import save_json, save_torch
+from zoo import plots, registry, runs
+
+
+def parse_mask(text: str, shape: Tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """The observed entries (True) of ``shape`` = (N, D) for a mask spec: ``random:P`` (each
+    entry hidden with probability P), ``bottom-half``, ``right-half`` or ``quadrants:G`` (the
+    first G of the four quadrants, in reading order, seen) of square images."""
+    num, dim = shape
+    kind, _, arg = text.partition(":")
+    if kind == "random":
+        try:
+            p = float(arg)
+        except ValueError:
+            p = math.nan
+        if not 0 < p < 1:
+            raise ValueError(f"--mask random:P needs a fraction P in (0, 1), got {arg!r}")
+        g = torch.Generator().manual_seed(seed)
+        observed = torch.rand(num, dim, generator=g) >= p
+        observed[~observed.any(1), 0] = True  # every row keeps something to go on
+        return observed
+    side = math.isqrt(dim)
+    if side * side != dim:
+        raise ValueError(f"--mask {text}: the image masks need square images, not {dim} features")
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    half = side // 2
+    if kind == "bottom-half" and not arg:
+        image = rows < half
+    elif kind == "right-half" and not arg:
+        image = cols < half
+    elif kind == "quadrants":
+        if arg not in ("1", "2", "3"):
+            raise ValueError(f"--mask quadrants:G needs G = 1, 2 or 3 quadrants seen, got {arg!r}")
+        quadrant = (rows >= half).long() * 2 + (cols >= half).long()  # 0 1 / 2 3
+        image = quadrant < int(arg)
+    else:
+        raise ValueError(f"--mask {text!r}: use random:P, bottom-half, right-half or quadrants:G")
+    return image.flatten().expand(num, dim).clone()
+
+
+def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=0) -> dict:
+    """Per-point log p(x) of a split (exact or with standard errors), a histogram, and with
+    ``outliers`` (``noise``, ``upside-down`` or files of rows) the ROC AUC of -log p(x)."""
+    x, arguments = _arguments(config, split, model)
+    value = registry.as_data(arguments)
+    result = uses.scores(model.model, model.guide, value, num_samples=num_samples)
+    tag = f"scores_{split}"
+    lines = ["row,log_prob,std_error"] + [
+        f"{i},{lp:.6f},{se:.6f}"
+        for i, (lp, se) in enumerate(zip(result.log_prob.tolist(), result.std_error.tolist()))
+    ]
+    (run / f"{tag}.csv").write_text("\n".join(lines) + "\n")
+    summary = {
+        "split": split,
+        "num_rows": len(x),
+        "mean_log_prob": result.log_prob.mean().item(),
+        "exact": result.exact,
+        "num_samples": result.num_samples,
+        "mean_std_error": result.std_error.mean().item(),
+        # a Delta guide site: log p(x, z = v) at its point (a bound for discrete z), not log p(x)
+        "point_mass_guide_site": result.point_mass,
+        "auroc": {},
+    }
+    sets = {split: -result.log_prob}
+    if outliers and len(arguments) != 1:
+        raise ValueError(
+            f"--outliers scores rows of the data alone; {config['model']} takes"
+            f" {len(arguments)} arguments for a split (a condition or labels)"
+        )
+    for name in outliers:
+        rows = _outliers(name, x, seed)
+        anomalous = uses.scores(model.model, model.guide, rows, num_samples=num_samples)
+        sets[name] = -anomalous.log_prob
+        summary["auroc"][name] = uses.roc_auc(sets[split], sets[name])
+    plots.save(plots.score_histograms(sets, summary["auroc"]), run / f"{tag}.png")
+    save_json(run / f"{tag}.json", summary)
+    return summary
+
+
+def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=500, seed=0):
+    """Fill the hidden entries of ``num_rows`` rows of a split; the hidden entries' log-loss
+    (binary data) or squared error beside the training mean's, and a figure."""
+    x = _data_only(config, split, model, "complete")[:num_rows]
+    observed = parse_mask(mask, tuple(x.shape), seed).to(x.device)
+    torch.manual_seed(seed)
+    result = uses.complete(model.model, model.guide, x, observed, num_samples=num_samples)
+    baseline = _training_mean(config, x)
+    hidden = ~observed
+    summary = {"mask": mask, "split": split, "num_rows": len(x), "exact": result.exact}
+    summary["num_samples"] = result.num_samples
+    summary["hidden_fraction"] = hidden.float().mean().item()
+    summary["median_ess"] = result.ess.median().item()
+    summary.update(_errors(x, result.mean, baseline.expand_as(x), hidden, "completion", "mean"))
+    tag = f"completion_{mask.replace(':', '-')}_{split}"
+    save_torch(run / f"{tag}.pt", {"mean": result.mean.cpu(), "observed": observed.cpu()})
+    save_json(run / f"{tag}.json", summary)
+    if _square(x):
+        shown = torch.where(observed, x, torch.full_like(x, 0.3))
+        rows = torch.stack([shown[:10], result.mean[:10], x[:10]], 1).reshape(-1, x.shape[1])
+        title = f"{mask}: seen (hidden grey) | completion | truth"
+        plots.save(plots.image_grid(rows.cpu(), num_cols=15, title=title), run / f"{tag}.png")
+    return summary
+
+
+def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_rows=1000,
+            num_samples=500, seed=0):  # fmt: skip
+    """Corrupt ``num_rows`` rows of a split by the stated noise, then clean them: the clean
+    data's log-loss (binary) or squared error beside the noisy input's and a reconstruction's."""
+    clean = _data_only(config, split, model, "denoise")[:num_rows]
+    g = torch.Generator().manual_seed(seed)
+    if flip is not None:
+        flips = (torch.rand(clean.shape, generator=g) < flip).to(clean.device)
+        noisy = torch.where(flips, 1 - clean, clean)
+        from_input = noisy * (1 - flip) + (1 - noisy) * flip  # the best guess from the pixel alone
+        setting = f"flip-{flip:g}"
+    else:
+        noise = torch.randn(clean.shape, generator=g).to(clean.device)
+        noisy = clean + noise_scale * noise
+        from_input = noisy
+        setting = f"noise-{noise_scale:g}"
+    torch.manual_seed(seed)
+    result = uses.denoise(
+        model.model, model.guide, noisy, flip=flip, noise_scale=noise_scale,
+        num_samples=num_samples,
+    )  # fmt: skip
+    everything = torch.ones_like(clean, dtype=torch.bool)
+    summary = {"noise": setting, "split": split, "num_rows": len(clean), "exact": result.exact}
+    summary["num_samples"] = result.num_samples
+    summary.update(_errors(clean, result.mean, from_input, everything, "denoised", "noisy_input"))
+    reconstruct = getattr(model, "reconstruct", None)
+    if callable(reconstruct) and flip is not None:
+        with torch.no_grad():
+            again = _errors(
+                clean, reconstruct(noisy), from_input, everything, "reconstruction", "_"
+            )
+        summary.update({k: v for k, v in again.items() if k.startswith("reconstruction")})
+    tag = f"denoising_{setting}_{split}"
+    save_torch(run / f"{tag}.pt", {"mean": result.mean.cpu(), "noisy": noisy.cpu()})
+    save_json(run / f"{tag}.json", summary)
+    if _square(clean):
+        rows = torch.stack([noisy[:10], result.mean[:10], clean[:10]], 1).reshape(
+            -1, clean.shape[1]
+        )
+        title = f"{setting}: noisy | denoised | clean"
+        plots.save(plots.image_grid(rows.cpu(), num_cols=15, title=title), run / f"{tag}.png")
+    return summary
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _arguments(config, split, model):
+    """A split's rows as the run's scores see them, and the model's arguments for it."""
+    binarize = config.get("held_out_binarize", config.get("binarize"))
+    try:
+        x, y = runs.split(config["data"], split, binarize, config.get("max_data"))
+    except ValueError as error:
+        raise ValueError(
+            f"{config['data']} has no {split!r} split ({error}); try --split train"
+        ) from None
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    x = x.to(params[0].device) if params else x
+    arguments = registry.model_arguments(model, x, y, split)
+    return x, tuple(a.to(x.device) if isinstance(a, torch.Tensor) else a for a in arguments)
+
+
+def _data_only(config, split, model, command: str) -> torch.Tensor:
+    x, arguments = _arguments(config, split, model)
+    if len(arguments) != 1:
+        raise ValueError(
+            f"zoo {command} works on models of the data alone; {config['model']} takes"
+            f" {len(arguments)} arguments for a split (a condition or labels)"
+        )
+    return arguments[0]
+
+
+def _outliers(name: str, x: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    binary = bool(((x == 0) | (x == 1)).all())
+    if name == "noise":  # images of independent pixels with the data's mean intensity
+        p = x.mean().item()
+        if binary:
+            return (torch.rand(x.shape, generator=g) < p).to(x)
+        return (x.mean(0) + x.std(0) * torch.randn(x.shape, generator=g)).to(x)
+    if name == "upside-down":
+        if not _square(x):
+            raise ValueError("--outliers upside-down needs square images")
+        side = math.isqrt(x.shape[1])
+        return x.reshape(-1, side, side).flip(1).reshape(len(x), -1)
+    from zoo import data
+
+    rows = data.load_file(runs.run_path(name)).to(x)
+    if rows.shape[1:] != x.shape[1:]:
+        raise ValueError(
+            f"--outliers {name}: rows of {rows.shape[1]} features, the data has {x.shape[1]}"
+        )
+    return rows
+
+
+def _training_mean(config, x) -> torch.Tensor:
+    binarize = config.get("held_out_binarize", config.get("binarize"))
+    train, _ = runs.split(config["data"], "train", binarize, config.get("max_data"))
+    return train.mean(0).to(x)
+
+
+def _errors(truth, prediction, baseline, where, name, baseline_name) -> dict:
+    """Nats per row (binary truth: Bernoulli log-loss of the entries ``where``) or squared
+    error per row, for the prediction and the baseline; and the binary accuracy."""
+    binary = bool(((truth == 0) | (truth == 1)).all())
+    out = {}
+    for key, guess in ((name, prediction), (baseline_name, baseline)):
+        if binary:
+            p = guess.clamp(1e-4, 1 - 1e-4)
+            loss = -(truth * p.log() + (1 - truth) * (1 - p).log())
+            out[f"{key}_log_loss"] = (loss * where).sum(-1).mean().item()
+            out[f"{key}_accuracy"] = ((guess.round() == truth) & where).sum().item() / max(
+                1, int(where.sum())
+            )
+        else:
+            out[f"{key}_squared_error"] = (((guess - truth) ** 2) * where).sum(-1).mean().item()
+    return out
+
+
+def _square(x) -> bool:
+    side = math.isqrt(x.shape[1])
+    return side * side == x.shape[1]
