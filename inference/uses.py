@@ -36,7 +36,7 @@ import pyro.distributions as dist
 import torch
 from pyro.poutine.messenger import Messenger
 
-from inference.batching import check_count
+from inference.batching import arguments, check_count, same_random_state
 from inference.enumeration import Enumerated, validation_off
 from inference.evaluate import _enumerable, _rows
 from inference.particles import Particles, check_full_terms
@@ -105,6 +105,7 @@ def scores(
         raise ValueError(
             "the model has continuous latent variables: importance sampling needs a guide"
         )
+    _check_covers(model, guide, example)
     particles = Particles(model, guide, example, data_plate)
     check_full_terms(particles, "an importance-sampled log p(x)")
     point_mass = _point_mass(guide, example)
@@ -136,20 +137,40 @@ def complete(
     num_samples: int = 1000,
     batch_size: int = 500,
     data_plate: Optional[str] = None,
+    method: str = "importance",
+    num_steps: int = 1000,
+    burn_in: Optional[int] = None,
 ) -> Prediction:
     """The posterior mean of every missing entry of ``x`` (N, D) given its observed ones.
 
     observed: a boolean tensor, (N, D) or (D,) for the same entries in every row, True where
         the entry is seen. The values of ``x`` at unobserved entries are never read (NaN is
         fine). A row with nothing observed is refused (that is sampling, not completion).
+    method: "importance" (``num_samples`` weighted draws of the guide, or exact enumeration),
+        or "chain": Metropolis-within-Gibbs (Mattei and Frellsen 2018), exact in the limit of
+        ``num_steps``: z is moved by an independence Metropolis-Hastings step proposing from
+        the guide on the current completion, then the missing entries are drawn from
+        p(x_missing | z); the prediction averages the likelihood's mean after ``burn_in``
+        steps (default a fifth). ``ess`` then holds each row's acceptance rate.
     """
     x, observed = _check_completion(x, observed)
+    if method not in ("importance", "chain"):
+        raise ValueError(f"method must be 'importance' or 'chain', not {method!r}")
     seen = torch.where(observed, x, torch.zeros_like(x))
     counts = observed.sum(0)
     fill = torch.where(counts > 0, seen.sum(0) / counts.clamp_min(1), torch.zeros_like(x[0]))
     if bool(((seen == 0) | (seen == 1)).all()):  # binary data stay binary (a model may check)
         fill = fill.round()
     filled = torch.where(observed, x, fill.expand_as(x))
+
+    if method == "chain":
+        check_count("num_steps", num_steps)
+        burn_in = num_steps // 5 if burn_in is None else burn_in
+        if not 0 <= burn_in < num_steps:
+            raise ValueError(f"burn_in must be in [0, num_steps), got {burn_in}")
+        mean, rate = _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in)
+        nan = torch.full((len(x),), math.nan, dtype=x.dtype, device=x.device)
+        return Prediction(torch.where(observed, x, mean), nan, rate, False, num_steps)
 
     def transform(fn, rows):
         return _per_feature(fn, site).mask(observed[rows]).to_event(_event_dims(fn))
@@ -300,6 +321,7 @@ def _posterior_average(
             "the model has continuous latent variables: importance sampling needs a guide"
         )
     else:
+        _check_covers(model, guide, example)
         particles = Particles(swapped, guide, example, data_plate)
         check_full_terms(particles, "a posterior given part of the data")
         site_name = _point_mass(guide, example)
@@ -334,11 +356,120 @@ def _posterior_average(
     return torch.cat(means), torch.cat(evidence), torch.cat(sizes), exact
 
 
+def _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in):
+    """Metropolis-within-Gibbs over (z, x_missing); the Rao-Blackwellized mean of the missing
+    entries after ``burn_in`` steps, and each row's acceptance rate."""
+    from pyro import poutine
+
+    if guide is None:
+        raise ValueError("the chain proposes z from the guide: give one")
+    if _point_mass(guide, x[:2]) is not None:
+        raise ValueError("the chain's proposals come from the guide, which is a point mass here")
+    _check_covers(model, guide, filled[:2])
+    swap = _Swap(site, lambda fn, rows: fn)
+
+    def run(value, fixed=None):
+        """Per-row log p(value, z) - log q(z | value), z drawn (or ``fixed``), the values of
+        z, the likelihood at the observed site."""
+        g = guide if fixed is None else poutine.condition(guide, data=fixed)
+        swap.start, swap.seen = 0, []
+        with validation_off():
+            guide_trace = poutine.trace(g).get_trace(value)
+            # the state's values enter the model as they enter the guide: conditioned on
+            if fixed is None:
+                given = poutine.replay(model, trace=guide_trace)
+            else:
+                given = poutine.condition(model, data=fixed)
+            with swap:
+                model_trace = poutine.trace(given).get_trace(value)
+        log_w = torch.zeros(len(value), dtype=value.dtype, device=value.device)
+        for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+            for name, s in trace.nodes.items():
+                if s["type"] == "sample" and not _subsample(s):
+                    log_w = log_w + sign * _per_row(s, name, len(value))
+        latents = {
+            n: s["value"]
+            for n, s in guide_trace.nodes.items()
+            if s["type"] == "sample"
+            and not _subsample(s)
+            and (not s["is_observed"] or (fixed and n in fixed))
+        }
+        return log_w, latents, _per_feature(swap.seen[-1], site)
+
+    current = filled.clone()
+    log_w, z, fn = run(current)
+    total = torch.zeros_like(x)
+    accepted = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+    for step in range(num_steps):
+        log_w_new, z_new, fn_new = run(current)  # a proposal from the guide on the completion
+        log_w_old, _, fn_old = run(current, fixed=z)  # the state, under the same completion
+        take = torch.rand(len(x), dtype=x.dtype, device=x.device).log() < log_w_new - log_w_old
+        z = {n: _select_rows(take, z_new[n], z[n]) for n in z}
+        draw = torch.where(take[:, None], fn_new.sample(), fn_old.sample())
+        current = torch.where(observed, x, draw.reshape(x.shape))
+        accepted += take.to(x.dtype)
+        if step >= burn_in:
+            total += torch.where(take[:, None], fn_new.mean, fn_old.mean).reshape(x.shape)
+    return total / (num_steps - burn_in), accepted / num_steps
+
+
+def _subsample(site) -> bool:
+    from pyro.poutine.util import site_is_subsample
+
+    return site_is_subsample(site)
+
+
+def _per_row(site, name, num_rows) -> torch.Tensor:
+    """A site's log-probability summed to one number per row of the data plate, (N,)."""
+    lp = site["fn"].log_prob(site["value"])
+    if site["mask"] is not None:
+        lp = lp * site["mask"]
+    frames = [f for f in site["cond_indep_stack"] if f.vectorized and f.size == num_rows]
+    if not frames:
+        raise ValueError(
+            f"site {name!r} is outside the data plate: the chain needs every latent variable"
+            " local to a row"
+        )
+    axis = lp.dim() + frames[0].dim
+    return lp.movedim(axis, 0).reshape(num_rows, -1).sum(-1)
+
+
+def _select_rows(take, new, old) -> torch.Tensor:
+    """``new`` where ``take`` (N,) else ``old``, the rows along the leading dim."""
+    if new.dim() == 0 or new.shape[0] != len(take):
+        raise ValueError(
+            f"a latent value of shape {tuple(new.shape)}: the chain needs the rows of the data"
+            " plate as the leading dim of every latent site"
+        )
+    return torch.where(take.reshape(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+def _check_covers(model, guide, example) -> None:
+    """Raise a ValueError naming the first latent site of the model that the guide does not
+    sample: replayed, Pyro would draw it from the prior, and the weights would count its
+    prior density once too often."""
+    from pyro import poutine
+
+    args, kwargs = arguments(example)
+    with validation_off(), same_random_state():  # a probe: the draws stay the caller's
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        replayed = poutine.replay(model, trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+    for name, s in model_trace.nodes.items():
+        if s["type"] == "sample" and not s["is_observed"] and not _subsample(s):
+            if name not in guide_trace.nodes:
+                raise ValueError(
+                    f"model site {name!r} is latent but the guide does not sample it: importance"
+                    " weights and the chain's proposals need a guide for every latent variable"
+                    " (a mixture's discrete latent is summed out exactly when it is the only one)"
+                )
+
+
 def _point_mass(guide, example) -> Optional[str]:
     """The first latent site of the guide that is a Delta, or None."""
     from pyro import poutine
 
-    with validation_off(), torch.no_grad():
+    with validation_off(), same_random_state():  # a probe: the draws stay the caller's
         trace = poutine.trace(guide).get_trace(
             *((example,) if torch.is_tensor(example) else example)
         )

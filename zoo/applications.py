@@ -97,21 +97,29 @@ def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=
     return summary
 
 
-def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=500, seed=0):
-    """Fill the hidden entries of ``num_rows`` rows of a split; the hidden entries' log-loss
-    (binary data) or squared error beside the training mean's, and a figure."""
+def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=500, seed=0,
+             method="importance", num_steps=1000):  # fmt: skip
+    """Fill the hidden entries of ``num_rows`` rows of a split (by importance sampling, exact
+    enumeration, or the Metropolis-within-Gibbs ``method="chain"`` of ``num_steps``); the
+    hidden entries' log-loss (binary data) or squared error beside the training mean's, and a
+    figure."""
     x = _data_only(config, split, model, "complete")[:num_rows]
     observed = parse_mask(mask, tuple(x.shape), seed).to(x.device)
     torch.manual_seed(seed)
-    result = uses.complete(model.model, model.guide, x, observed, num_samples=num_samples)
+    result = uses.complete(
+        model.model, model.guide, x, observed, num_samples=num_samples, method=method,
+        num_steps=num_steps,
+    )  # fmt: skip
     baseline = _training_mean(config, x)
     hidden = ~observed
     summary = {"mask": mask, "split": split, "num_rows": len(x), "exact": result.exact}
-    summary["num_samples"] = result.num_samples
+    summary["method"] = "exact" if result.exact else method
+    summary["num_samples" if method == "importance" else "num_steps"] = result.num_samples
     summary["hidden_fraction"] = hidden.float().mean().item()
-    summary["median_ess"] = result.ess.median().item()
+    which = "median_ess" if method == "importance" else "median_acceptance_rate"
+    summary[which] = result.ess.median().item()
     summary.update(_errors(x, result.mean, baseline.expand_as(x), hidden, "completion", "mean"))
-    tag = f"completion_{mask.replace(':', '-')}_{split}"
+    tag = f"completion_{mask.replace(':', '-')}_{split}" + ("_chain" if method == "chain" else "")
     save_torch(run / f"{tag}.pt", {"mean": result.mean.cpu(), "observed": observed.cpu()})
     save_json(run / f"{tag}.json", summary)
     if _square(x):

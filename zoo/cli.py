@@ -213,8 +213,9 @@ def cmd_use(args) -> int:
             summary = applications.score(model, config, run, outliers=outliers, **shared)
         elif args.command == "complete":
             summary = applications.complete(
-                model, config, run, args.mask, num_rows=args.num_rows, **shared
-            )
+                model, config, run, args.mask, num_rows=args.num_rows, method=args.method,
+                num_steps=args.num_steps, **shared,
+            )  # fmt: skip
         else:
             if (args.flip is None) == (args.noise_scale is None):
                 raise ValueError("give one noise model: --flip RATE or --noise-scale S")
@@ -324,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="random:P (each entry hidden with probability P), bottom-half,"
                 " right-half, quadrants:G (the first G quadrants seen)",
             )  # fmt: skip
+            use.add_argument(
+                "--method", choices=("importance", "chain"), default="importance",
+                help="importance sampling with the guide (exact for mixtures), or the"
+                " Metropolis-within-Gibbs chain (exact in the limit)",
+            )  # fmt: skip
+            use.add_argument("--num-steps", type=_positive_int, default=1000, help="chain steps")
         if name == "denoise":
             use.add_argument("--flip", type=_unit_interval, help="bit-flip rate (binary data)")
             use.add_argument("--noise-scale", type=float, help="std. dev. of added Gaussian noise")
