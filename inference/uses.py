@@ -140,6 +140,7 @@ def complete(
     method: str = "importance",
     num_steps: int = 1000,
     burn_in: Optional[int] = None,
+    fill: Optional[torch.Tensor] = None,
 ) -> Prediction:
     """The posterior mean of every missing entry of ``x`` (N, D) given its observed ones.
 
@@ -152,16 +153,22 @@ def complete(
         the guide on the current completion, then the missing entries are drawn from
         p(x_missing | z); the prediction averages the likelihood's mean after ``burn_in``
         steps (default a fifth). ``ess`` then holds each row's acceptance rate.
+    fill: what the guide reads at the missing entries, (N, D) (only there): any values give
+        a valid proposal, closer ones a better one (a few rounds of a model's reconstructions,
+        say). Default: each column's observed mean, rounded for binary data.
     """
     x, observed = _check_completion(x, observed)
     if method not in ("importance", "chain"):
         raise ValueError(f"method must be 'importance' or 'chain', not {method!r}")
     seen = torch.where(observed, x, torch.zeros_like(x))
     counts = observed.sum(0)
-    fill = torch.where(counts > 0, seen.sum(0) / counts.clamp_min(1), torch.zeros_like(x[0]))
-    if bool(((seen == 0) | (seen == 1)).all()):  # binary data stay binary (a model may check)
-        fill = fill.round()
-    filled = torch.where(observed, x, fill.expand_as(x))
+    fill_mean = torch.where(counts > 0, seen.sum(0) / counts.clamp_min(1), torch.zeros_like(x[0]))
+    binary = bool(((seen == 0) | (seen == 1)).all())
+    if fill is None:
+        fill = fill_mean.round() if binary else fill_mean  # binary data stay binary
+    elif not isinstance(fill, torch.Tensor) or fill.shape != x.shape:
+        raise ValueError(f"fill must be a tensor of the data's shape {tuple(x.shape)}")
+    filled = torch.where(observed, x, fill.to(x).expand_as(x))
 
     if method == "chain":
         check_count("num_steps", num_steps)

@@ -154,6 +154,7 @@ def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_r
     everything = torch.ones_like(clean, dtype=torch.bool)
     summary = {"noise": setting, "split": split, "num_rows": len(clean), "exact": result.exact}
     summary["num_samples"] = result.num_samples
+    summary["median_ess"] = result.ess.median().item()
     summary.update(_errors(clean, result.mean, from_input, everything, "denoised", "noisy_input"))
     reconstruct = getattr(model, "reconstruct", None)
     if callable(reconstruct) and flip is not None:
