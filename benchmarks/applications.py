@@ -21,6 +21,7 @@ file: it has not been looked up against the paper yet (see the closing note of i
 """
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -56,20 +57,18 @@ def completion(args, data):
         metrics = _zoo_runs.fit(command, run, reuse=args.reuse)
         model, config = runs.restore(run)
         model.eval()
-        for mask in MASKS:
+        shared = dict(num_rows=args.rows, num_samples=args.samples)
+        tasks = [
+            (f"complete {mask}", functools.partial(applications.complete, mask=mask, **shared))
+            for mask in MASKS
+        ] + [
+            (f"denoise flip {flip}", functools.partial(applications.denoise, flip=flip, **shared))
+            for flip in FLIPS
+        ]
+        for task, run_task in tasks:
             started = time.perf_counter()
-            s = applications.complete(model, config, run, mask, num_rows=args.rows,
-                                      num_samples=args.samples)  # fmt: skip
-            rows.append({"model": name, "task": f"complete {mask}", **s,
-                         "seconds": time.perf_counter() - started,
-                         "fit_seconds": metrics["fit_seconds"],
-                         "command": "zoo " + " ".join(command)})  # fmt: skip
-            print(rows[-1], flush=True)
-        for flip in FLIPS:
-            started = time.perf_counter()
-            s = applications.denoise(model, config, run, flip=flip, num_rows=args.rows,
-                                     num_samples=args.samples)  # fmt: skip
-            rows.append({"model": name, "task": f"denoise flip {flip}", **s,
+            summary = run_task(model, config, run)
+            rows.append({"model": name, "task": task, **summary,
                          "seconds": time.perf_counter() - started,
                          "fit_seconds": metrics["fit_seconds"],
                          "command": "zoo " + " ".join(command)})  # fmt: skip

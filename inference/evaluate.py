@@ -70,20 +70,31 @@ def log_likelihood(
     check_support(model, guide, rows.slice(0, batch_size))
     particles = Particles(model, guide, example, data_plate, batch_dims, vectorize_particles)
     check_full_terms(particles, "an importance-sampled log p(x)")
-    out = []
     steps = math.ceil(n / batch_size) * math.ceil(num_samples / particle_batch)
     bar = tqdm(total=steps, disable=not progress, desc=f"log p(x), K={num_samples}", leave=False)
     with bar:
-        for i in range(0, n, batch_size):
-            chunk = rows.slice(i, i + batch_size)
-            running = None
-            for k in range(0, num_samples, particle_batch):
-                log_w, _ = particles.log_weights(chunk, min(particle_batch, num_samples - k))
-                step = log_w.logsumexp(0)
-                running = step if running is None else torch.logaddexp(running, step)
+        log_sum, _ = importance_sums(particles, rows, num_samples, batch_size, particle_batch, bar)
+    return log_sum - math.log(num_samples)
+
+
+def importance_sums(particles, rows, num_samples, batch_size=500, particle_batch=100, bar=None):
+    """log sum_k w_k and log sum_k w_k^2 per data point, (N,) each, over ``num_samples``
+    importance weights of ``particles`` drawn ``particle_batch`` at a time, ``batch_size``
+    rows at a time (the second gives an estimate's standard error, ``inference.uses``)."""
+    first, second = [], []
+    for i in range(0, rows.num_data, batch_size):
+        chunk = rows.slice(i, i + batch_size)
+        lse1 = lse2 = None
+        for k in range(0, num_samples, particle_batch):
+            log_w, _ = particles.log_weights(chunk, min(particle_batch, num_samples - k))
+            a, b = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
+            lse1 = a if lse1 is None else torch.logaddexp(lse1, a)
+            lse2 = b if lse2 is None else torch.logaddexp(lse2, b)
+            if bar is not None:
                 bar.update(1)
-            out.append(running - math.log(num_samples))
-    return torch.cat(out)
+        first.append(lse1)
+        second.append(lse2)
+    return torch.cat(first), torch.cat(second)
 
 
 @torch.no_grad()

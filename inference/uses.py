@@ -38,7 +38,7 @@ from pyro.poutine.messenger import Messenger
 
 from inference.batching import arguments, check_count, same_random_state
 from inference.enumeration import Enumerated, validation_off
-from inference.evaluate import _enumerable, _rows
+from inference.evaluate import _enumerable, _rows, importance_sums, log_likelihood
 from inference.particles import Particles, check_full_terms
 
 
@@ -89,17 +89,8 @@ def scores(
     rows = _rows(x, None)
     check_count("num_samples", num_samples)
     example = rows.slice(0, 4)
-    if _enumerable(model, example):
-        if rows.kind != "tensor":
-            raise ValueError("exact scores by enumeration take the data as one tensor")
-        enum = Enumerated(model, guide, example, data_plate)
-        with validation_off():
-            log_px = torch.cat(
-                [
-                    enum.log_px(rows.slice(i, i + batch_size))
-                    for i in range(0, rows.num_data, batch_size)
-                ]
-            )
+    if _enumerable(model, example):  # the exact log p(x), as evaluate computes it
+        log_px = log_likelihood(model, guide, x, batch_size=batch_size, data_plate=data_plate)
         return Scores(log_px, torch.zeros_like(log_px), True, None)
     if guide is None:
         raise ValueError(
@@ -109,21 +100,12 @@ def scores(
     particles = Particles(model, guide, example, data_plate)
     check_full_terms(particles, "an importance-sampled log p(x)")
     point_mass = _point_mass(guide, example)
-    out, errors = [], []
-    for i in range(0, rows.num_data, batch_size):
-        chunk = rows.slice(i, i + batch_size)
-        lse1 = lse2 = None
-        for k in range(0, num_samples, particle_batch):
-            log_w, _ = particles.log_weights(chunk, min(particle_batch, num_samples - k))
-            a, b = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
-            lse1 = a if lse1 is None else torch.logaddexp(lse1, a)
-            lse2 = b if lse2 is None else torch.logaddexp(lse2, b)
-        log_mean = lse1 - math.log(num_samples)
-        # mean(w^2) / mean(w)^2 - 1 = K Var(w) / (sum w)^2 * ..., computed in log space
-        ratio = torch.exp(lse2 - math.log(num_samples) - 2 * log_mean)
-        out.append(log_mean)
-        errors.append(((ratio - 1).clamp_min(0) / num_samples).sqrt())
-    return Scores(torch.cat(out), torch.cat(errors), False, num_samples, point_mass)
+    lse1, lse2 = importance_sums(particles, rows, num_samples, batch_size, particle_batch)
+    log_mean = lse1 - math.log(num_samples)
+    # mean(w^2) / mean(w)^2 - 1 = Var(w) / mean(w)^2, computed in log space
+    ratio = torch.exp(lse2 - math.log(num_samples) - 2 * log_mean)
+    errors = ((ratio - 1).clamp_min(0) / num_samples).sqrt()
+    return Scores(log_mean, errors, False, num_samples, point_mass)
 
 
 @torch.no_grad()
