@@ -58,13 +58,25 @@ def completion(args, data):
         model, config = runs.restore(run)
         model.eval()
         shared = dict(num_rows=args.rows, num_samples=args.samples)
-        tasks = [
-            (f"complete {mask}", functools.partial(applications.complete, mask=mask, **shared))
-            for mask in MASKS
-        ] + [
-            (f"denoise flip {flip}", functools.partial(applications.denoise, flip=flip, **shared))
-            for flip in FLIPS
-        ]
+        chain = functools.partial(applications.complete, method="chain", num_steps=args.steps)
+        tasks = (
+            [
+                (f"complete {mask}", functools.partial(applications.complete, mask=mask, **shared))
+                for mask in MASKS
+            ]
+            + [
+                (f"complete {mask}, chain", functools.partial(chain, mask=mask, num_rows=args.rows))
+                for mask in MASKS
+                if spec[0] != "bmm"  # the mixture's posterior is exact already
+            ]
+            + [
+                (
+                    f"denoise flip {flip}",
+                    functools.partial(applications.denoise, flip=flip, **shared),
+                )
+                for flip in FLIPS
+            ]
+        )
         for task, run_task in tasks:
             started = time.perf_counter()
             summary = run_task(model, config, run)
@@ -77,8 +89,10 @@ def completion(args, data):
         f"# Completion and denoising, {data}\n",
         f"Statically binarized {data}, {args.rows} test images, nats per image of the hidden"
         " pixels (completion) or of the clean image (denoising); accuracy of the rounded"
-        f" prediction. Importance sampling: {args.samples} draws of the guide; the mixture's"
-        " posterior is exact.\n",
+        f" prediction. Importance sampling: {args.samples} draws of the guide, three rounds"
+        " (the guide reads the previous round's completion); the chain: Metropolis-within-"
+        f"Gibbs, {args.steps} steps, the first fifth discarded; the mixture's posterior is"
+        " exact.\n",
         "| model | task | log-loss | accuracy | baseline log-loss | baseline accuracy |"
         " median ESS | seconds |",
         "|---|---|---|---|---|---|---|---|",
@@ -88,7 +102,14 @@ def completion(args, data):
             ours, base = "completion", "mean"
         else:
             ours, base = "denoised", "noisy_input"
-        ess = "exact" if r["exact"] else f"{r.get('median_ess', float('nan')):.0f}"
+        if r["exact"]:
+            ess = "exact"
+        elif "median_acceptance_rate" in r:
+            ess = f"chain, acceptance {r['median_acceptance_rate']:.2f}"
+        else:
+            ess = f"{r['median_ess']:.0f}" + (
+                " (degenerate)" if r.get("weights_degenerate") else ""
+            )
         lines.append(
             f"| {r['model']} | {r['task']} | {r[ours + '_log_loss']:.2f} |"
             f" {r[ours + '_accuracy']:.4f} | {r[base + '_log_loss']:.2f} |"
@@ -141,7 +162,7 @@ def oneclass(args, data):
                             progress=False, seed=digit, **fit_options)  # fmt: skip
             if hasattr(model, "eval"):
                 model.eval()
-            s = uses.scores(model.model, model.guide, xt, num_samples=args.samples)
+            s = uses.scores(model.model, model.guide, xt, num_samples=args.score_samples)
             scores[name] = (-s.log_prob, time.perf_counter() - started)
         for name, peer in (
             ("IsolationForest", IsolationForest(random_state=digit)),
@@ -162,7 +183,7 @@ def oneclass(args, data):
         f"# One-class anomaly detection, {data} (the protocol of Ruff et al. 2018)\n",
         f"Fit on one digit's training images (statically binarized), score all {len(xt)} test"
         " images; ROC AUC (%) of -log p(x) (the models; importance-sampled with"
-        f" {args.samples} draws for the VAEs, exact for the mixture) or of scikit-learn's"
+        f" {args.score_samples} draws for the VAEs, exact for the mixture) or of scikit-learn's"
         f" score_samples, per normal digit. VAEs: {args.epochs} epochs.\n",
         "| method | " + " | ".join(str(d) for d in classes) + " | mean |",
         "|---|" + "---|" * (len(classes) + 1),
@@ -186,6 +207,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rows", type=int, default=1000, help="test images completed")
     parser.add_argument("--samples", type=int, default=500, help="importance samples")
+    parser.add_argument("--steps", type=int, default=1000, help="chain steps (completion)")
+    parser.add_argument("--score-samples", type=int, default=100, help="IS samples (oneclass)")
     parser.add_argument("--quick", action="store_true", help="8x8 digits, a few epochs")
     parser.add_argument("--reuse", action="store_true", help="read runs the same command finished")
     parser.add_argument("--runs", default="runs/applications")
@@ -193,7 +216,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     data = "digits" if args.quick else "mnist"
     if args.quick:
-        args.epochs, args.rows, args.samples = 3, 200, 50
+        args.epochs, args.rows, args.samples, args.steps, args.score_samples = 3, 200, 50, 50, 50
     if args.part in ("completion", "both"):
         completion(args, data)
     if args.part in ("oneclass", "both"):

@@ -29,6 +29,7 @@ What is "seen" is the model's own likelihood, changed at the observed site only:
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -123,6 +124,7 @@ def complete(
     num_steps: int = 1000,
     burn_in: Optional[int] = None,
     fill: Optional[torch.Tensor] = None,
+    rounds: int = 3,
 ) -> Prediction:
     """The posterior mean of every missing entry of ``x`` (N, D) given its observed ones.
 
@@ -138,6 +140,10 @@ def complete(
     fill: what the guide reads at the missing entries, (N, D) (only there): any values give
         a valid proposal, closer ones a better one (a few rounds of a model's reconstructions,
         say). Default: each column's observed mean, rounded for binary data.
+    rounds: importance sampling only: the guide reads the completion of the previous round
+        at the missing entries (the first reads ``fill``), so that its proposal moves towards
+        the posterior given the seen entries; each round is a valid estimate, the last is
+        returned. A median effective sample size below 5 % of the draws is warned about.
     """
     x, observed = _check_completion(x, observed)
     if method not in ("importance", "chain"):
@@ -167,9 +173,16 @@ def complete(
     def predict(fns, rows, value):
         return _mean(fns, site)
 
-    mean, log_ev, ess, exact = _posterior_average(
-        model, guide, filled, site, transform, predict, num_samples, batch_size, data_plate
-    )
+    check_count("rounds", rounds)
+    for _ in range(rounds):
+        mean, log_ev, ess, exact = _posterior_average(
+            model, guide, filled, site, transform, predict, num_samples, batch_size, data_plate
+        )
+        if exact:
+            break
+        filled = torch.where(observed, x, mean.to(x))
+    if not exact:
+        _warn_if_degenerate(ess, num_samples)
     return Prediction(
         torch.where(observed, x, mean), log_ev, ess, exact, None if exact else num_samples
     )
@@ -233,6 +246,8 @@ def denoise(
     mean, log_ev, ess, exact = _posterior_average(
         model, guide, noisy, site, transform, predict, num_samples, batch_size, data_plate
     )
+    if not exact:
+        _warn_if_degenerate(ess, num_samples)
     return Prediction(mean, log_ev, ess, exact, None if exact else num_samples)
 
 
@@ -343,6 +358,22 @@ def _posterior_average(
         evidence.append(log_w.logsumexp(0) - (0.0 if exact else math.log(k)))
         sizes.append(1 / w.pow(2).sum(0))
     return torch.cat(means), torch.cat(evidence), torch.cat(sizes), exact
+
+
+class DegenerateWeights(UserWarning):
+    """Importance weights concentrated on a few draws: the estimate rests on them."""
+
+
+def _warn_if_degenerate(ess: torch.Tensor, num_samples: int) -> None:
+    median = ess.median().item()
+    if median < 0.05 * num_samples:
+        warnings.warn(
+            f"the importance weights are degenerate: median effective sample size {median:.1f}"
+            f" of {num_samples} draws, so the prediction rests on a handful of them. More draws,"
+            " more rounds, a closer fill, or method='chain' (exact in the limit) would help",
+            DegenerateWeights,
+            stacklevel=3,
+        )
 
 
 def _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in):

@@ -314,3 +314,22 @@ def test_a_guide_that_leaves_a_latent_to_the_prior_is_refused_by_name():
     ):
         with pytest.raises(ValueError, match="model site 'z' is latent but the guide does not"):
             call()
+
+
+def test_rounds_move_the_proposal_and_degenerate_weights_are_warned_about():
+    """The guide reads the gaps filled by the previous round's completion: on PPCA with the
+    amortized guide the smallest effective sample size of 20 rows rises from 2.7 to 95 of 1000
+    draws (seed 0) with three rounds. A proposal far too narrow leaves the weights on a handful
+    of draws, and that is said."""
+    ppca, x, observed = completion_case()
+    ess = {}
+    for rounds in (1, 3):
+        torch.manual_seed(0)
+        result = uses.complete(ppca.model, ppca.guide, x, observed, num_samples=1000, rounds=rounds)
+        ess[rounds] = result.ess
+    assert ess[3].min() > 10 * ess[1].min() and ess[3].median() > 1.5 * ess[1].median()
+    ppca.shift = 2.0  # a proposal several posterior widths off
+    with pytest.warns(uses.DegenerateWeights, match="median effective sample size"):
+        uses.complete(ppca.model, ppca.guide, x, observed, num_samples=200, rounds=1)
+    with pytest.warns(uses.DegenerateWeights):
+        uses.denoise(ppca.model, ppca.guide, x, noise_scale=0.5, num_samples=200)

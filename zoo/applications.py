@@ -118,6 +118,8 @@ def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=
     summary["hidden_fraction"] = hidden.float().mean().item()
     which = "median_ess" if method == "importance" else "median_acceptance_rate"
     summary[which] = result.ess.median().item()
+    if method == "importance" and not result.exact:  # uses.DegenerateWeights said so too
+        summary["weights_degenerate"] = summary[which] < 0.05 * num_samples
     summary.update(_errors(x, result.mean, baseline.expand_as(x), hidden, "completion", "mean"))
     tag = f"completion_{mask.replace(':', '-')}_{split}" + ("_chain" if method == "chain" else "")
     save_torch(run / f"{tag}.pt", {"mean": result.mean.cpu(), "observed": observed.cpu()})
@@ -155,6 +157,8 @@ def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_r
     summary = {"noise": setting, "split": split, "num_rows": len(clean), "exact": result.exact}
     summary["num_samples"] = result.num_samples
     summary["median_ess"] = result.ess.median().item()
+    if not result.exact:  # uses.DegenerateWeights said so too
+        summary["weights_degenerate"] = summary["median_ess"] < 0.05 * num_samples
     summary.update(_errors(clean, result.mean, from_input, everything, "denoised", "noisy_input"))
     reconstruct = getattr(model, "reconstruct", None)
     if callable(reconstruct) and flip is not None:
