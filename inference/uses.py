@@ -348,9 +348,9 @@ def _posterior_average(
                 log_w, _ = particles.log_weights(chunk, num_samples)
         k, n, d = log_w.shape[0], len(chunk), value.shape[1]
         if len(swap.seen) == 1:  # enumerated, or particles vectorized: one run holds all K
-            predictions = predict(_broadcast(swap.seen[0], (k, n, d)), None, chunk)
+            predictions = predict(_broadcast(swap.seen[0], (k, n, d), site), None, chunk)
         else:  # one particle per run
-            runs = [predict(_broadcast(f, (1, n, d)), None, chunk) for f in swap.seen[-k:]]
+            runs = [predict(_broadcast(f, (1, n, d), site), None, chunk) for f in swap.seen[-k:]]
             predictions = torch.cat([p.expand(1, n, d) for p in runs])
         predictions = predictions.expand(k, n, d)
         w = log_w.softmax(0)  # (K, N)
@@ -530,9 +530,9 @@ def _mean(fn, site) -> torch.Tensor:
     return _per_feature(fn, site).mean
 
 
-def _broadcast(fn, shape):
+def _broadcast(fn, shape, site):
     """``fn`` with the batch shape of (K draws, N rows, D features) that the caller reads."""
-    base = _per_feature(fn, "x")
+    base = _per_feature(fn, site)
     if base.batch_shape == shape:
         return base
     try:
