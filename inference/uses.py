@@ -35,7 +35,9 @@ from typing import Callable, Optional
 
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 
 from inference.batching import arguments, check_count, same_random_state
 from inference.enumeration import Enumerated, validation_off
@@ -379,8 +381,6 @@ def _warn_if_degenerate(ess: torch.Tensor, num_samples: int) -> None:
 def _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in):
     """Metropolis-within-Gibbs over (z, x_missing); the Rao-Blackwellized mean of the missing
     entries after ``burn_in`` steps, and each row's acceptance rate."""
-    from pyro import poutine
-
     if guide is None:
         raise ValueError("the chain proposes z from the guide: give one")
     if _point_mass(guide, x[:2]) is not None:
@@ -405,13 +405,13 @@ def _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in):
         log_w = torch.zeros(len(value), dtype=value.dtype, device=value.device)
         for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
             for name, s in trace.nodes.items():
-                if s["type"] == "sample" and not _subsample(s):
+                if s["type"] == "sample" and not site_is_subsample(s):
                     log_w = log_w + sign * _per_row(s, name, len(value))
         latents = {
             n: s["value"]
             for n, s in guide_trace.nodes.items()
             if s["type"] == "sample"
-            and not _subsample(s)
+            and not site_is_subsample(s)
             and (not s["is_observed"] or (fixed and n in fixed))
         }
         return log_w, latents, _per_feature(swap.seen[-1], site)
@@ -431,12 +431,6 @@ def _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in):
         if step >= burn_in:
             total += torch.where(take[:, None], fn_new.mean, fn_old.mean).reshape(x.shape)
     return total / (num_steps - burn_in), accepted / num_steps
-
-
-def _subsample(site) -> bool:
-    from pyro.poutine.util import site_is_subsample
-
-    return site_is_subsample(site)
 
 
 def _per_row(site, name, num_rows) -> torch.Tensor:
@@ -468,15 +462,13 @@ def _check_covers(model, guide, example) -> None:
     """Raise a ValueError naming the first latent site of the model that the guide does not
     sample: replayed, Pyro would draw it from the prior, and the weights would count its
     prior density once too often."""
-    from pyro import poutine
-
     args, kwargs = arguments(example)
     with validation_off(), same_random_state():  # a probe: the draws stay the caller's
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         replayed = poutine.replay(model, trace=guide_trace)
         model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
     for name, s in model_trace.nodes.items():
-        if s["type"] == "sample" and not s["is_observed"] and not _subsample(s):
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s):
             if name not in guide_trace.nodes:
                 raise ValueError(
                     f"model site {name!r} is latent but the guide does not sample it: importance"
@@ -487,8 +479,6 @@ def _check_covers(model, guide, example) -> None:
 
 def _point_mass(guide, example) -> Optional[str]:
     """The first latent site of the guide that is a Delta, or None."""
-    from pyro import poutine
-
     with validation_off(), same_random_state():  # a probe: the draws stay the caller's
         trace = poutine.trace(guide).get_trace(
             *((example,) if torch.is_tensor(example) else example)
@@ -545,8 +535,6 @@ def _broadcast(fn, shape, site):
 
 
 def _check_site(model, value, site):
-    from pyro import poutine
-
     with validation_off():
         trace = poutine.trace(model).get_trace(value)
     if site not in trace.nodes:

@@ -223,10 +223,8 @@ class VQVAE(nn.Module):
             q.codebook[dead] = flat[rows]
             q.ema_count[dead] = count
             q.ema_sum[dead] = count * flat[rows]
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
         self.usage.append(
-            {"perplexity": perplexity, "dead": int(dead.sum()), "restarted": restarted}
+            {"perplexity": _perplexity(counts), "dead": int(dead.sum()), "restarted": restarted}
         )
 
     # ------------------------------------------------------------------ stage 2
@@ -313,9 +311,7 @@ class VQVAE(nn.Module):
         """Perplexity of the code histogram over the images ``x`` (K when every code is used
         equally, 1 when one code takes all) and the number of codes never used."""
         counts = torch.bincount(self.codes(x).flatten(), minlength=self.config.num_codes)
-        p = counts.float() / counts.sum()
-        perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
-        return {"perplexity": perplexity, "unused_codes": int((counts == 0).sum())}
+        return {"perplexity": _perplexity(counts), "unused_codes": int((counts == 0).sum())}
 
     @torch.no_grad()
     def metrics(self, splits, num_samples=None, progress=False) -> dict:
@@ -396,6 +392,12 @@ class VQVAE(nn.Module):
                 "the PixelCNN prior is not fitted yet: fit vq.prior.model / vq.prior.guide on"
                 " vq.codes(x) (stage 2; zoo fit vqvae does it), or ask for prior='uniform'"
             )
+
+
+def _perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of a code histogram: K when every code is used equally, 1 for one code."""
+    p = counts.float() / counts.sum()
+    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
 
 
 def straight_through(z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
