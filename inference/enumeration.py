@@ -201,7 +201,8 @@ class Enumerated:
         """
         if not self.single:
             raise ValueError(f"log_joint is for one discrete latent; the model has {self.latents}")
-        trace = poutine.trace(self._enum_model).get_trace(x)
+        args, kwargs = arguments(x)
+        trace = poutine.trace(self._enum_model).get_trace(*args, **kwargs)
         trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
         ndim = self.max_plate_nesting + 1  # enumeration dim, then the plates
         data_axis = ndim + self.data_dim

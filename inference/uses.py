@@ -39,7 +39,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from inference.batching import arguments, check_count, same_random_state
+from inference.batching import Rows, arguments, check_count, same_random_state
 from inference.enumeration import Enumerated, validation_off
 from inference.evaluate import _enumerable, _rows, importance_sums, log_likelihood
 from inference.particles import Particles, check_full_terms
@@ -127,6 +127,7 @@ def complete(
     burn_in: Optional[int] = None,
     fill: Optional[torch.Tensor] = None,
     rounds: int = 3,
+    condition: tuple = (),
 ) -> Prediction:
     """The posterior mean of every missing entry of ``x`` (N, D) given its observed ones.
 
@@ -146,8 +147,13 @@ def complete(
         at the missing entries (the first reads ``fill``), so that its proposal moves towards
         the posterior given the seen entries; each round is a valid estimate, the last is
         returned. A median effective sample size below 5 % of the draws is warned about.
+    condition: the model's further positional arguments after ``x``, held fixed: a
+        conditional model's labels or condition, (N, ...) tensors sliced by row with ``x``
+        (other values are passed whole). The model and guide are called as
+        ``model(x, *condition)``.
     """
     x, observed = _check_completion(x, observed)
+    condition = _check_condition(condition, len(x))
     if method not in ("importance", "chain"):
         raise ValueError(f"method must be 'importance' or 'chain', not {method!r}")
     seen = torch.where(observed, x, torch.zeros_like(x))
@@ -165,7 +171,9 @@ def complete(
         burn_in = num_steps // 5 if burn_in is None else burn_in
         if not 0 <= burn_in < num_steps:
             raise ValueError(f"burn_in must be in [0, num_steps), got {burn_in}")
-        mean, rate = _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in)
+        mean, rate = _gibbs_chain(
+            model, guide, x, observed, filled, site, num_steps, burn_in, condition
+        )
         nan = torch.full((len(x),), math.nan, dtype=x.dtype, device=x.device)
         return Prediction(torch.where(observed, x, mean), nan, rate, False, num_steps)
 
@@ -178,8 +186,9 @@ def complete(
     check_count("rounds", rounds)
     for _ in range(rounds):
         mean, log_ev, ess, exact = _posterior_average(
-            model, guide, filled, site, transform, predict, num_samples, batch_size, data_plate
-        )
+            model, guide, filled, site, transform, predict, num_samples, batch_size, data_plate,
+            condition,
+        )  # fmt: skip
         if exact:
             break
         filled = torch.where(observed, x, mean.to(x))
@@ -202,10 +211,12 @@ def denoise(
     num_samples: int = 1000,
     batch_size: int = 500,
     data_plate: Optional[str] = None,
+    condition: tuple = (),
 ) -> Prediction:
     """The posterior mean of the clean data given ``noisy`` (N, D) under a stated noise model:
     ``flip``, each binary entry flipped independently with that probability (a Bernoulli
-    likelihood), or ``noise_scale``, N(0, s^2) added to each entry (a Normal likelihood)."""
+    likelihood), or ``noise_scale``, N(0, s^2) added to each entry (a Normal likelihood).
+    ``condition``: the model's further arguments after the data, as for ``complete``."""
     if (flip is None) == (noise_scale is None):
         raise ValueError(
             "give one noise model: flip=RATE (binary data) or noise_scale=S (continuous)"
@@ -215,6 +226,7 @@ def denoise(
     if noise_scale is not None and not noise_scale > 0:
         raise ValueError(f"noise_scale must be positive, got {noise_scale!r}")
     noisy = _check_rows_2d(noisy, "noisy")
+    condition = _check_condition(condition, len(noisy))
 
     def transform(fn, rows):
         base = _per_feature(fn, site)
@@ -246,8 +258,9 @@ def denoise(
         return (base.loc * s2 + value * var) / (var + s2)
 
     mean, log_ev, ess, exact = _posterior_average(
-        model, guide, noisy, site, transform, predict, num_samples, batch_size, data_plate
-    )
+        model, guide, noisy, site, transform, predict, num_samples, batch_size, data_plate,
+        condition,
+    )  # fmt: skip
     if not exact:
         _warn_if_degenerate(ess, num_samples)
     return Prediction(mean, log_ev, ess, exact, None if exact else num_samples)
@@ -301,10 +314,12 @@ class _Swap(Messenger):
 
 
 def _posterior_average(
-    model, guide, value, site, transform, predict, num_samples, batch_size, data_plate
-):
+    model, guide, value, site, transform, predict, num_samples, batch_size, data_plate,
+    condition=(),
+):  # fmt: skip
     """sum_k w_k predict(fn_k) / sum_k w_k per data point, the draws (or enumerated values)
-    weighted by p(seen, z_k) / q(z_k), with the seen data's likelihood ``transform``ed."""
+    weighted by p(seen, z_k) / q(z_k), with the seen data's likelihood ``transform``ed; the
+    model called as ``model(value, *condition)``."""
     check_count("num_samples", num_samples)
     swap = _Swap(site, transform)
 
@@ -312,8 +327,9 @@ def _posterior_average(
         with swap:
             return model(*args, **kwargs)
 
-    example = value[:4]
-    _check_site(model, value[:2], site)
+    rows = Rows((value, *condition)) if condition else Rows(value)
+    example = rows.slice(0, 4)
+    _check_site(model, rows.slice(0, 2), site)
     exact = _enumerable(model, example)
     if exact:
         enum = Enumerated(swapped, None, example, data_plate)
@@ -340,7 +356,8 @@ def _posterior_average(
             )
     means, evidence, sizes = [], [], []
     for i in range(0, len(value), batch_size):
-        chunk = value[i : i + batch_size]
+        chunk = rows.slice(i, i + batch_size)
+        values = value[i : i + batch_size]
         swap.start, swap.seen = i, []
         with validation_off():  # the filled entries need not lie in the support
             if exact:
@@ -348,11 +365,11 @@ def _posterior_average(
                 log_w = log_w.T + global_term  # (K, N)
             else:
                 log_w, _ = particles.log_weights(chunk, num_samples)
-        k, n, d = log_w.shape[0], len(chunk), value.shape[1]
+        k, n, d = log_w.shape[0], len(values), value.shape[1]
         if len(swap.seen) == 1:  # enumerated, or particles vectorized: one run holds all K
-            predictions = predict(_broadcast(swap.seen[0], (k, n, d), site), None, chunk)
+            predictions = predict(_broadcast(swap.seen[0], (k, n, d), site), None, values)
         else:  # one particle per run
-            runs = [predict(_broadcast(f, (1, n, d), site), None, chunk) for f in swap.seen[-k:]]
+            runs = [predict(_broadcast(f, (1, n, d), site), None, values) for f in swap.seen[-k:]]
             predictions = torch.cat([p.expand(1, n, d) for p in runs])
         predictions = predictions.expand(k, n, d)
         w = log_w.softmax(0)  # (K, N)
@@ -378,14 +395,15 @@ def _warn_if_degenerate(ess: torch.Tensor, num_samples: int) -> None:
         )
 
 
-def _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in):
+def _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in, condition=()):
     """Metropolis-within-Gibbs over (z, x_missing); the Rao-Blackwellized mean of the missing
     entries after ``burn_in`` steps, and each row's acceptance rate."""
     if guide is None:
         raise ValueError("the chain proposes z from the guide: give one")
-    if _point_mass(guide, x[:2]) is not None:
+    few = Rows((filled, *condition)).slice(0, 2)
+    if _point_mass(guide, few) is not None:
         raise ValueError("the chain's proposals come from the guide, which is a point mass here")
-    _check_covers(model, guide, filled[:2])
+    _check_covers(model, guide, few)
     swap = _Swap(site, lambda fn, rows: fn)
 
     def run(value, fixed=None):
@@ -394,14 +412,14 @@ def _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in):
         g = guide if fixed is None else poutine.condition(guide, data=fixed)
         swap.start, swap.seen = 0, []
         with validation_off():
-            guide_trace = poutine.trace(g).get_trace(value)
+            guide_trace = poutine.trace(g).get_trace(value, *condition)
             # the state's values enter the model as they enter the guide: conditioned on
             if fixed is None:
                 given = poutine.replay(model, trace=guide_trace)
             else:
                 given = poutine.condition(model, data=fixed)
             with swap:
-                model_trace = poutine.trace(given).get_trace(value)
+                model_trace = poutine.trace(given).get_trace(value, *condition)
         log_w = torch.zeros(len(value), dtype=value.dtype, device=value.device)
         for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
             for name, s in trace.nodes.items():
@@ -534,13 +552,30 @@ def _broadcast(fn, shape, site):
         ) from error
 
 
-def _check_site(model, value, site):
+def _check_site(model, example, site):
+    args, kwargs = arguments(example)
     with validation_off():
-        trace = poutine.trace(model).get_trace(value)
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
     if site not in trace.nodes:
         names = [n for n, s in trace.nodes.items() if s["type"] == "sample" and s["is_observed"]]
         raise ValueError(f"the model has no site {site!r}; its observed sites: {names}")
     _per_feature(trace.nodes[site]["fn"], site)
+
+
+def _check_condition(condition, num_rows) -> tuple:
+    """``condition`` as a tuple, each tensor in it with the data's ``num_rows`` rows."""
+    if isinstance(condition, torch.Tensor) or not isinstance(condition, (tuple, list)):
+        raise TypeError(
+            "condition is a tuple of the model's further arguments (condition=(y,)), not"
+            f" {type(condition).__name__}"
+        )
+    for i, value in enumerate(condition):
+        if isinstance(value, torch.Tensor) and (value.dim() == 0 or len(value) != num_rows):
+            raise ValueError(
+                f"condition[{i}] has shape {tuple(value.shape)}: it needs the data's {num_rows}"
+                " rows along dim 0"
+            )
+    return tuple(condition)
 
 
 def _check_rows_2d(x, name):

@@ -31,7 +31,7 @@ def test_masks():
         ("random:1.5", r"random:P needs a fraction P in \(0, 1\)"),
         ("random:x", r"random:P needs a fraction"),
         ("quadrants:4", "quadrants:G needs G = 1, 2 or 3"),
-        ("left-half", "use random:P, bottom-half, right-half or quadrants:G"),
+        ("left-half", "use random:P, bottom-half, right-half, quadrants:G or a .pt"),
     ):
         with pytest.raises(ValueError, match=message):
             applications.parse_mask(spec, (2, 64))
@@ -95,11 +95,6 @@ def test_refusals_name_the_problem(bmm_run, tmp_path, capsys):
         cli.main(["complete", str(bmm_run), "--mask", "top"])
     with pytest.raises(SystemExit, match="give one noise model"):
         cli.main(["denoise", str(bmm_run)])
-    cvae = tmp_path / "cvae"
-    argv = ["fit", "cvae", "--data", "digits", "--epochs", "1", "--out", str(cvae), "--quiet"]
-    assert cli.main(argv) == 0
-    with pytest.raises(SystemExit, match="works on models of the data alone; cvae takes 2"):
-        cli.main(["complete", str(cvae), "--mask", "bottom-half"])
     vq = tmp_path / "vq"
     argv = ["fit", "vqvae", "--data", "digits", "--epochs", "1", "--out", str(vq), "--quiet"]
     assert cli.main(argv) == 0
@@ -107,3 +102,109 @@ def test_refusals_name_the_problem(bmm_run, tmp_path, capsys):
         cli.main(["complete", str(vq), "--mask", "random:0.3"])
     assert cli.main(["score", str(vq)]) == 0  # a bound (discrete codes), and said so
     assert json.loads((vq / "scores_test.json").read_text())["point_mass_guide_site"] == "codes"
+
+
+@pytest.fixture(scope="module")
+def cvae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "cvae"
+    argv = ["fit", "cvae", "--data", "digits", "--epochs", "10", "--hidden", "128", "--z-dim",
+            "8", "--lr", "3e-3", "--out", str(out), "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    return out
+
+
+def test_a_conditional_model_is_completed_given_its_labels(cvae_run, tmp_path):
+    """The CVAE's labels are held fixed as its condition: the completion given the true labels
+    is the one ``inference.uses`` gives with condition=(one-hot labels,), it beats the mean
+    image, and it beats the completion given every label moved by one (the condition is
+    read row by row). Without labels the CVAE refuses; a mask file is read as given."""
+    from zoo.cvae import one_hot
+
+    argv = ["complete", str(cvae_run), "--mask", "bottom-half", "--num-rows", "200"]
+    assert cli.main(argv) == 0
+    summary = json.loads((cvae_run / "completion_bottom-half_test.json").read_text())
+    assert summary["conditioned"] and not summary["labels_hidden"]
+    assert summary["completion_log_loss"] < 0.9 * summary["mean_log_loss"]
+    model, config = runs.restore(cvae_run)
+    model.eval()
+    x, y = runs.splits(config)["test"]
+    x, y = x[:200], y[:200]
+    saved = torch.load(cvae_run / "completion_bottom-half_test.pt", weights_only=True)
+    observed = saved["observed"]
+    torch.manual_seed(0)
+    given = uses.complete(model.model, model.guide, x, observed, num_samples=500,
+                          condition=(one_hot(y),))  # fmt: skip
+    torch.testing.assert_close(saved["mean"], given.mean)
+    wrong = uses.complete(model.model, model.guide, x, observed, num_samples=500,
+                          condition=(one_hot((y + 1) % 10),))  # fmt: skip
+
+    def loss(mean):
+        p = mean.clamp(1e-4, 1 - 1e-4)
+        per = -(x * p.log() + (1 - x) * (1 - p).log())
+        return (per * ~observed).sum(-1).mean().item()
+
+    assert loss(given.mean) < loss(wrong.mean) - 1.0
+    with pytest.raises(SystemExit, match="the CVAE conditions on labels: these data have none"):
+        cli.main([*argv, "--hide-labels"])
+    path = tmp_path / "left.pt"
+    torch.save(torch.arange(64).remainder(8) < 4, path)  # the left half of every image seen
+    assert cli.main(["complete", str(cvae_run), "--mask", str(path), "--num-rows", "20"]) == 0
+    saved = torch.load(cvae_run / "completion_left_test.pt", weights_only=True)
+    assert torch.equal(saved["observed"][0].reshape(8, 8)[:, :4], torch.ones(8, 4).bool())
+    torch.save(torch.zeros(64), path)
+    with pytest.raises(SystemExit, match="a boolean array"):
+        cli.main(["complete", str(cvae_run), "--mask", str(path)])
+
+
+def test_a_semi_supervised_model_goes_without_its_labels(tmp_path):
+    """The SSVAE with --hide-labels: the class is a latent variable, importance-sampled with
+    the style; outliers are scored like the data, and without --hide-labels refused."""
+    run = tmp_path / "ssvae"
+    argv = ["fit", "ssvae", "--data", "digits", "--epochs", "2", "--out", str(run), "--quiet"]
+    assert cli.main(argv) == 0
+    complete = ["complete", str(run), "--mask", "random:0.3", "--num-rows", "50"]
+    assert cli.main([*complete, "--hide-labels", "--num-samples", "100"]) == 0
+    summary = json.loads((run / "completion_random-0.3_test.json").read_text())
+    assert summary["labels_hidden"] and not summary["exact"]
+    saved = torch.load(run / "completion_random-0.3_test.pt", weights_only=True)
+    model, config = runs.restore(run)
+    model.eval()
+    x, _ = runs.splits(config)["test"]
+    torch.manual_seed(0)
+    unknown = torch.full((50,), -1, dtype=torch.long)
+    direct = uses.complete(model.model, model.guide, x[:50], saved["observed"],
+                           num_samples=100, condition=(unknown,))  # fmt: skip
+    torch.testing.assert_close(saved["mean"], direct.mean)
+    with pytest.raises(SystemExit, match="score both without labels"):
+        cli.main(["score", str(run), "--outliers", "noise"])
+    assert cli.main(["score", str(run), "--hide-labels", "--outliers", "noise"]) == 0
+    assert json.loads((run / "scores_test.json").read_text())["auroc"]["noise"] > 0.99
+
+
+def test_the_complexity_corrected_score(bmm_run):
+    """Serra et al.'s correction: -log p(x) minus the zlib length in nats. Blank rows compress
+    to less than random ones; 8-bit rows in [0, 1] too; the corrected ROC AUC is the one of
+    the corrected scores recomputed from the written rows and the model itself."""
+    blank, noisy = (
+        torch.zeros(3, 64),
+        (torch.rand(3, 64, generator=torch.Generator().manual_seed(0)) < 0.5).float(),
+    )  # noqa: E501
+    assert (applications.complexity(blank) < applications.complexity(noisy) - 5).all()
+    grey = torch.rand(2, 64, generator=torch.Generator().manual_seed(1))
+    assert (applications.complexity(grey) > applications.complexity(noisy[:2])).all()
+    with pytest.raises(ValueError, match="binary rows or rows in"):
+        applications.complexity(torch.randn(2, 64))
+    argv = ["score", str(bmm_run), "--outliers", "upside-down", "--complexity"]
+    assert cli.main(argv) == 0
+    summary = json.loads((bmm_run / "scores_test.json").read_text())
+    rows = [line.split(",") for line in (bmm_run / "scores_test.csv").read_text().split()[1:]]
+    lp = torch.tensor([float(r[1]) for r in rows], dtype=torch.float64)
+    cx = torch.tensor([float(r[3]) for r in rows], dtype=torch.float64)
+    model, config = runs.restore(bmm_run)
+    x, _ = runs.splits(config)["test"]
+    torch.testing.assert_close(cx, applications.complexity(x).double(), rtol=0, atol=1e-5)
+    flipped = x.reshape(-1, 8, 8).flip(1).reshape(len(x), -1)
+    outlier = -model.log_likelihood(flipped).double() - applications.complexity(flipped).double()
+    expected = uses.roc_auc(-lp - cx, outlier)
+    assert summary["auroc_complexity_corrected"]["upside-down"] == pytest.approx(expected, abs=1e-6)
+    assert (bmm_run / "scores_test_corrected.png").exists()

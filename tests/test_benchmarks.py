@@ -89,18 +89,27 @@ def test_applications_benchmark_quick(tmp_path):
     _quick("applications.py", tmp_path, "--runs", str(tmp_path / "runs"))
     rows = json.loads((tmp_path / "applications_completion-quick.json").read_text())
     mixture = [r for r in rows if r["model"] == "Bernoulli mixture"]
-    assert len(mixture) == 8 and all(r["exact"] for r in mixture)
+    assert len(mixture) == 9 and all(r["exact"] for r in mixture)
     for r in mixture:  # exact posteriors beat the baselines on every task
         ours, base = (
             ("completion", "mean") if "completion_log_loss" in r else ("denoised", "noisy_input")
         )
         assert r[f"{ours}_log_loss"] < r[f"{base}_log_loss"], r["task"]
+    # the quadrant task, read from the mask file: one of four quadrants seen, for every model
+    task = [r for r in rows if r["task"] == "complete one quadrant (task)"]
+    assert len(task) == 5 and all(r["hidden_fraction"] == 0.75 for r in task if "mask" in r)
+    cvae = next(r for r in task if r["model"].startswith("CVAE"))
+    assert cvae["conditioned"] and not cvae["exact"]
     auroc = json.loads((tmp_path / "applications_oneclass-quick.json").read_text())
-    methods = {r["method"] for r in auroc}
-    assert {"Bernoulli mixture", "IsolationForest", "OneClassSVM (RBF)"} <= methods
-    assert len(auroc) == 10 * len(methods)
-    bmm = [r["auroc"] for r in auroc if r["method"] == "Bernoulli mixture"]
+    per_class = [r for r in auroc if r["digit"] != "all"]
+    methods = {r["method"] for r in per_class}
+    assert {"Bernoulli mixture", "Bernoulli mixture, complexity-corrected", "IsolationForest",
+            "OneClassSVM (RBF)"} <= methods  # fmt: skip
+    assert len(per_class) == 10 * len(methods)
+    bmm = [r["auroc"] for r in per_class if r["method"] == "Bernoulli mixture"]
     assert sum(bmm) / 10 > 0.9  # 0.955 when measured; chance is 0.5
+    sanity = {r["method"]: r for r in auroc if r["digit"] == "all"}
+    assert sanity["Bernoulli mixture"]["auroc"]["noise"] > 0.99  # random pixels: no digits
 
 
 @requires_mnist

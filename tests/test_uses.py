@@ -333,3 +333,61 @@ def test_rounds_move_the_proposal_and_degenerate_weights_are_warned_about():
         uses.complete(ppca.model, ppca.guide, x, observed, num_samples=200, rounds=1)
     with pytest.warns(uses.DegenerateWeights):
         uses.denoise(ppca.model, ppca.guide, x, noise_scale=0.5, num_samples=200)
+
+
+def test_a_conditional_models_condition_is_held_fixed_row_by_row():
+    """model(x, y): PPCA whose mean moves with a per-row condition y, x ~ N(W z + mu + B y,
+    sigma^2). Given y, the completion is the Gaussian conditional with the row's own mean
+    (the offsets are large, so ignoring y would be far off); the exact guide gives equal
+    weights, and the mixture's exact path takes a condition too (its weights move with y)."""
+    ppca, x, observed = completion_case()
+    g = torch.Generator().manual_seed(7)
+    y = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    b = 2.0 * torch.randn(5, 3, generator=g, dtype=torch.float64)
+    offset = y @ b.T  # (N, D)
+    x = x + offset
+    exact_z = observed_posterior_guide(ppca, observed)
+
+    def model(x, y):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            loc = z @ ppca.w.T + ppca.mu + y @ b.T
+            pyro.sample("x", dist.Normal(loc, ppca.sigma).to_event(1), obs=x)
+
+    def guide(x, y):
+        exact_z(x - y @ b.T)
+
+    result = uses.complete(  # batches of 7 rows: the condition is sliced with them
+        model, guide, x, observed, num_samples=4000, batch_size=7, condition=(y,)
+    )
+    torch.testing.assert_close(result.ess, torch.full((20,), 4000.0, dtype=torch.float64))
+    expected, sd = gaussian_conditional(ppca, x - offset, observed, sd=True)
+    expected = expected + offset  # the observed entries come back as they are
+    assert ((result.mean - expected).abs() <= 4 * sd / math.sqrt(4000)).all()
+    ignored, _ = gaussian_conditional(ppca, x, observed, sd=True)
+    assert (result.mean - ignored).abs().max() > 1.0  # the condition matters here
+    # the chain, with the condition too: the same answer within its Monte Carlo error
+    torch.manual_seed(0)
+    chain = uses.complete(model, guide, x, observed, method="chain", num_steps=1000,
+                          condition=(y,))  # fmt: skip
+    assert (chain.mean - expected).abs().mean() < 0.05
+    with pytest.raises(ValueError, match=r"condition\[0\] has shape \(19, 3\).*20 rows"):
+        uses.complete(model, guide, x, observed, condition=(y[:19],))
+    with pytest.raises(TypeError, match="condition is a tuple"):
+        uses.denoise(model, guide, x, noise_scale=0.3, condition=y)
+
+    a = torch.randn(3, 3, generator=g, dtype=torch.float64)  # (Y, K)
+
+    def conditional_mixture(x, y):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(logits=y @ a))
+            pyro.sample("x", dist.Bernoulli(PROBS[z]).to_event(1), obs=x)
+
+    bits = binary_rows(20)
+    seen = torch.rand(20, 6, generator=g) < 0.5
+    seen[:, 0] = True
+    result = uses.complete(conditional_mixture, None, bits, seen, condition=(y,))
+    joint = (y @ a).log_softmax(-1) + log_lik(bits, PROBS, seen.double())
+    assert result.exact
+    by_hand = torch.where(seen, bits, joint.softmax(-1) @ PROBS)
+    torch.testing.assert_close(result.mean, by_hand, rtol=0, atol=1e-10)

@@ -4,15 +4,21 @@ the metrics beside their baselines and the figures. The posterior computations t
 model-agnostic and live in ``inference.uses``; this module knows images and run directories.
 
     zoo score RUN [--split test] [--outliers noise,upside-down,FILE.npy]
-    zoo complete RUN --mask random:0.4 | bottom-half | right-half | quadrants:G
+    zoo complete RUN --mask random:0.4 | bottom-half | right-half | quadrants:G | FILE
     zoo denoise RUN --flip 0.1 | --noise-scale 0.3
 
 Each writes its rows (``.csv`` or ``.pt``), a summary (``.json``) and a figure (``.png``) into
-the run directory, named after the split and the setting, and prints the summary. Models that
-take more than the data (a conditional VAE's labels) are refused by completion and denoising.
+the run directory, named after the split and the setting, and prints the summary.
+
+A model that takes more than the data for a split (its ``arguments``: a conditional VAE's
+labels, a semi-supervised VAE's) is completed, denoised and scored with those further
+arguments held fixed as its condition: the posterior given the seen entries *and* the label.
+``labels=False`` (``--hide-labels``) hands the model the split without its labels, for a
+model that can go without them (the SSVAE infers the class; the CVAE refuses).
 """
 
 import math
+from pathlib import Path
 from typing import Tuple
 
 import torch
@@ -25,8 +31,11 @@ from zoo import plots, registry, runs
 def parse_mask(text: str, shape: Tuple[int, int], seed: int = 0) -> torch.Tensor:
     """The observed entries (True) of ``shape`` = (N, D) for a mask spec: ``random:P`` (each
     entry hidden with probability P), ``bottom-half``, ``right-half`` or ``quadrants:G`` (the
-    first G of the four quadrants, in reading order, seen) of square images."""
+    first G of the four quadrants, in reading order, seen) of square images, or a ``.pt`` /
+    ``.npy`` file of a boolean (N', D) or (D,) array, True where seen (its first N rows)."""
     num, dim = shape
+    if text.endswith((".pt", ".npy")):
+        return _mask_file(text, shape)
     kind, _, arg = text.partition(":")
     if kind == "random":
         try:
@@ -54,21 +63,48 @@ def parse_mask(text: str, shape: Tuple[int, int], seed: int = 0) -> torch.Tensor
         quadrant = (rows >= half).long() * 2 + (cols >= half).long()  # 0 1 / 2 3
         image = quadrant < int(arg)
     else:
-        raise ValueError(f"--mask {text!r}: use random:P, bottom-half, right-half or quadrants:G")
+        raise ValueError(
+            f"--mask {text!r}: use random:P, bottom-half, right-half, quadrants:G or a .pt / .npy"
+            " file"
+        )
     return image.flatten().expand(num, dim).clone()
 
 
-def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=0) -> dict:
+def _mask_file(text: str, shape: Tuple[int, int]) -> torch.Tensor:
+    import numpy as np
+
+    path = runs.run_path(text)
+    if not path.is_file():
+        raise ValueError(f"--mask {text}: no such file")
+    value = torch.load(path, weights_only=True) if text.endswith(".pt") else np.load(path)
+    mask = torch.as_tensor(value)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"--mask {text}: a boolean array (True where seen), not {mask.dtype}")
+    num, dim = shape
+    if mask.dim() == 1:
+        mask = mask.expand(num, -1)
+    if mask.dim() != 2 or mask.shape[1] != dim or len(mask) < num:
+        raise ValueError(
+            f"--mask {text}: shape {tuple(mask.shape)}, the rows need ({num}, {dim}) or ({dim},)"
+        )
+    return mask[:num].clone()
+
+
+def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=0,
+          labels=True, corrected=False) -> dict:  # fmt: skip
     """Per-point log p(x) of a split (exact or with standard errors), a histogram, and with
-    ``outliers`` (``noise``, ``upside-down`` or files of rows) the ROC AUC of -log p(x)."""
-    x, arguments = _arguments(config, split, model)
+    ``outliers`` (``noise``, ``upside-down`` or files of rows) the ROC AUC of -log p(x); with
+    ``corrected`` also of the complexity-corrected score -log p(x) - ``complexity(x)``."""
+    x, arguments = _arguments(config, split, model, labels)
     value = registry.as_data(arguments)
     result = uses.scores(model.model, model.guide, value, num_samples=num_samples)
     tag = f"scores_{split}"
-    lines = ["row,log_prob,std_error"] + [
-        f"{i},{lp:.6f},{se:.6f}"
-        for i, (lp, se) in enumerate(zip(result.log_prob.tolist(), result.std_error.tolist()))
-    ]
+    columns = [result.log_prob.tolist(), result.std_error.tolist()]
+    if corrected:
+        columns.append(complexity(x).tolist())
+    header = "row,log_prob,std_error" + (",complexity" if corrected else "")
+    lines = [header] + [",".join([str(i)] + [f"{v:.6f}" for v in row])
+                        for i, row in enumerate(zip(*columns))]  # fmt: skip
     (run / f"{tag}.csv").write_text("\n".join(lines) + "\n")
     summary = {
         "split": split,
@@ -82,37 +118,80 @@ def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=
         "auroc": {},
     }
     sets = {split: -result.log_prob}
-    if outliers and len(arguments) != 1:
+    fixed = {split: -result.log_prob - complexity(x)} if corrected else {}
+    if corrected:
+        summary["auroc_complexity_corrected"] = {}
+    if outliers and len(arguments) != 1 and labels:
         raise ValueError(
-            f"--outliers scores rows of the data alone; {config['model']} takes"
-            f" {len(arguments)} arguments for a split (a condition or labels)"
+            f"--outliers: {config['model']} takes {len(arguments)} arguments for a split (a"
+            " condition or labels), which the outlier rows do not have; score both without"
+            " labels (--hide-labels), if the model can go without them"
         )
     for name in outliers:
         rows = _outliers(name, x, seed)
-        anomalous = uses.scores(model.model, model.guide, rows, num_samples=num_samples)
+        given = registry.model_arguments(model, rows, None, split)  # no labels, as the data
+        anomalous = uses.scores(
+            model.model, model.guide, registry.as_data(given), num_samples=num_samples
+        )
         sets[name] = -anomalous.log_prob
         summary["auroc"][name] = uses.roc_auc(sets[split], sets[name])
+        if corrected:
+            fixed[name] = sets[name] - complexity(rows)
+            summary["auroc_complexity_corrected"][name] = uses.roc_auc(fixed[split], fixed[name])
     plots.save(plots.score_histograms(sets, summary["auroc"]), run / f"{tag}.png")
+    if corrected:
+        figure = plots.score_histograms(
+            fixed, summary["auroc_complexity_corrected"], title="complexity-corrected scores",
+            xlabel="-log p(x) - compressed length, nats",
+        )  # fmt: skip
+        plots.save(figure, run / f"{tag}_corrected.png")
     save_json(run / f"{tag}.json", summary)
     return summary
 
 
+def complexity(x: torch.Tensor) -> torch.Tensor:
+    """Each row's length in nats compressed by zlib (level 9), binary rows packed eight
+    entries to a byte and rows in [0, 1] quantized to 8 bits: the input complexity of Serra et
+    al. (2020, Input complexity and out-of-distribution detection with likelihood-based
+    generative models). A likelihood model gives simple inputs (few strokes, flat images) a
+    high p(x) whatever it learned, and so does a generic compressor; their corrected anomaly
+    score -log p(x) - complexity(x) keeps what the model knows beyond that."""
+    import zlib
+
+    import numpy as np
+
+    rows = x.detach().cpu()
+    if ((rows == 0) | (rows == 1)).all():
+        data = np.packbits(rows.numpy().astype(np.uint8), axis=1)
+    elif rows.min() >= 0 and rows.max() <= 1:
+        data = (rows * 255).round().numpy().astype(np.uint8)
+    else:
+        raise ValueError(
+            "the complexity correction compresses binary rows or rows in [0, 1] (images);"
+            f" these range over [{rows.min().item():.3g}, {rows.max().item():.3g}]"
+        )
+    lengths = [8 * len(zlib.compress(row.tobytes(), 9)) for row in data]
+    return torch.tensor(lengths, dtype=x.dtype, device=x.device) * math.log(2)
+
+
 def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=500, seed=0,
-             method="importance", num_steps=1000):  # fmt: skip
+             method="importance", num_steps=1000, labels=True):  # fmt: skip
     """Fill the hidden entries of ``num_rows`` rows of a split (by importance sampling, exact
     enumeration, or the Metropolis-within-Gibbs ``method="chain"`` of ``num_steps``); the
     hidden entries' log-loss (binary data) or squared error beside the training mean's, and a
     figure."""
-    x = _data_only(config, split, model, "complete")[:num_rows]
+    x, condition = _data_and_condition(config, split, model, labels, num_rows)
     observed = parse_mask(mask, tuple(x.shape), seed).to(x.device)
     torch.manual_seed(seed)
     result = uses.complete(
         model.model, model.guide, x, observed, num_samples=num_samples, method=method,
-        num_steps=num_steps,
+        num_steps=num_steps, condition=condition,
     )  # fmt: skip
     baseline = _training_mean(config, x)
     hidden = ~observed
     summary = {"mask": mask, "split": split, "num_rows": len(x), "exact": result.exact}
+    summary["conditioned"] = bool(condition)
+    summary["labels_hidden"] = not labels
     summary["method"] = "exact" if result.exact else method
     summary["num_samples" if method == "importance" else "num_steps"] = result.num_samples
     summary["hidden_fraction"] = hidden.float().mean().item()
@@ -121,7 +200,8 @@ def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=
     if method == "importance" and not result.exact:  # uses.DegenerateWeights said so too
         summary["weights_degenerate"] = summary[which] < 0.05 * num_samples
     summary.update(_errors(x, result.mean, baseline.expand_as(x), hidden, "completion", "mean"))
-    tag = f"completion_{mask.replace(':', '-')}_{split}" + ("_chain" if method == "chain" else "")
+    setting = Path(mask).stem if mask.endswith((".pt", ".npy")) else mask.replace(":", "-")
+    tag = f"completion_{setting}_{split}" + ("_chain" if method == "chain" else "")
     save_torch(run / f"{tag}.pt", {"mean": result.mean.cpu(), "observed": observed.cpu()})
     save_json(run / f"{tag}.json", summary)
     if _square(x):
@@ -133,10 +213,10 @@ def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=
 
 
 def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_rows=1000,
-            num_samples=500, seed=0):  # fmt: skip
+            num_samples=500, seed=0, labels=True):  # fmt: skip
     """Corrupt ``num_rows`` rows of a split by the stated noise, then clean them: the clean
     data's log-loss (binary) or squared error beside the noisy input's and a reconstruction's."""
-    clean = _data_only(config, split, model, "denoise")[:num_rows]
+    clean, condition = _data_and_condition(config, split, model, labels, num_rows)
     g = torch.Generator().manual_seed(seed)
     if flip is not None:
         flips = (torch.rand(clean.shape, generator=g) < flip).to(clean.device)
@@ -151,17 +231,19 @@ def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_r
     torch.manual_seed(seed)
     result = uses.denoise(
         model.model, model.guide, noisy, flip=flip, noise_scale=noise_scale,
-        num_samples=num_samples,
+        num_samples=num_samples, condition=condition,
     )  # fmt: skip
     everything = torch.ones_like(clean, dtype=torch.bool)
     summary = {"noise": setting, "split": split, "num_rows": len(clean), "exact": result.exact}
+    summary["conditioned"] = bool(condition)
+    summary["labels_hidden"] = not labels
     summary["num_samples"] = result.num_samples
     summary["median_ess"] = result.ess.median().item()
     if not result.exact:  # uses.DegenerateWeights said so too
         summary["weights_degenerate"] = summary["median_ess"] < 0.05 * num_samples
     summary.update(_errors(clean, result.mean, from_input, everything, "denoised", "noisy_input"))
     reconstruct = getattr(model, "reconstruct", None)
-    if callable(reconstruct) and flip is not None:
+    if callable(reconstruct) and flip is not None and not condition:
         with torch.no_grad():
             again = _errors(
                 clean, reconstruct(noisy), from_input, everything, "reconstruction", "_"
@@ -182,8 +264,9 @@ def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_r
 # ---------------------------------------------------------------------------------- helpers
 
 
-def _arguments(config, split, model):
-    """A split's rows as the run's scores see them, and the model's arguments for it."""
+def _arguments(config, split, model, labels=True):
+    """A split's rows as the run's scores see them, and the model's arguments for it (with
+    the split's labels, or without them)."""
     binarize = config.get("held_out_binarize", config.get("binarize"))
     try:
         x, y = runs.split(config["data"], split, binarize, config.get("max_data"))
@@ -193,18 +276,20 @@ def _arguments(config, split, model):
         ) from None
     params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
     x = x.to(params[0].device) if params else x
-    arguments = registry.model_arguments(model, x, y, split)
+    arguments = registry.model_arguments(model, x, y if labels else None, split)
     return x, tuple(a.to(x.device) if isinstance(a, torch.Tensor) else a for a in arguments)
 
 
-def _data_only(config, split, model, command: str) -> torch.Tensor:
-    x, arguments = _arguments(config, split, model)
-    if len(arguments) != 1:
-        raise ValueError(
-            f"zoo {command} works on models of the data alone; {config['model']} takes"
-            f" {len(arguments)} arguments for a split (a condition or labels)"
-        )
-    return arguments[0]
+def _data_and_condition(config, split, model, labels, num_rows):
+    """The first ``num_rows`` rows of the model's data argument for a split, and its further
+    arguments (a condition, labels) for the same rows."""
+    _, arguments = _arguments(config, split, model, labels)
+    num = len(arguments[0])
+    head = tuple(
+        a[:num_rows] if isinstance(a, torch.Tensor) and a.dim() and len(a) == num else a
+        for a in arguments
+    )
+    return head[0], head[1:]
 
 
 def _outliers(name: str, x: torch.Tensor, seed: int) -> torch.Tensor:

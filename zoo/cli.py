@@ -207,10 +207,13 @@ def cmd_use(args) -> int:
         model.eval()
     pyro.set_rng_seed(args.seed)
     shared = dict(split=args.split, num_samples=args.num_samples, seed=args.seed)
+    shared["labels"] = not args.hide_labels
     try:
         if args.command == "score":
             outliers = [o for o in (args.outliers or "").split(",") if o]
-            summary = applications.score(model, config, run, outliers=outliers, **shared)
+            summary = applications.score(
+                model, config, run, outliers=outliers, corrected=args.complexity, **shared
+            )
         elif args.command == "complete":
             summary = applications.complete(
                 model, config, run, args.mask, num_rows=args.num_rows, method=args.method,
@@ -312,18 +315,29 @@ def build_parser() -> argparse.ArgumentParser:
             help="importance samples per row (models without an exact posterior)",
         )  # fmt: skip
         use.add_argument("--seed", type=_seed, default=0)
+        use.add_argument(
+            "--hide-labels", action="store_true",
+            help="hand the model the split without its labels (a model that takes labels as a"
+            " condition otherwise gets them: the posterior given the seen data and the label)",
+        )  # fmt: skip
         if name == "score":
             use.add_argument(
                 "--outliers",
                 help="comma-separated: noise, upside-down, or .npy / .csv files of rows",
             )
+            use.add_argument(
+                "--complexity", action="store_true",
+                help="also the complexity-corrected score -log p(x) - compressed length (Serra"
+                " et al. 2020), which discounts how simple an input is",
+            )  # fmt: skip
         else:
             use.add_argument("--num-rows", type=_positive_int, default=1000)
         if name == "complete":
             use.add_argument(
                 "--mask", required=True,
                 help="random:P (each entry hidden with probability P), bottom-half,"
-                " right-half, quadrants:G (the first G quadrants seen)",
+                " right-half, quadrants:G (the first G quadrants seen), or a .pt / .npy file"
+                " of a boolean (N, D) or (D,) array, True where seen",
             )  # fmt: skip
             use.add_argument(
                 "--method", choices=("importance", "chain"), default="importance",

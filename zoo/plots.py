@@ -207,7 +207,8 @@ def codebook_usage(usage: Sequence[dict], num_codes: int, title: str = "codebook
     return fig
 
 
-def score_histograms(sets: dict, auroc: dict, title: str = "anomaly scores"):
+def score_histograms(sets: dict, auroc: dict, title: str = "anomaly scores",
+                     xlabel: str = "-log p(x), nats"):  # fmt: skip
     """Histograms of -log p(x) per set of rows ({name: scores}), the first the normal data;
     the ROC AUC of each other set against it in the legend."""
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -215,7 +216,7 @@ def score_histograms(sets: dict, auroc: dict, title: str = "anomaly scores"):
         values = values.detach().cpu().float().numpy()
         label = name if name not in auroc else f"{name} (ROC AUC {auroc[name]:.3f})"
         ax.hist(values, bins=60, alpha=0.5, label=label)
-    ax.set_xlabel("-log p(x), nats")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("rows")
     ax.set_title(title)
     ax.legend()
