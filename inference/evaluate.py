@@ -9,6 +9,10 @@ Metrics shared by every model, all in nats per data point where they are densiti
 - ``bic`` and ``aic`` from a total log-likelihood and a number of free parameters.
 - ``gradient_variance`` of a stochastic gradient estimator at fixed parameters, with
   ``elbo_gradient`` for one draw of any Pyro ELBO's gradient.
+- ``latent_usage(model, guide, x)``: per latent site of the guide, its units, the active ones
+  (Burda et al. 2016: Var_x E_q[z_u | x] > 0.01) and its KL term in nats per data point; and
+  how much the reconstructions E[x | z ~ q(z | x)] vary across the data (posterior collapse
+  makes them one image).
 """
 
 import math
@@ -121,6 +125,97 @@ def elbo(
             for i in range(0, rows.num_data, batch_size)
         ]
     )
+
+
+@torch.no_grad()
+def latent_usage(
+    model: Callable,
+    guide: Callable,
+    x,
+    *,
+    site: str = "x",
+    threshold: float = 0.01,
+    data_plate: Optional[str] = None,
+) -> dict:
+    """How a fitted model uses its latent variables on the rows ``x`` (a few hundred to a few
+    thousand: one draw per row), for any model/guide pair with local latents:
+
+    - ``sites``: for each latent site of the guide, ``units`` (its entries per data point),
+      ``active`` (those whose guide mean varies across the rows, Var_n E_q[z_u | x_n] >
+      ``threshold``; a site whose distribution has no mean is left out) and ``kl``, the
+      one-draw estimate of E_q[log q(z | .) - log p(z | .)] in nats per data point;
+    - ``reconstruction_spread``: the variance across rows of E[x | z] at the observed ``site``
+      (z drawn from the guide), over the data's own variance, averaged over the features: 1
+      when the reconstructions vary as the data do, 0 when the decoder gives every input the
+      same image (None when the site has no mean or the data do not vary).
+    """
+    from pyro import poutine
+    from pyro.poutine.util import site_is_subsample
+
+    rows = _rows(x, None)
+    particles = Particles(model, guide, rows.slice(0, 4), data_plate, vectorize=False)
+    plate, n = particles.data_plate, rows.num_data
+    args, kwargs = arguments(x)
+    with validation_off():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    sites = {}
+    for name in particles.latents:
+        q, p = guide_trace.nodes[name], model_trace.nodes.get(name)
+        entry = {"units": None, "active": None, "kl": None}
+        value = q["value"]
+        event = len(q["fn"].event_shape)
+        axis = _plate_axis(q, plate, value.dim() - event)
+        if axis is None:
+            continue
+        entry["units"] = int(value.numel() // value.shape[axis])
+        try:
+            mean = q["fn"].mean.expand(value.shape)
+        except (NotImplementedError, RuntimeError):
+            mean = None
+        if mean is not None and mean.is_floating_point():
+            per_row = mean.movedim(axis, 0).reshape(n, -1)
+            entry["active"] = int((per_row.var(0) > threshold).sum())
+        if p is not None and not site_is_subsample(p):
+            log_q, log_p = (_per_row_sum(s, plate, value) for s in (q, p))
+            if log_q is not None and log_p is not None:
+                entry["kl"] = (log_q - log_p).mean().item()
+        sites[name] = entry
+    spread = None
+    observed = model_trace.nodes.get(site)
+    if observed is not None and observed["is_observed"]:
+        try:
+            recon = observed["fn"].mean
+        except NotImplementedError:
+            recon = None
+        data = observed["value"]
+        if recon is not None and recon.shape[-data.dim() :] == data.shape:
+            recon = recon.reshape(-1, *data.shape)[0]
+            own = data.reshape(n, -1).var(0).mean()
+            if own > 0:
+                spread = (recon.reshape(n, -1).var(0).mean() / own).item()
+    return {"sites": sites, "reconstruction_spread": spread, "threshold": threshold}
+
+
+def _plate_axis(site, plate: str, ndim: int) -> Optional[int]:
+    """Where the ``plate``'s rows lie among ``ndim`` batch dims of a site."""
+    for frame in site["cond_indep_stack"]:
+        if frame.name == plate and frame.dim is not None and ndim + frame.dim >= 0:
+            return ndim + frame.dim
+    return None
+
+
+def _per_row_sum(site, plate: str, value) -> Optional[torch.Tensor]:
+    """A site's log-density of ``value`` (its mask applied) summed to one number per row."""
+    log_prob = site["fn"].log_prob(value)
+    if site["mask"] is not None:
+        log_prob = log_prob * site["mask"]
+    axis = _plate_axis(site, plate, log_prob.dim())
+    if axis is None:
+        return None
+    return log_prob.movedim(axis, 0).reshape(log_prob.shape[axis], -1).sum(-1)
 
 
 def _rows(x, batch_dims) -> Rows:

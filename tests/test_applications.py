@@ -208,3 +208,44 @@ def test_the_complexity_corrected_score(bmm_run):
     expected = uses.roc_auc(-lp - cx, outlier)
     assert summary["auroc_complexity_corrected"]["upside-down"] == pytest.approx(expected, abs=1e-6)
     assert (bmm_run / "scores_test_corrected.png").exists()
+
+
+def test_interpolation_paths_and_zoo_sample_interpolate(tmp_path):
+    """Linear and spherical paths in closed form: between orthogonal codes of norm r the
+    great circle's midpoint is r (z0 + z1) / |z0 + z1| (norm r), the straight line's (z0 +
+    z1) / 2 (norm r / sqrt 2); both start and end at the codes. ``zoo sample --interpolate``
+    decodes them from the codes of the rows named."""
+    z0 = torch.tensor([3.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    z1 = torch.tensor([0.0, 3.0, 0.0, 0.0], dtype=torch.float64)
+    arc = applications.interpolate(z0, z1, 5, "spherical")
+    line = applications.interpolate(z0, z1, 5, "linear")
+    for path in (arc, line):
+        assert path.shape == (5, 4)
+        torch.testing.assert_close(path[0], z0)
+        torch.testing.assert_close(path[-1], z1)
+    torch.testing.assert_close(arc[2], 3.0 * (z0 + z1) / (z0 + z1).norm())
+    torch.testing.assert_close(line[2], (z0 + z1) / 2)
+    torch.testing.assert_close(arc.norm(dim=-1), torch.full((5,), 3.0, dtype=torch.float64))
+    same = applications.interpolate(z0, 2 * z0, 3, "spherical")  # one direction: the line
+    torch.testing.assert_close(same[1], 1.5 * z0)
+    with pytest.raises(ValueError, match="'linear' or 'spherical'"):
+        applications.interpolate(z0, z1, 5, "geodesic")
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        applications.interpolate(z0, z1, 1)
+
+    run = tmp_path / "vae"
+    argv = ["fit", "vae", "--data", "digits", "--epochs", "1", "--out", str(run), "--quiet"]
+    assert cli.main(argv) == 0
+    assert cli.main(["sample", str(run), "--interpolate", "0,1;4,2", "--steps", "5"]) == 0
+    saved = torch.load(run / "interpolation.pt", weights_only=True)
+    assert saved["images"].shape == (2, 2, 5, 64) and (run / "interpolation.png").exists()
+    model, config = runs.restore(run)
+    model.eval()
+    x, _ = runs.splits(config)["test"]
+    ends = model.decode(model.encode(x[[4, 2]])[0])
+    torch.testing.assert_close(saved["images"][1, :, 0], ends[0].expand(2, -1))
+    torch.testing.assert_close(saved["images"][1, :, -1], ends[1].expand(2, -1))
+    with pytest.raises(SystemExit, match="pairs of row numbers like 0,1"):
+        cli.main(["sample", str(run), "--interpolate", "0-1"])
+    with pytest.raises(SystemExit, match="row 999 of test, which has 360 rows"):
+        cli.main(["sample", str(run), "--interpolate", "0,999"])

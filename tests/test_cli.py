@@ -87,6 +87,25 @@ def test_console_script_lists_models():
     assert "gmm" in proc.stdout and "bmm" in proc.stdout and "mnist" in proc.stdout
 
 
+def test_help_answers_before_torch_and_pyro_load():
+    """``zoo --help`` imports neither torch, Pyro nor matplotlib (they take seconds on a busy
+    machine); ``from zoo import VAE`` still works; the data names the parser offers are
+    zoo.data's."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from zoo import cli\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    cli.main(['--help'])\n"
+        "print(sorted(m for m in ('torch', 'pyro', 'matplotlib') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+    from zoo import VAE, data
+    from zoo.vae import VAE as same
+
+    assert VAE is same and cli.DATA_NAMES == data.NAMES
+
+
 @requires_mnist
 def test_fit_bmm_on_mnist(tmp_path):
     argv = ["fit", "bmm", "--data", "mnist", "-k", "5", "--max-data", "1000", "--max-iter", "200"]

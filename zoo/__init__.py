@@ -3,15 +3,35 @@
 from zoo import GaussianMixture, BernoulliMixture, VAE, CVAE, SSVAE, HVAE, VQVAE, data
 """
 
-from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig
-from zoo.cvae import CVAE, CVAEConfig
-from zoo.gmm import GaussianMixture, GMMConfig
-from zoo.hvae import HVAE, HVAEConfig
-from zoo.ssvae import SSVAE, SSVAEConfig
-from zoo.vae import VAE, VAEConfig
-from zoo.vqvae import VQVAE, VQVAEConfig
+import importlib
 
-__all__ = [
+_WHERE = {
+    "BernoulliMixture": "bernoulli_mixture",
+    "BMMConfig": "bernoulli_mixture",
+    "CVAE": "cvae",
+    "CVAEConfig": "cvae",
+    "GaussianMixture": "gmm",
+    "GMMConfig": "gmm",
+    "HVAE": "hvae",
+    "HVAEConfig": "hvae",
+    "SSVAE": "ssvae",
+    "SSVAEConfig": "ssvae",
+    "VAE": "vae",
+    "VAEConfig": "vae",
+    "VQVAE": "vqvae",
+    "VQVAEConfig": "vqvae",
+}
+
+
+def __getattr__(name):
+    """``from zoo import VAE``: the model's module is imported when it is first asked for, so
+    that importing the package (``zoo --help``) does not load torch and Pyro."""
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"zoo.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+
+
+__all__ = [  # noqa: F822 (resolved by __getattr__)
     "BernoulliMixture",
     "BMMConfig",
     "CVAE",

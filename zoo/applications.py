@@ -174,6 +174,59 @@ def complexity(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(lengths, dtype=x.dtype, device=x.device) * math.log(2)
 
 
+def interpolate(z0: torch.Tensor, z1: torch.Tensor, steps: int, path: str = "linear"):
+    """``steps`` points from ``z0`` to ``z1`` (each (..., Z)), both ends included: (steps, ...,
+    Z). ``linear``: (1 - t) z0 + t z1; ``spherical``: the great circle between them (White
+    2016), whose points keep the norm a draw of N(0, I) has, where a straight line between
+    two draws passes nearer the origin than the prior ever puts a point."""
+    if steps < 2:
+        raise ValueError(f"an interpolation needs at least 2 steps, got {steps}")
+    t = torch.linspace(0, 1, steps, dtype=z0.dtype, device=z0.device)
+    t = t.reshape(-1, *([1] * z0.dim()))
+    if path == "linear":
+        return (1 - t) * z0 + t * z1
+    if path != "spherical":
+        raise ValueError(f"path must be 'linear' or 'spherical', not {path!r}")
+    cos = (z0 * z1).sum(-1, keepdim=True) / (
+        z0.norm(dim=-1, keepdim=True) * z1.norm(dim=-1, keepdim=True)
+    )
+    omega = cos.clamp(-1, 1).acos()
+    small = omega.abs() < 1e-4  # (nearly) the same direction: the straight line is the arc
+    sin = omega.sin().where(~small, torch.ones_like(omega))
+    arc = (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / sin
+    return torch.where(small, (1 - t) * z0 + t * z1, arc)
+
+
+def interpolations(model, config, run, pairs=((0, 1),), steps=9, split="test") -> dict:
+    """Encode each pair of rows of a split (the guide's mean code), walk between the codes
+    linearly and along the great circle, decode every point; ``interpolation.pt`` holds the
+    images, (pairs, 2 paths, steps, D), and ``interpolation.png`` shows them."""
+    missing = [n for n in ("encode", "decode") if not callable(getattr(model, n, None))]
+    if missing:
+        raise ValueError(
+            f"--interpolate needs a model that offers encode(x) and decode(z); {config['model']}"
+            f" lacks {' and '.join(missing)}"
+        )
+    x, _ = _arguments(config, split, model, labels=False)
+    rows = sorted({i for pair in pairs for i in pair})
+    if rows[-1] >= len(x):
+        raise ValueError(f"--interpolate: row {rows[-1]} of {split}, which has {len(x)} rows")
+    with torch.no_grad():
+        images = []
+        for a, b in pairs:
+            z = model.encode(x[[a, b]])[0]  # (2, Z) posterior means
+            paths = [interpolate(z[0], z[1], steps, p) for p in ("linear", "spherical")]
+            images.append(torch.stack([model.decode(p) for p in paths]))  # (2, S, D)
+        images = torch.stack(images)  # (P, 2, S, D)
+    save_torch(run / "interpolation.pt", {"images": images.cpu(), "pairs": list(pairs)})
+    summary = {"pairs": [list(p) for p in pairs], "steps": steps, "split": split}
+    if _square(x):
+        grid = images.reshape(-1, x.shape[1]).cpu()
+        title = "latent interpolation: each pair, linear then spherical, left to right"
+        plots.save(plots.image_grid(grid, num_cols=steps, title=title), run / "interpolation.png")
+    return summary
+
+
 def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=500, seed=0,
              method="importance", num_steps=1000, labels=True):  # fmt: skip
     """Fill the hidden entries of ``num_rows`` rows of a split (by importance sampling, exact

@@ -29,8 +29,11 @@ the drivers in ``inference``. config.json holds everything needed to rebuild the
 command line; params.pt the model's state dict (``torch.load(..., weights_only=True)``).
 """
 
+from __future__ import annotations
+
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -41,18 +44,33 @@ import typing
 import warnings
 from pathlib import Path
 
-import matplotlib
+from zoo import registry  # light: the models load when one is asked for
 
-matplotlib.use("Agg")  # the CLI only writes files; set before pyplot is imported
 
-import pyro  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as tdist  # noqa: E402
+class _Lazy:
+    """A module imported on its first use, so that ``zoo --help`` and argument errors answer
+    before torch, Pyro and matplotlib load (seconds on a busy machine)."""
 
-from inference import em, evaluate, loop, reparam, svi  # noqa: E402
-from inference.io import save_json, save_torch  # noqa: E402
-from inference.sparse import SparseRows  # noqa: E402
-from zoo import comparisons, data, plots, registry, runs  # noqa: E402
+    def __init__(self, name: str):
+        self._name, self._module = name, None
+
+    def __getattr__(self, attr):
+        if self._module is None:
+            import matplotlib
+
+            matplotlib.use("Agg")  # the CLI only writes files; set before pyplot is imported
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+pyro, torch, tdist = _Lazy("pyro"), _Lazy("torch"), _Lazy("torch.distributed")
+em, evaluate, loop = _Lazy("inference.em"), _Lazy("inference.evaluate"), _Lazy("inference.loop")
+reparam, svi, sparse = _Lazy("inference.reparam"), _Lazy("inference.svi"), _Lazy("inference.sparse")
+files = _Lazy("inference.io")  # save_json, save_torch
+comparisons, data, plots = _Lazy("zoo.comparisons"), _Lazy("zoo.data"), _Lazy("zoo.plots")
+runs = _Lazy("zoo.runs")
+# zoo data fetch's choices, without importing zoo.data (tests/test_cli.py: equal to data.NAMES)
+DATA_NAMES = ("mnist", "digits", "faithful", "gmm-synthetic", "bmm-synthetic")
 
 LOOP = ("svi", "reparam")  # the drivers that run the training loop (inference.loop)
 
@@ -112,7 +130,7 @@ FIT_FLAGS = (
     ("n_init", _positive_int, 1, ("em",), "restarts; the best is kept"),
     ("sparse", str, "auto", ("em",), "EM on sparse rows: auto, yes or no"),
 )
-_CHOICES = {"loss": sorted(svi.LOSSES), "sparse": ("auto", "yes", "no")}
+_CHOICES = {"sparse": ("auto", "yes", "no")}  # and "loss": svi.LOSSES, read when used
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -139,7 +157,8 @@ def cmd_fit(args) -> int:
     spec = registry.get(args.model)
     argv = [args.model, *args.rest]
     flags = _fit_parser(spec).parse_args(args.rest)
-    settings = _settings(spec, flags)
+    defaults = _data_defaults(spec, flags)
+    settings = _settings(spec, flags, defaults)
     out, resume = _fit_target(spec, flags)
     pyro.set_rng_seed(flags.seed)
     pyro.clear_param_store()
@@ -151,7 +170,7 @@ def cmd_fit(args) -> int:
             )
         device = _init_distributed(device)
     rank = tdist.get_rank() if tdist.is_initialized() else 0
-    fit = _Fit(spec, flags, settings, out, resume, device, argv)
+    fit = _Fit(spec, flags, settings, out, resume, device, argv, defaults)
     fit.load_data()  # bad data or options are refused before the run directory is touched
     fit.build_model()
     claim = runs.open_for_writing(out, overwrite=flags.overwrite, resume=resume)
@@ -169,7 +188,7 @@ def cmd_evaluate(args) -> int:
     metrics = _metrics(model, config, args.num_samples, not args.quiet)
     old = run / "metrics.json"
     kept = json.loads(old.read_text()) if old.exists() else {}
-    save_json(old, {**kept, **metrics})  # kept: what only the fit knew (its objective, time)
+    files.save_json(old, {**kept, **metrics})  # kept: what only the fit knew (its objective, time)
     _print_metrics(run, metrics)
     return 0
 
@@ -178,13 +197,25 @@ def cmd_sample(args) -> int:
     model, config = runs.restore(args.run)
     run = runs.run_path(args.run)
     pyro.set_rng_seed(args.seed)
+    if args.interpolate is not None:
+        from zoo import applications
+
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+        try:
+            pairs = _pairs(args.interpolate)
+            summary = applications.interpolations(model, config, run, pairs, args.steps)
+        except ValueError as error:
+            raise SystemExit(f"zoo sample: {error}") from None
+        print(f"wrote {run / 'interpolation.pt'} ({summary['steps']} steps, pairs {pairs})")
+        return 0
     hook = getattr(model, "sample", None)
     if not callable(hook):
         raise SystemExit(f"zoo: {config['model']} offers no sample(num_samples): nothing to draw")
     drawn = hook(args.num_samples)
     x, z = drawn if isinstance(drawn, tuple) else (drawn, None)
     saved = {"x": x.detach().cpu(), **({} if z is None else {"z": z.detach().cpu()})}
-    save_torch(run / "samples.pt", saved)
+    files.save_torch(run / "samples.pt", saved)
     figure = getattr(model, "sample_figure", lambda x, z: None)(x, z)
     side = int(round(x.shape[-1] ** 0.5))
     if figure is None and x.dim() == 2 and side * side == x.shape[-1]:
@@ -193,6 +224,19 @@ def cmd_sample(args) -> int:
         plots.save(figure, run / "samples.png")
     print(f"wrote {run / 'samples.pt'}" + (" and samples.png" if figure is not None else ""))
     return 0
+
+
+def _pairs(text: str):
+    """``0,1`` or ``0,1;5,9``: pairs of row numbers."""
+    pairs = []
+    for part in text.split(";"):
+        items = part.split(",")
+        if len(items) != 2 or not all(i.strip().isdigit() for i in items):
+            raise ValueError(
+                f"--interpolate takes pairs of row numbers like 0,1 or 0,1;5,9, not {text!r}"
+            )
+        pairs.append((int(items[0]), int(items[1])))
+    return pairs
 
 
 def cmd_use(args) -> int:
@@ -300,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("run")
     sample.add_argument("--num-samples", type=_positive_int, default=100)
     sample.add_argument("--seed", type=_seed, default=0)
+    sample.add_argument(
+        "--interpolate", nargs="?", const="0,1", metavar="A,B[;C,D]",
+        help="instead of samples: decode the straight and the great-circle paths between the"
+        " codes of test rows A and B (default 0,1), into interpolation.png / .pt",
+    )  # fmt: skip
+    sample.add_argument("--steps", type=_positive_int, default=9, help="points per path")
     sample.set_defaults(func=cmd_sample)
     uses = {
         "score": "per-point log p(x) of a split, a histogram, ROC AUC against --outliers",
@@ -352,15 +402,23 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd = sub.add_parser("data", help="data sets")
     data_sub = data_cmd.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser("fetch", help="download and verify a data set into the cache")
-    fetch.add_argument("name", choices=data.NAMES)
+    fetch.add_argument("name", choices=DATA_NAMES)
     fetch.set_defaults(func=cmd_data_fetch)
     return parser
 
 
 def _fit_parser(spec) -> argparse.ArgumentParser:
     """The flags of ``zoo fit`` for one model: the shared ones, then the model's options."""
+    lines = [
+        f"on {name}: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items())
+        for name, chosen in spec.data_defaults.items()
+    ]
+    epilog = "the model's defaults per data set (flags you give win): " + "; ".join(lines)
     parser = argparse.ArgumentParser(
-        prog=f"zoo fit {spec.name}", description=spec.description, allow_abbrev=False
+        prog=f"zoo fit {spec.name}",
+        description=spec.description,
+        allow_abbrev=False,
+        epilog=epilog if lines else None,
     )
     _add_data_flags(parser, spec)
     parser.add_argument(
@@ -377,7 +435,10 @@ def _fit_parser(spec) -> argparse.ArgumentParser:
             continue  # a flag for drivers the model does not take: argparse refuses it
         shown = f"{text} [{'|'.join(drivers)}" + (f"; default {default}]" if default else "]")
         shared.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, choices=_CHOICES.get(name), help=shown
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            choices=sorted(svi.LOSSES) if name == "loss" else _CHOICES.get(name),
+            help=shown,
         )
     if set(LOOP) & set(spec.drivers):
         _add_loop_flags(shared, "reparam" in spec.drivers)
@@ -486,9 +547,33 @@ def _given_options(spec, args) -> dict:
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
 
 
-def _settings(spec, flags) -> dict:
-    """The shared flags that apply to the chosen driver, defaults filled in; a flag given for
-    another driver is refused, naming it and the drivers it applies to."""
+def _data_defaults(spec, flags) -> dict:
+    """The model's defaults for the data set (``Spec.data_defaults``), less what the command
+    line sets; said once, so that a user knows what was chosen for them."""
+    name = flags.data or spec.default_data
+    defaults = spec.defaults_for(name)
+    sizes = {o.name for o in spec.options()}
+    unless = defaults.pop("_unless", ())  # given any of these, the model's sizes are the user's
+    if any(getattr(flags, n, None) is not None for n in unless):
+        defaults = {k: v for k, v in defaults.items() if k not in sizes}
+    chosen = {}
+    for key, value in defaults.items():
+        given = getattr(flags, key, None)
+        if given is None or (key == "binarize" and given == "default"):
+            chosen[key] = value
+    if chosen and not flags.quiet:
+        words = {k: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+                 for k, v in chosen.items()}  # fmt: skip
+        shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in words.items())
+        print(f"zoo: {spec.name} on {name}: the model's defaults for these data: {shown}")
+    return chosen
+
+
+def _settings(spec, flags, defaults=None) -> dict:
+    """The shared flags that apply to the chosen driver, defaults filled in (the model's own
+    for the data set first); a flag given for another driver is refused, naming it and the
+    drivers it applies to."""
+    defaults = defaults or {}
     driver = flags.inference
     settings = {}
     table = [*FIT_FLAGS, ("jit", str, False, ("reparam",), ""), ("resume", str, None, LOOP, "")]
@@ -506,7 +591,7 @@ def _settings(spec, flags) -> dict:
                 f" and {spec.name} is fitted by --inference {driver} here"
             )
         if driver in drivers:
-            settings[name] = default if value is None else value
+            settings[name] = defaults.get(name, default) if value is None else value
     if settings.get("resume_lr") is not None and settings.get("resume") is None:
         raise SystemExit("zoo: --resume-lr continues a run from its checkpoint: pass --resume too")
     if settings.get("resume_lr") is not None:
@@ -541,11 +626,12 @@ def _fit_target(spec, flags):
 class _Fit:
     """One ``zoo fit``: its data, model, config, driver and outputs, step by step."""
 
-    def __init__(self, spec, flags, settings, out: Path, resume: bool, device, argv):
+    def __init__(self, spec, flags, settings, out: Path, resume: bool, device, argv, defaults=None):
         self.spec, self.flags, self.settings = spec, flags, settings
         self.out, self.resume, self.device, self.argv = out, resume, device, argv
         self.data_name = flags.data or spec.default_data
-        default = spec.default_binarize
+        self.defaults = defaults or {}  # the model's choices for these data (_data_defaults)
+        default = self.defaults.get("binarize", spec.default_binarize)
         self.binarize = default if flags.binarize == "default" else _none(flags.binarize)
         self.held_out = "static" if self.binarize == "dynamic" else self.binarize
 
@@ -587,7 +673,13 @@ class _Fit:
     def build_model(self) -> None:
         """The model from its options, completed from the data; a model built on fitted runs
         (an option of ``metadata={"run": True}``) gets them restored, by ``build_on``."""
-        self.options = self.spec.complete(_given_options(self.spec, self.flags), self.info)
+        names = {o.name for o in self.spec.options()}
+        chosen = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.defaults.items()}
+        given = {
+            **{k: v for k, v in chosen.items() if k in names},
+            **_given_options(self.spec, self.flags),
+        }
+        self.options = self.spec.complete(given, self.info)
         self.built_on, fitted = {}, {}
         for option in self.spec.options():
             path = self.options.get(option.name) if option.run else None
@@ -637,6 +729,7 @@ class _Fit:
             "inference": self.flags.inference,
             "options": options,
             "built_on": self.built_on,
+            "data_defaults": self.defaults,
             "command": "zoo fit " + " ".join(shlex.quote(a) for a in self.argv),
         }
         return self._resumed(config) if self.resume else config
@@ -682,7 +775,7 @@ class _Fit:
         train = self.arguments("train", self.train)
         value = registry.as_data(train)
         if driver == "em":
-            value = SparseRows(value) if options["sparse"] else value
+            value = sparse.SparseRows(value) if options["sparse"] else value
             settings = {k: options[k] for k in ("tol", "max_iter", "n_init", "seed")}
             return em.fit(
                 self.model.model,
@@ -775,9 +868,9 @@ class _Fit:
             keys = ("epochs", "batch_size", "lr", "seed")
             hook(self.arguments("train", self.train), {k: config["options"].get(k) for k in keys})
         runs.save_parameters(self.model, self.out / "params.pt")
-        save_json(self.out / "history.json", result.history)
+        files.save_json(self.out / "history.json", result.history)
         for name, stage in getattr(self, "stage_results", {}).items():
-            save_json(self.out / f"history_{name}.json", stage.history)
+            files.save_json(self.out / f"history_{name}.json", stage.history)
         samples = self.settings.get("eval_samples", 100)
         splits = _device_splits(self.model, config)  # read once for the scores and figures
         metrics = _metrics(self.model, config, samples, not self.flags.quiet, splits)
@@ -800,9 +893,68 @@ class _Fit:
         if result.valid_objective is not None:  # the model's validation_score, else the ELBO
             name = "score" if getattr(self, "validated", False) else "objective"
             metrics[f"best_valid_{name}"] = result.valid_objective
-        save_json(self.out / "metrics.json", metrics)
+        if config["inference"] != "em":
+            metrics["latent_usage"] = usage = _latent_usage(self.model, splits)
+            _warn_if_collapsed(usage, self.spec)
+        files.save_json(self.out / "metrics.json", metrics)
         _figures(self.model, config, result.history, self.out, self.info, splits)
         return metrics
+
+
+COLLAPSED_KL = 0.1  # nats per data point: a latent site that tells the decoder less is unused
+COLLAPSED_SPREAD = 0.05  # reconstructions varying less than this share of the data's: one image
+
+
+def _latent_usage(model, splits, rows: int = 1000):
+    """``evaluate.latent_usage`` on the first ``rows`` held-out rows (the training rows where
+    there are none), or why it does not apply (no local latent variables, say)."""
+    split = "test" if "test" in splits else "train"
+    x, y = splits[split]
+    try:  # the labels hidden where the model can go without them (an SSVAE's class is latent)
+        arguments = registry.model_arguments(model, x[:rows], None, split)
+    except ValueError:  # it conditions on them (a CVAE)
+        arguments = registry.model_arguments(model, x[:rows], y[:rows], split)
+    try:
+        return evaluate.latent_usage(model.model, model.guide, registry.as_data(arguments))
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
+        return {"not_available": f"{type(error).__name__}: {error}"}
+
+
+def _warn_if_collapsed(usage: dict, spec) -> None:
+    """A warning, naming the flags that help, when the guide carries almost nothing about the
+    data (its KL terms sum to under ``COLLAPSED_KL`` nats per data point: the posterior is the
+    prior and the decoder ignores z), when the reconstructions hardly vary across the inputs
+    (under ``COLLAPSED_SPREAD`` of the data's variance: one image for every input), or when a
+    latent site is unused (no unit of it varies with the data, and its KL is under
+    ``COLLAPSED_KL``)."""
+    sites = {n: v for n, v in usage.get("sites", {}).items() if v["kl"] is not None}
+    if not sites:
+        return
+    total = sum(v["kl"] for v in sites.values())
+    unused = [n for n, v in sites.items() if v["kl"] < COLLAPSED_KL and v["active"] == 0]
+    spread = usage.get("reconstruction_spread")
+    flat = spread is not None and spread < COLLAPSED_SPREAD
+    if total >= COLLAPSED_KL and not unused and not flat:
+        return
+    named = unused or [n for n, v in sites.items() if v["active"] == 0] or list(sites)
+    shown = ", ".join(
+        f"{n} (KL {sites[n]['kl']:.3f} nats, {sites[n]['active']} of {sites[n]['units']} units"
+        " active)"
+        for n in named
+    )
+    options = {o.name for o in spec.options()}
+    flags = [
+        f"--{n.replace('_', '-')}" for n in ("z_dim", "z_dims", "hidden", "warmup") if n in options
+    ]
+    said = "" if spread is None else f"; reconstructions vary {spread:.0%} as much as the data"
+    print(
+        f"zoo: warning: posterior collapse: latent site(s) {shown} carry almost nothing about"
+        f" the data{said}. Remedies: more optimizer steps (more --epochs, a smaller"
+        " --batch-size), a higher --lr"
+        + (f", a smaller network or latent ({', '.join(flags)})" if flags else "")
+        + "; see latent_usage in metrics.json",
+        file=sys.stderr,
+    )
 
 
 def _run_settings(options: dict) -> dict:

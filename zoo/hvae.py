@@ -105,6 +105,18 @@ class HVAEConfig:
     drivers={"reparam": {}, "svi": {"loss": "TraceMeanField_ELBO"}},
     default_data="mnist",
     default_binarize="dynamic",
+    # the 8x8 digits: MNIST's sizes collapse there in a few epochs (tests/test_digits_defaults.py)
+    data_defaults={
+        "digits": {
+            "z_dims": (16, 8),
+            "hidden": (256, 128),
+            "warmup": 0,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "binarize": "threshold",
+            "_unless": ("layers", "z_dims", "hidden"),
+        }
+    },
     config=HVAEConfig,
 )
 class HVAE(nn.Module):

@@ -9,7 +9,11 @@ packages through the ``zoo.models`` entry-point group, and a user's class is nam
     model = spec.build({"z_dim": 8}, registry.DataInfo.of(x, y))
 
 What a model declares (``Spec``): its name, a description, the drivers that fit it with their
-default options, its default data and binarization, and its options: the fields of its config
+default options, its default data and binarization, the defaults it chooses per data set
+(``data_defaults={"digits": {"z_dim": 8, "lr": 3e-3, "binarize": "threshold"}}``: its options,
+the training loop's flags and the binarization, used wherever the user sets none; a model sized
+for MNIST collapses on the 8x8 digits; ``"_unless": ("layers",)`` drops its option defaults
+when the user gives one of those), and its options: the fields of its config
 dataclass (a zoo model: ``cls(Config(**options))``), or the typed parameters of ``__init__``
 (a user's class: ``cls(**options)``). A field's ``metadata`` may hold ``help``, ``flags``
 (other spellings), ``choices`` and ``data``: the name of a ``DataInfo`` attribute that sets the
@@ -123,6 +127,11 @@ class Spec:
     config: Optional[type] = None  # the config dataclass (None: options are __init__'s)
     source: str = "zoo"
     comparison: Dict[str, Any] = field(default_factory=dict)
+    data_defaults: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    def defaults_for(self, data_name: Optional[str]) -> Dict[str, Any]:
+        """What the model chooses for this data set where the user chooses nothing."""
+        return dict(self.data_defaults.get(data_name, {}))
 
     def options(self) -> Tuple[Option, ...]:
         """The model's options; a config field with ``metadata={"internal": True}`` (set by
@@ -221,6 +230,7 @@ def register(
     default_binarize: Optional[str] = None,
     config: Optional[type] = None,
     comparison: Optional[Dict[str, Any]] = None,
+    data_defaults: Optional[Dict[str, Dict[str, Any]]] = None,
 ) -> Callable[[type], type]:
     """Class decorator: add a model to the registry under ``name``."""
     bad = sorted(set(drivers) - set(DRIVERS))
@@ -237,6 +247,7 @@ def register(
             default_binarize,
             config,
             comparison=dict(comparison or {}),
+            data_defaults={k: dict(v) for k, v in (data_defaults or {}).items()},
         )
         return cls
 
@@ -339,6 +350,7 @@ def _spec_of(cls, name: str, source: str) -> Spec:
         getattr(cls, "default_binarize", None),
         getattr(cls, "Config", None),
         source=source,
+        data_defaults=dict(getattr(cls, "data_defaults", None) or {}),
     )
 
 

@@ -88,6 +88,9 @@ class VQVAEConfig:
     drivers={"reparam": {"analytic_kl": False}, "svi": {"loss": "Trace_ELBO"}},
     default_data="mnist",
     default_binarize="static",
+    # the 8x8 digits: MNIST's rate and batch leave every input the same codes in a few epochs
+    # (tests/test_digits_defaults.py)
+    data_defaults={"digits": {"batch_size": 16, "lr": 3e-3, "binarize": "threshold"}},
     config=VQVAEConfig,
 )
 class VQVAE(nn.Module):
