@@ -97,3 +97,31 @@ def test_a_plate_that_subsamples_its_own_terms_keeps_its_factor_in_the_elbo():
     assert ((draws.mean(0) - exact).abs() < 4 * se + 1e-3).all(), (draws.mean(0), exact)
     with pytest.raises(ValueError, match="plate\\(s\\) terms \\(2 of 6\\)"):
         evaluate.log_likelihood(model, guide, y, num_samples=10)
+
+
+def test_latent_usage_in_closed_form():
+    """PPCA whose second latent unit the decoder ignores (its column of W is zero), with the
+    exact posterior as guide: unit 2's posterior is its prior (inactive, no KL), unit 1's mean
+    varies; the mean KL is the Gaussian closed form, 0.5 (tr S + m'm - q - log det S) averaged
+    over the rows, within 4 standard errors of its one-draw estimate; the reconstructions'
+    spread is diag(W W') over diag(W W' + sigma^2 I), averaged over features, within 4 % (4000 rows)."""
+    from tests._models import PPCA
+
+    torch.manual_seed(0)
+    ppca = PPCA(d=5, q=2, sigma=0.5)
+    ppca.w[:, 1] = 0.0
+    x = ppca.sample(4000, seed=3)
+    usage = evaluate.latent_usage(ppca.model, ppca.guide, x)
+    site = usage["sites"]["z"]
+    assert site["units"] == 2 and site["active"] == 1
+    loc, cov = ppca.posterior(x)  # (N, Q), (Q, Q)
+    kl = 0.5 * (cov.trace() + (loc**2).sum(-1) - 2 - torch.logdet(cov))  # (N,)
+    # the one-draw estimate's spread: log q - log p at z ~ q varies around the KL row by row
+    torch.manual_seed(1)
+    draws = [evaluate.latent_usage(ppca.model, ppca.guide, x[:500])["sites"]["z"]["kl"]
+             for _ in range(20)]  # fmt: skip
+    error = torch.tensor(draws).std().item() * (500 / 4000) ** 0.5
+    assert abs(site["kl"] - kl.mean().item()) < 4 * error + 1e-3
+    ww = (ppca.w @ ppca.w.T).diagonal()
+    expected = (ww.mean() / (ww + ppca.sigma**2).mean()).item()
+    assert usage["reconstruction_spread"] == pytest.approx(expected, rel=0.04)
