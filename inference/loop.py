@@ -176,7 +176,7 @@ def run(
                 )
             if schedule is not None:
                 schedule(position["epoch"])  # 0-based epoch about to run (or to continue)
-            losses = []
+            losses, running = [], 0.0
             tuner.restart_clock()
             while position["step"] < steps_per_epoch:
                 i = position["step"] * batch_size
@@ -205,11 +205,14 @@ def run(
                     where = f"epoch {position['epoch'] + 1}, step {position['step'] + 1}"
                     raise FloatingPointError(f"the loss is {loss} at {where}{_kept(path)}")
                 losses.append(loss)
+                running += loss
                 tuner.tick()
                 position["step"] += 1
                 done_steps += 1
                 bar.update(1)
-                bar.set_postfix(epoch=position["epoch"] + 1, loss=f"{loss:.4g}")
+                # the epoch's objective so far, as the summary and the history report it
+                # (higher is better: minus the mean loss of the epoch's steps)
+                bar.set_postfix(epoch=position["epoch"] + 1, objective=f"{-running / len(losses):.4g}")
                 if interrupted.signum is not None:
                     save()
                     interrupted.reraise()

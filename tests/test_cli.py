@@ -136,7 +136,7 @@ DEEP = [
 
 
 @pytest.mark.parametrize("flags", DEEP, ids=[" ".join(f[1:4]) for f in DEEP])
-def test_fit_vae_on_digits(tmp_path, flags, device):
+def test_fit_vae_on_digits(tmp_path, flags, device, capsys):
     out = tmp_path / "vae"
     argv = ["fit", "vae", "--data", "digits", *TINY_DEEP, "--eval-samples", "20"]
     argv += ["--out", str(out), "--device", device.type, *flags]
@@ -157,7 +157,14 @@ def test_fit_vae_on_digits(tmp_path, flags, device):
     assert json.loads((out / "config.json").read_text())["options"]["device"] == device.type
     # importance sampling tightens the bound: log p(x) estimate >= ELBO, up to noise
     assert metrics["test_log_likelihood"] > metrics["test_elbo"] - 0.5
+    assert 0 < metrics["test_log_likelihood_std_error"] < 1  # 360 digits, spread ~ 5 nats
+    assert "latent_usage" in metrics and metrics["latent_usage"]["sites"]["z"]["units"] == 2
+    capsys.readouterr()
     assert cli.main(["evaluate", str(out), "--num-samples", "10"]) == 0
+    # new draws: the old numbers are kept beside and what changed is said
+    before = json.loads((out / "metrics_before_evaluate.json").read_text())
+    assert before["test_log_likelihood"] == metrics["test_log_likelihood"]
+    assert "new Monte Carlo draws (10 importance samples" in capsys.readouterr().out
     assert cli.main(["sample", str(out), "--num-samples", "8"]) == 0
 
 

@@ -188,8 +188,21 @@ def cmd_evaluate(args) -> int:
     metrics = _metrics(model, config, args.num_samples, not args.quiet)
     old = run / "metrics.json"
     kept = json.loads(old.read_text()) if old.exists() else {}
+    if kept:  # the numbers it replaces stay readable, and what changed is said
+        files.save_json(run / "metrics_before_evaluate.json", kept)
     files.save_json(old, {**kept, **metrics})  # kept: what only the fit knew (its objective, time)
     _print_metrics(run, metrics)
+    changed = [
+        f"  {k}: {kept[k]:.6g} -> {v:.6g}"
+        for k, v in metrics.items()
+        if isinstance(v, float) and isinstance(kept.get(k), float) and kept[k] != v
+    ]
+    if changed:
+        print(
+            f"zoo evaluate: new Monte Carlo draws ({args.num_samples} importance samples per"
+            " point where estimated) changed, from the previous metrics.json (kept in"
+            " metrics_before_evaluate.json):\n" + "\n".join(changed)
+        )
     return 0
 
 
@@ -842,6 +855,7 @@ class _Fit:
             transform=_dynamic if self.binarize == "dynamic" else None,
             valid_data=None if valid is None else registry.as_data(valid),
             lr_schedule=_lr_schedule(options, self.settings.get("resume_lr")),
+            description=f"{self.spec.name} on {self.data_name} ({self.flags.inference})",
         )
         score = getattr(self.model, "validation_score", None)
         self.validated = callable(score) and valid is not None
@@ -1024,6 +1038,10 @@ def _metrics(model, config, num_samples, progress, splits=None) -> dict:
         model.model, model.guide, value, num_samples=num_samples, progress=progress
     )
     shared = {f"{split}_log_likelihood": log_px.mean().item(), "units": "nats per data point"}
+    if (
+        len(log_px) > 1
+    ):  # over the data points: what a difference between two models is read against
+        shared[f"{split}_log_likelihood_std_error"] = (log_px.std() / len(log_px) ** 0.5).item()
     if config["inference"] != "em":
         shared[f"{split}_elbo"] = evaluate.elbo(model.model, model.guide, value).mean().item()
         shared["log_likelihood_samples"] = num_samples
