@@ -961,9 +961,16 @@ def _warn_if_collapsed(usage: dict, spec) -> None:
         f"--{n.replace('_', '-')}" for n in ("z_dim", "z_dims", "hidden", "warmup") if n in options
     ]
     said = "" if spread is None else f"; reconstructions vary {spread:.0%} as much as the data"
+    if total >= COLLAPSED_KL and not unused:  # the codes differ, the decoder ignores them
+        what = (
+            f"the decoder gives every input nearly the same image (reconstructions vary"
+            f" {spread:.0%} as much as the data) whatever its latent site(s) {shown} say"
+        )
+    else:
+        what = f"latent site(s) {shown} carry almost nothing about the data{said}"
     print(
-        f"zoo: warning: posterior collapse: latent site(s) {shown} carry almost nothing about"
-        f" the data{said}. Remedies: more optimizer steps (more --epochs, a smaller"
+        f"zoo: warning: posterior collapse: {what}. Remedies: more optimizer steps (more"
+        " --epochs, a smaller"
         " --batch-size), a higher --lr"
         + (f", a smaller network or latent ({', '.join(flags)})" if flags else "")
         + "; see latent_usage in metrics.json",
@@ -1062,7 +1069,7 @@ def _figures(model, config, history, out: Path, info=None, splits=None) -> None:
         )
         plots.save(fig, out / "log_likelihood.png")
     else:
-        plots.save(_learning_curve(history, config), out / "learning_curve.png")
+        plots.save(_learning_curve(history, config, model), out / "learning_curve.png")
     hook = getattr(model, "figures", None)
     if callable(hook):
         splits = _device_splits(model, config) if splits is None else splits
@@ -1071,25 +1078,37 @@ def _figures(model, config, history, out: Path, info=None, splits=None) -> None:
                 plots.save(figure, out / name)
 
 
-def _learning_curve(history, config):
+def _learning_curve(history, config, model=None):
     """Training and validation objective per epoch; a long run gets log epochs and a y range
-    fitted to its last nine tenths, so its slow late gains show."""
+    fitted to its last nine tenths, so its slow late gains show. The objective is named as the
+    model names it (``objective_label``: an SSVAE's includes its classification term), and a
+    model's own validation score on a scale of its own (``validation_label``: an accuracy)
+    gets its own axis."""
     k = (config.get("options") or {}).get("iwae") or 1
+    own = getattr(model, "objective_label", None)
+    label = own or ("ELBO" if k == 1 else f"IWAE bound (K={k})")
     fig = plots.curve(
         history,
         "objective",
         xkey="epoch" if history and "epoch" in history[0] else "step",
-        ylabel=("ELBO" if k == 1 else f"IWAE bound (K={k})") + " per data point (nats)",
-        title=f"{config['model']} on {config['data']}: training objective",
+        ylabel="nats per data point",
+        title=f"{config['model']} on {config['data']}: {label}",
     )
+    fig.axes[0].title.set_fontsize(10 if len(label) > 30 else 12)
     axis = fig.axes[0]
     if history and "valid_objective" in history[0]:
-        axis.plot(
-            [r["epoch"] for r in history],
-            [r["valid_objective"] for r in history],
-            label="validation",
-        )
-        axis.legend(["training", "validation"])
+        epochs = [r["epoch"] for r in history]
+        valid = [r["valid_objective"] for r in history]
+        named = getattr(model, "validation_label", None)  # a score on a scale of its own
+        if named:
+            other = axis.twinx()
+            other.plot(epochs, valid, color="tab:orange", label=named)
+            other.set_ylabel(named)
+            axis.legend(["training"], loc="lower left")
+            other.legend(loc="lower right")
+        else:
+            axis.plot(epochs, valid, label="validation")
+            axis.legend(["training", "validation"])
     if len(history) >= 50:
         keys = ("objective", "valid_objective")
         late = [r.get(k) for r in history[len(history) // 10 :] for k in keys]
@@ -1098,6 +1117,7 @@ def _learning_curve(history, config):
         axis.set_xscale("log")
         axis.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
         axis.set_title(axis.get_title() + " (log epochs)", fontsize=10)
+    fig.tight_layout()
     return fig
 
 

@@ -150,6 +150,14 @@ class HVAE(nn.Module):
         return len(self.config.z_dims)
 
     @property
+    def objective_label(self) -> str:
+        """What the drivers maximize, for the learning curve: during the KL warm-up not the
+        ELBO itself."""
+        if self.config.warmup == 0:
+            return "ELBO"
+        return "ELBO (its KL weighted by the warm-up's factor, under 1 at first)"
+
+    @property
     def kl_weight(self) -> float:
         return self._kl_weight
 

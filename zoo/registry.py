@@ -32,7 +32,10 @@ and ``guide``; one meaning per name across models):
 - ``fit_options(num_epochs)``: extra options for the training loop (a KL warm-up schedule);
 - ``driver_options(driver)``: the driver's options when they depend on the config;
 - ``validation_score(*arguments)``: what early stopping watches instead of the validation
-  ELBO (higher is better; the semi-supervised VAE's accuracy);
+  ELBO (higher is better; the semi-supervised VAE's accuracy), and ``validation_label`` when
+  it is on a scale of its own (the learning curve gives it a second axis);
+- ``objective_label``: what the drivers maximize, where it is not the ELBO (a classification
+  term added, a KL warm-up), for the learning curve's axis;
 - ``after_fit(arguments, settings)``: work after the driver has finished (a baseline network
   trained for the same epochs; ``settings``: epochs, batch_size, lr, seed);
 - ``metrics(splits, num_samples, progress)``: scores, a dict of numbers; ``splits`` maps

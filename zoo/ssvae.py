@@ -347,6 +347,15 @@ class SSVAE(nn.Module):
             y = partial_labels(y.cpu(), self.config.labels, self.config.label_seed)
         return x, y.to(x.device)
 
+    validation_label = "validation accuracy of q(y | x)"
+
+    @property
+    def objective_label(self) -> str:
+        """What the drivers maximize, for the learning curve: not the ELBO alone."""
+        if self.config.alpha > 0:
+            return f"ELBO + {self.config.alpha:g} x log q(y | x) of the labelled rows"
+        return "ELBO"
+
     def validation_score(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """What early stopping watches (higher is better): the accuracy of q(y | x)."""
         return self.accuracy(x, y)
