@@ -255,3 +255,28 @@ def test_bad_config_is_a_clear_error():
     gmm = GaussianMixture(num_components=3, dim=2)
     with pytest.raises(ValueError, match="init must be"):
         em.fit(gmm.model, gmm.guide, x, init="kmeans")
+
+
+def test_ellipse_plot_colours_points_as_their_component_and_names_the_ellipses():
+    """Component k's points take the colour of k's ellipses (labels 3 and 7 only: a colormap
+    stretched over the labels would colour them as components 0 and 9); the legend names
+    the standard deviations drawn."""
+    import matplotlib.pyplot as plt
+
+    from zoo import plots
+
+    x = torch.randn(20, 2)
+    labels = torch.tensor([3] * 10 + [7] * 10)
+    locs, covs = torch.zeros(8, 2), torch.eye(2).expand(8, 2, 2)
+    fig = plots.gaussian_ellipses(
+        x, torch.full((8,), 1 / 8), locs, covs, labels=labels, n_stds=(1, 2, 3)
+    )
+    ax = fig.axes[0]
+    points = ax.collections[0].get_facecolors()[:, :3]
+    tab10 = plt.get_cmap("tab10")
+    assert torch.allclose(torch.tensor(points[0]), torch.tensor(tab10(3)[:3]).double())
+    assert torch.allclose(torch.tensor(points[-1]), torch.tensor(tab10(7)[:3]).double())
+    edges = {tuple(round(c, 6) for c in p.get_edgecolor()[:3]) for p in ax.patches[9:12]}
+    assert edges == {tuple(round(c, 6) for c in tab10(3)[:3])}  # component 3's three ellipses
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["1 sd", "2 sd", "3 sd"]
+    plt.close(fig)

@@ -17,20 +17,27 @@ def gaussian_ellipses(
     labels: Optional[torch.Tensor] = None,
     axis_names: Sequence[str] = ("x1", "x2"),
     title: str = "Gaussian mixture",
+    n_stds: Sequence[int] = (1, 2),
 ):
-    """2-D data with each component's 1- and 2-standard-deviation ellipses and its weight."""
+    """2-D data with each component's ellipses at ``n_stds`` standard deviations (the
+    Mahalanobis distance; thicker nearer the centre) and its weight; points with ``labels``
+    (component indices) take their component's colour."""
+    from matplotlib.lines import Line2D
+
     fig, ax = plt.subplots(figsize=(6, 5))
     x = x.detach().cpu().numpy()
+    colors = plt.get_cmap("tab10")
     if labels is None:
         ax.scatter(x[:, 0], x[:, 1], s=8, color="0.4", alpha=0.6)
-    else:
-        ax.scatter(x[:, 0], x[:, 1], s=8, c=labels.cpu().numpy(), cmap="tab10", alpha=0.6)
-    colors = plt.get_cmap("tab10")
+    else:  # colour k for component k, as its ellipses (not a colormap stretched over labels)
+        shades = [colors(int(k) % 10) for k in labels.cpu().tolist()]
+        ax.scatter(x[:, 0], x[:, 1], s=8, c=shades, alpha=0.6)
+    widths = {n: 2.5 - 1.5 * i / max(1, len(n_stds) - 1) for i, n in enumerate(n_stds)}
     for k in range(len(weights)):
         cov = covariances[k].detach().cpu().numpy()
         values, vectors = np.linalg.eigh(cov)
         angle = math.degrees(math.atan2(vectors[1, -1], vectors[0, -1]))
-        for n_std in (1, 2):
+        for n_std in n_stds:
             width, height = 2 * n_std * np.sqrt(np.maximum(values[::-1], 0))
             ax.add_patch(
                 Ellipse(
@@ -39,7 +46,7 @@ def gaussian_ellipses(
                     height,
                     angle=angle,
                     fill=False,
-                    lw=2 if n_std == 1 else 1,
+                    lw=widths[n_std],
                     color=colors(k % 10),
                 )
             )
@@ -52,6 +59,8 @@ def gaussian_ellipses(
             va="center",
             bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
         )
+    handles = [Line2D([], [], color="0.2", lw=widths[n], label=f"{n} sd") for n in n_stds]
+    ax.legend(handles=handles, loc="best", fontsize=8, title="numbers: weights", title_fontsize=8)
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
     ax.set_title(title)
