@@ -212,7 +212,9 @@ def run(
                 bar.update(1)
                 # the epoch's objective so far, as the summary and the history report it
                 # (higher is better: minus the mean loss of the epoch's steps)
-                bar.set_postfix(epoch=position["epoch"] + 1, objective=f"{-running / len(losses):.4g}")
+                bar.set_postfix(
+                    epoch=position["epoch"] + 1, objective=f"{-running / len(losses):.4g}"
+                )
                 if interrupted.signum is not None:
                     save()
                     interrupted.reraise()

@@ -113,6 +113,7 @@ def sample_posterior(
         "draws": draws,
         "raw": raw,
         "idata": idata,
+        "idata_raw": idata_raw,  # before relabelling: where label switching shows
         "summary": summary,
         "summarized": names,
         "r_hat_max": float(summary["r_hat"].max()),
@@ -267,17 +268,29 @@ def write_posterior(
     summary.to_csv(folder / "summary.csv")
     var_names = posterior["summarized"]
     shape_var = "locs" if "locs" in var_names else var_names[0]
+    # one axis per scalar component where there are few (an eruption time and a waiting time
+    # differ in scale by 20x), the components of a variable together where there are many
+    scalars = sum(int(np.prod(posterior["draws"][v].shape[2:])) for v in var_names)
+    compact = scalars > 16
     with warnings.catch_warnings():  # arviz 0.23 calls matplotlib APIs deprecated in 3.11
         warnings.simplefilter("ignore", DeprecationWarning)
-        axes = az.plot_trace(posterior["idata"], var_names=var_names, compact=True)
-        axes.ravel()[0].figure.savefig(folder / "trace.png", dpi=90)
+        for name, data in (("trace.png", "idata"), ("trace_before_relabelling.png", "idata_raw")):
+            if data not in posterior:
+                continue
+            axes = az.plot_trace(posterior[data], var_names=var_names, compact=compact)
+            figure = axes.ravel()[0].figure
+            when = "after" if data == "idata" else "before"
+            figure.set_layout_engine("constrained")
+            figure.suptitle(f"NUTS, seed {seed}: the draws {when} relabelling")
+            figure.savefig(folder / name, dpi=90)
         axes = az.plot_posterior(posterior["idata"], var_names=[shape_var])
         np.ravel(axes)[0].figure.savefig(folder / "posterior.png", dpi=90)
     plt.close("all")
     lines.insert(
         -1,
         f"Files: `nuts-seed{seed}/posterior.nc` (arviz InferenceData), `summary.csv`,"
-        " `trace.png`, `posterior.png`.\n",
+        " `trace.png` (after relabelling), `trace_before_relabelling.png` (where label"
+        " switching shows), `posterior.png`.\n",
     )
     return lines
 

@@ -258,8 +258,8 @@ def test_em_svi_nuts_and_sklearn_agree_on_old_faithful(tmp_path):
 
     idata = az.from_netcdf(str(tmp_path / "nuts-seed0" / "posterior.nc"))
     assert idata.posterior["locs"].shape == (2, 100, 2, 2)
-    assert (tmp_path / "nuts-seed0" / "trace.png").exists()
-    assert (tmp_path / "nuts-seed0" / "posterior.png").exists()
+    for name in ("trace.png", "trace_before_relabelling.png", "posterior.png"):
+        assert (tmp_path / "nuts-seed0" / name).exists(), name
     assert len(nuts["trajectory"]) > 5  # the posterior predictive as the draws accrue
 
 

@@ -29,7 +29,13 @@ def test_nuts_on_a_normal_mean_matches_the_closed_form(tmp_path):
     assert posterior["r_hat_max"] < 1.05 and posterior["relabelled_fraction"] == 0
     lines = mcmc.write_posterior(posterior, tmp_path, seed=0)
     assert "No label switching" in "\n".join(lines)
-    for name in ("posterior.nc", "summary.csv", "trace.png", "posterior.png"):
+    for name in (
+        "posterior.nc",
+        "summary.csv",
+        "trace.png",
+        "trace_before_relabelling.png",
+        "posterior.png",
+    ):
         assert (tmp_path / "nuts-seed0" / name).exists(), name
     with pytest.raises(ValueError, match="chains >= 1"):
         mcmc.sample_posterior(normal_mean, x, chains=0)
