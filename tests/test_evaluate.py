@@ -104,7 +104,8 @@ def test_latent_usage_in_closed_form():
     exact posterior as guide: unit 2's posterior is its prior (inactive, no KL), unit 1's mean
     varies; the mean KL is the Gaussian closed form, 0.5 (tr S + m'm - q - log det S) averaged
     over the rows, within 4 standard errors of its one-draw estimate; the reconstructions'
-    spread is diag(W W') over diag(W W' + sigma^2 I), averaged over features, within 4 % (4000 rows)."""
+    spread is diag(W W') over diag(W W' + sigma^2 I), averaged over features, within 4 %
+    (4000 rows)."""
     from tests._models import PPCA
 
     torch.manual_seed(0)
