@@ -222,8 +222,10 @@ def interpolations(model, config, run, pairs=((0, 1),), steps=9, split="test") -
     summary = {"pairs": [list(p) for p in pairs], "steps": steps, "split": split}
     if _square(x):
         grid = images.reshape(-1, x.shape[1]).cpu()
-        title = "latent interpolation: each pair, linear then spherical, left to right"
-        plots.save(plots.image_grid(grid, num_cols=steps, title=title), run / "interpolation.png")
+        labels = [f"rows {a}-{b}, {p}" for a, b in pairs for p in ("linear", "spherical")]
+        figure = plots.image_grid(grid, num_cols=steps, title="latent interpolation",
+                                  row_labels=labels)  # fmt: skip
+        plots.save(figure, run / "interpolation.png")
     return summary
 
 
@@ -259,9 +261,11 @@ def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=
     save_json(run / f"{tag}.json", summary)
     if _square(x):
         shown = torch.where(observed, x, torch.full_like(x, 0.3))
-        rows = torch.stack([shown[:10], result.mean[:10], x[:10]], 1).reshape(-1, x.shape[1])
-        title = f"{mask}: seen (hidden grey) | completion | truth"
-        plots.save(plots.image_grid(rows.cpu(), num_cols=15, title=title), run / f"{tag}.png")
+        rows = torch.cat([shown[:10], result.mean[:10], x[:10]])
+        labels = ("seen (hidden grey)", "completion", "truth")
+        figure = plots.image_grid(rows.cpu(), num_cols=min(10, len(x)), title=f"mask {mask}",
+                                  row_labels=labels)  # fmt: skip
+        plots.save(figure, run / f"{tag}.png")
     return summary
 
 
@@ -306,11 +310,10 @@ def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_r
     save_torch(run / f"{tag}.pt", {"mean": result.mean.cpu(), "noisy": noisy.cpu()})
     save_json(run / f"{tag}.json", summary)
     if _square(clean):
-        rows = torch.stack([noisy[:10], result.mean[:10], clean[:10]], 1).reshape(
-            -1, clean.shape[1]
-        )
-        title = f"{setting}: noisy | denoised | clean"
-        plots.save(plots.image_grid(rows.cpu(), num_cols=15, title=title), run / f"{tag}.png")
+        rows = torch.cat([noisy[:10], result.mean[:10], clean[:10]])
+        figure = plots.image_grid(rows.cpu(), num_cols=min(10, len(clean)), title=setting,
+                                  row_labels=("noisy", "denoised", "clean"))  # fmt: skip
+        plots.save(figure, run / f"{tag}.png")
     return summary
 
 

@@ -184,7 +184,9 @@ class CVAE(nn.Module):
         device = self.decoder[0].weight.device
         c = self.config.y_dim
         images = self.generate(one_hot(torch.arange(c, device=device).repeat_interleave(8), c))
-        out = {"digits.png": plots.image_grid(images, num_cols=8, title="one row per label")}
+        labels = [f"label {k}" for k in range(c)]
+        out = {"digits.png": plots.image_grid(images, num_cols=8, title="samples per label",
+                                              row_labels=labels)}  # fmt: skip
         if y is not None:
             x, y = x[:8].to(device), one_hot(y[:8], c).to(device)
             moved = self.style_transfer(x, y, torch.eye(c, device=device))  # (8, C, X)
@@ -202,8 +204,8 @@ class CVAE(nn.Module):
         completions = [torch.where(mask, self.generate(visible), target) for _ in range(3)]
         predicted = torch.where(mask, torch.sigmoid(self.baseline(visible)), target)
         rows = torch.cat([shown, target, predicted, *completions])
-        title = "rows: given, truth, baseline, three CVAE completions"
-        return plots.image_grid(rows, num_cols=8, title=title)
+        labels = ("given", "truth", "baseline", "CVAE draw 1", "CVAE draw 2", "CVAE draw 3")
+        return plots.image_grid(rows, num_cols=8, title="the quadrant task", row_labels=labels)
 
     @torch.no_grad()
     def sample(self, num_samples: int, y: Optional[torch.Tensor] = None) -> torch.Tensor:

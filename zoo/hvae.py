@@ -249,8 +249,11 @@ class HVAE(nn.Module):
         side = int(round(self.config.x_dim**0.5))
         if side * side == self.config.x_dim:
             rows = [self.sample(10, random_layers=k) for k in range(1, self.num_layers + 1)]
-            title = "row k: the top k layers drawn at random, the layers below at their means"
-            out["layer_samples.png"] = plots.image_grid(torch.cat(rows), num_cols=10, title=title)
+            title = "the top k layers drawn at random, the layers below at their means"
+            labels = [f"k = {k}" for k in range(1, self.num_layers + 1)]
+            out["layer_samples.png"] = plots.image_grid(
+                torch.cat(rows), num_cols=10, title=title, row_labels=labels
+            )
         return out
 
     @torch.no_grad()

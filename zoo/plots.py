@@ -75,8 +75,10 @@ def image_grid(
     num_cols: int = 10,
     title: str = "",
     cmap="gray",
+    row_labels=None,
 ):
-    """A grid of images, one row-major (H*W,) or (H, W) tensor each."""
+    """A grid of images, one row-major (H*W,) or (H, W) tensor each; ``row_labels`` names the
+    rows of the grid (written at their left)."""
     images = images.detach().cpu()
     num = len(images)
     if image_shape is None:
@@ -93,9 +95,17 @@ def image_grid(
             ax.imshow(images[i].reshape(image_shape).numpy(), cmap=cmap, vmin=0, vmax=1)
             if titles is not None:
                 ax.set_title(titles[i], fontsize=7)
+    if row_labels is not None:
+        if len(row_labels) != num_rows:
+            raise ValueError(f"{len(row_labels)} row labels for a grid of {num_rows} rows")
+        for label, ax in zip(row_labels, axes[:, 0]):
+            ax.text(-0.08, 0.5, label, transform=ax.transAxes, ha="right", va="center",
+                    fontsize=8)  # fmt: skip
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    if row_labels is not None:  # room at the left for the labels
+        fig.subplots_adjust(left=min(0.5, 0.012 * max(len(str(r)) for r in row_labels) + 0.02))
     return fig
 
 

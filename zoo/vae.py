@@ -184,8 +184,9 @@ class VAE(nn.Module):
             title = "samples (decoder means)"
             out["samples.png"] = plots.image_grid(self.sample(64), num_cols=8, title=title)
             pairs = torch.cat([x[:10].to(device), self.reconstruct(x[:10].to(device))])
-            title = "inputs (top), reconstructions"
-            out["reconstructions.png"] = plots.image_grid(pairs, num_cols=10, title=title)
+            out["reconstructions.png"] = plots.image_grid(
+                pairs, num_cols=10, title="reconstructions", row_labels=("input", "reconstruction")
+            )
         return out
 
     def _check(self, x) -> int:

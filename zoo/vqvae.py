@@ -353,7 +353,8 @@ class VQVAE(nn.Module):
         pairs = torch.cat([x[:10], self.reconstruct(x[:10])])
         out = {
             "reconstructions.png": plots.image_grid(
-                pairs, num_cols=10, title="inputs (top), reconstructions from their codes"
+                pairs, num_cols=10, title="reconstructions from the codes",
+                row_labels=("input", "from its codes"),
             ),
             "samples_uniform.png": plots.image_grid(
                 self.sample(32, prior="uniform"), num_cols=8,
