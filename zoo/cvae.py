@@ -25,7 +25,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from zoo.nets import GaussianEncoder, check_sizes, mlp
+from zoo.nets import DIGITS_DEFAULTS, GaussianEncoder, check_sizes, mlp
 from zoo.registry import register
 
 _QUADRANT_SEEDS = {"train": 0, "valid": 1, "test": 2}  # which quadrants show, fixed per split
@@ -55,16 +55,7 @@ class CVAEConfig:
     drivers={"reparam": {}, "svi": {"loss": "TraceMeanField_ELBO"}},
     default_data="mnist",
     default_binarize="static",
-    # the 8x8 digits: MNIST's sizes collapse there in a few epochs (tests/test_digits_defaults.py)
-    data_defaults={
-        "digits": {
-            "z_dim": 8,
-            "hidden": (128,),
-            "batch_size": 16,
-            "lr": 3e-3,
-            "binarize": "threshold",
-        }
-    },
+    data_defaults={"digits": DIGITS_DEFAULTS},  # MNIST's sizes collapse on the digits
     config=CVAEConfig,
 )
 class CVAE(nn.Module):

@@ -6,6 +6,18 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+# What an MLP VAE on the 8x8 digits (1,437 training images) needs to learn in a few epochs,
+# where MNIST's sizes and rate leave it collapsed: a small latent and network, more and smaller
+# steps, thresholded pixels (tests/test_digits_defaults.py). Models declare it per data set
+# (``register(data_defaults={"digits": DIGITS_DEFAULTS})``).
+DIGITS_DEFAULTS = {
+    "z_dim": 8,
+    "hidden": (128,),
+    "batch_size": 16,
+    "lr": 3e-3,
+    "binarize": "threshold",
+}
+
 
 def mlp(sizes: Sequence[int], activation=nn.Softplus) -> nn.Sequential:
     """Linear layers of the given sizes with ``activation`` between them (none after the last)."""

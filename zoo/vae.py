@@ -24,7 +24,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from zoo.nets import GaussianEncoder, check_number, check_rows, check_sizes, mlp
+from zoo.nets import DIGITS_DEFAULTS, GaussianEncoder, check_number, check_rows, check_sizes, mlp
 from zoo.registry import register
 
 
@@ -45,16 +45,7 @@ class VAEConfig:
     default_data="mnist",
     default_binarize="dynamic",
     config=VAEConfig,
-    # the 8x8 digits: MNIST's sizes collapse there in a few epochs (tests/test_digits_defaults.py)
-    data_defaults={
-        "digits": {
-            "z_dim": 8,
-            "hidden": (128,),
-            "batch_size": 16,
-            "lr": 3e-3,
-            "binarize": "threshold",
-        }
-    },
+    data_defaults={"digits": DIGITS_DEFAULTS},  # MNIST's sizes collapse on the digits
     comparison={
         "data": ("mnist", "digits"),
         "gradient_variance": True,
