@@ -249,3 +249,20 @@ def test_interpolation_paths_and_zoo_sample_interpolate(tmp_path):
         cli.main(["sample", str(run), "--interpolate", "0-1"])
     with pytest.raises(SystemExit, match="row 999 of test, which has 360 rows"):
         cli.main(["sample", str(run), "--interpolate", "0,999"])
+
+
+def test_zoo_score_data_scores_rows_of_a_file(bmm_run, tmp_path):
+    """--data FILE scores those rows (here the first 30 test digits: the mixture's own exact
+    log p(x) of them), named after the file; rows of another width are refused."""
+    import numpy as np
+
+    model, config = runs.restore(bmm_run)
+    x, _ = runs.splits(config)["test"]
+    np.save(tmp_path / "some.npy", x[:30].numpy())
+    assert cli.main(["score", str(bmm_run), "--data", str(tmp_path / "some.npy")]) == 0
+    rows = (bmm_run / "scores_some_all.csv").read_text().split()[1:]
+    saved = torch.tensor([float(r.split(",")[1]) for r in rows])
+    torch.testing.assert_close(saved, model.log_likelihood(x[:30]).float(), rtol=0, atol=1e-4)
+    np.save(tmp_path / "narrow.npy", np.zeros((3, 10), dtype=np.float32))
+    with pytest.raises(SystemExit, match="rows of 10 features; the run's model was fitted on 64"):
+        cli.main(["score", str(bmm_run), "--data", str(tmp_path / "narrow.npy")])

@@ -91,14 +91,18 @@ def _mask_file(text: str, shape: Tuple[int, int]) -> torch.Tensor:
 
 
 def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=0,
-          labels=True, corrected=False) -> dict:  # fmt: skip
+          labels=True, corrected=False, data=None) -> dict:  # fmt: skip
     """Per-point log p(x) of a split (exact or with standard errors), a histogram, and with
     ``outliers`` (``noise``, ``upside-down`` or files of rows) the ROC AUC of -log p(x); with
-    ``corrected`` also of the complexity-corrected score -log p(x) - ``complexity(x)``."""
-    x, arguments = _arguments(config, split, model, labels)
+    ``corrected`` also of the complexity-corrected score -log p(x) - ``complexity(x)``.
+    ``data``: another data set's split, or a .csv / .npy file of rows (all of them), scored
+    instead of the run's own (binarized as the run's held-out rows are)."""
+    x, arguments = _arguments(config, split, model, labels, data)
     value = registry.as_data(arguments)
     result = uses.scores(model.model, model.guide, value, num_samples=num_samples)
-    tag = f"scores_{split}"
+    if data is not None:
+        split = "all" if Path(data).suffix in (".csv", ".npy") else split
+    tag = f"scores_{split}" if data is None else f"scores_{Path(data).stem}_{split}"
     columns = [result.log_prob.tolist(), result.std_error.tolist()]
     if corrected:
         columns.append(complexity(x).tolist())
@@ -107,6 +111,7 @@ def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=
                         for i, row in enumerate(zip(*columns))]  # fmt: skip
     (run / f"{tag}.csv").write_text("\n".join(lines) + "\n")
     summary = {
+        "data": data or config["data"],
         "split": split,
         "num_rows": len(x),
         "mean_log_prob": result.log_prob.mean().item(),
@@ -320,16 +325,24 @@ def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_r
 # ---------------------------------------------------------------------------------- helpers
 
 
-def _arguments(config, split, model, labels=True):
+def _arguments(config, split, model, labels=True, data=None):
     """A split's rows as the run's scores see them, and the model's arguments for it (with
-    the split's labels, or without them)."""
+    the split's labels, or without them); of ``data`` (a data set or a file) where given."""
     binarize = config.get("held_out_binarize", config.get("binarize"))
+    name = config["data"] if data is None else data
+    is_file = Path(name).suffix in (".csv", ".npy")
     try:
-        x, y = runs.split(config["data"], split, binarize, config.get("max_data"))
+        x, y = runs.split(name, "train" if is_file else split, binarize,
+                          None if data is not None else config.get("max_data"))  # fmt: skip
     except ValueError as error:
-        raise ValueError(
-            f"{config['data']} has no {split!r} split ({error}); try --split train"
-        ) from None
+        raise ValueError(f"{name} has no {split!r} split ({error}); try --split train") from None
+    if data is not None:
+        own, _ = runs.split(config["data"], "train", binarize, 1)
+        if x.shape[1:] != own.shape[1:]:
+            raise ValueError(
+                f"--data {data}: rows of {x.shape[1]} features; the run's model was fitted on"
+                f" {own.shape[1]} ({config['data']})"
+            )
     params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
     x = x.to(params[0].device) if params else x
     arguments = registry.model_arguments(model, x, y if labels else None, split)

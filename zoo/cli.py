@@ -269,8 +269,9 @@ def cmd_use(args) -> int:
         if args.command == "score":
             outliers = [o for o in (args.outliers or "").split(",") if o]
             summary = applications.score(
-                model, config, run, outliers=outliers, corrected=args.complexity, **shared
-            )
+                model, config, run, outliers=outliers, corrected=args.complexity,
+                data=args.data, **shared,
+            )  # fmt: skip
         elif args.command == "complete":
             summary = applications.complete(
                 model, config, run, args.mask, num_rows=args.num_rows, method=args.method,
@@ -388,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "--outliers",
                 help="comma-separated: noise, upside-down, or .npy / .csv files of rows",
             )
+            use.add_argument(
+                "--data", help="score another data set's --split, or a .csv / .npy file of rows,"
+                " instead of the run's own",
+            )  # fmt: skip
             use.add_argument(
                 "--complexity", action="store_true",
                 help="also the complexity-corrected score -log p(x) - compressed length (Serra"
