@@ -128,6 +128,7 @@ def complete(
     fill: Optional[torch.Tensor] = None,
     rounds: int = 3,
     condition: tuple = (),
+    proposal: str = "guide",
 ) -> Prediction:
     """The posterior mean of every missing entry of ``x`` (N, D) given its observed ones.
 
@@ -151,11 +152,17 @@ def complete(
         conditional model's labels or condition, (N, ...) tensors sliced by row with ``x``
         (other values are passed whole). The model and guide are called as
         ``model(x, *condition)``.
+    proposal: importance sampling only: "guide" (the guide reads the filled rows), or
+        "prior": the latents drawn from the model itself (its observed sites left out), so
+        that each weight is the likelihood of the seen entries alone; right where little is
+        seen (a conditional model whose condition carries the information, such as a CVAE
+        given a quadrant: the weights are then all equal), poor where much is.
     """
     x, observed = _check_completion(x, observed)
     condition = _check_condition(condition, len(x))
     if method not in ("importance", "chain"):
         raise ValueError(f"method must be 'importance' or 'chain', not {method!r}")
+    guide = _proposal(model, guide, proposal, method)
     seen = torch.where(observed, x, torch.zeros_like(x))
     counts = observed.sum(0)
     fill_mean = torch.where(counts > 0, seen.sum(0) / counts.clamp_min(1), torch.zeros_like(x[0]))
@@ -311,6 +318,18 @@ class _Swap(Messenger):
         rows = slice(self.start, self.start + (shape[-2] if len(shape) >= 2 else 1))
         self.seen.append(fn)
         msg["fn"] = self.transform(fn, rows)
+
+
+def _proposal(model, guide, proposal: str, method: str):
+    """The program the importance weights draw the latents from: the guide, or the model's
+    prior (the model with its observed sites hidden: log q is then the log prior)."""
+    if proposal == "guide":
+        return guide
+    if proposal != "prior":
+        raise ValueError(f"proposal must be 'guide' or 'prior', not {proposal!r}")
+    if method != "importance":
+        raise ValueError("proposal='prior' is for importance sampling; the chain uses the guide")
+    return poutine.block(model, hide_fn=lambda msg: msg["is_observed"])
 
 
 def _posterior_average(

@@ -235,7 +235,7 @@ def interpolations(model, config, run, pairs=((0, 1),), steps=9, split="test") -
 
 
 def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=500, seed=0,
-             method="importance", num_steps=1000, labels=True):  # fmt: skip
+             method="importance", num_steps=1000, labels=True, proposal="guide"):  # fmt: skip
     """Fill the hidden entries of ``num_rows`` rows of a split (by importance sampling, exact
     enumeration, or the Metropolis-within-Gibbs ``method="chain"`` of ``num_steps``); the
     hidden entries' log-loss (binary data) or squared error beside the training mean's, and a
@@ -245,7 +245,7 @@ def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=
     torch.manual_seed(seed)
     result = uses.complete(
         model.model, model.guide, x, observed, num_samples=num_samples, method=method,
-        num_steps=num_steps, condition=condition,
+        num_steps=num_steps, condition=condition, proposal=proposal,
     )  # fmt: skip
     baseline = _training_mean(config, x)
     hidden = ~observed
@@ -253,6 +253,7 @@ def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=
     summary["conditioned"] = bool(condition)
     summary["labels_hidden"] = not labels
     summary["method"] = "exact" if result.exact else method
+    summary["proposal"] = proposal
     summary["num_samples" if method == "importance" else "num_steps"] = result.num_samples
     summary["hidden_fraction"] = hidden.float().mean().item()
     which = "median_ess" if method == "importance" else "median_acceptance_rate"
@@ -262,6 +263,7 @@ def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=
     summary.update(_errors(x, result.mean, baseline.expand_as(x), hidden, "completion", "mean"))
     setting = Path(mask).stem if mask.endswith((".pt", ".npy")) else mask.replace(":", "-")
     tag = f"completion_{setting}_{split}" + ("_chain" if method == "chain" else "")
+    tag += "_prior" if proposal == "prior" else ""
     save_torch(run / f"{tag}.pt", {"mean": result.mean.cpu(), "observed": observed.cpu()})
     save_json(run / f"{tag}.json", summary)
     if _square(x):

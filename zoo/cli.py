@@ -275,7 +275,7 @@ def cmd_use(args) -> int:
         elif args.command == "complete":
             summary = applications.complete(
                 model, config, run, args.mask, num_rows=args.num_rows, method=args.method,
-                num_steps=args.num_steps, **shared,
+                num_steps=args.num_steps, proposal=args.proposal, **shared,
             )  # fmt: skip
         else:
             if (args.flip is None) == (args.noise_scale is None):
@@ -413,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
                 " Metropolis-within-Gibbs chain (exact in the limit)",
             )  # fmt: skip
             use.add_argument("--num-steps", type=_positive_int, default=1000, help="chain steps")
+            use.add_argument(
+                "--proposal", choices=("guide", "prior"), default="guide",
+                help="importance sampling: z from the guide on the filled rows, or from the"
+                " model's prior (the weights then the seen entries' likelihood: right where"
+                " a condition, not the seen pixels, carries the information)",
+            )  # fmt: skip
         if name == "denoise":
             use.add_argument("--flip", type=_unit_interval, help="bit-flip rate (binary data)")
             use.add_argument("--noise-scale", type=float, help="std. dev. of added Gaussian noise")
