@@ -57,7 +57,7 @@ def test_mnist_sizes_collapse_on_digits_and_are_warned_about(tmp_path, capsys):
         tmp_path, capsys, "vae", *flags, "--binarize", "static"
     )
     assert not used(usage) and usage["reconstruction_spread"] < 0.05 and sample_spread < 0.05
-    assert "posterior collapse: latent site(s) z (KL" in said and "--z-dim, --hidden" in said
+    assert "zoo: warning: posterior collapse: " in said and "--z-dim, --hidden" in said
     assert config["data_defaults"] == {}  # every choice was the user's
     capsys.readouterr()
     # a user's --layers keeps the ladder VAE's sizes its own, the data's rate and batch still

@@ -28,6 +28,7 @@ from zoo.vae import VAE, VAEConfig
 GMM = ["fit", "gmm", "--data", "faithful", "--quiet"]
 VAE_DIGITS = ["fit", "vae", "--data", "digits", "--epochs", "1", "--z-dim", "2", "--hidden", "8"]
 VAE_DIGITS += ["--quiet", "--eval-samples", "2", "--batch-size", "256"]
+VAE_DIGITS += ["--lr", "0.001", "--binarize", "static"]  # not the model's digits defaults
 
 
 def digest(folder):

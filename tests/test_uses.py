@@ -346,19 +346,20 @@ def test_a_conditional_models_condition_is_held_fixed_row_by_row():
     b = 2.0 * torch.randn(5, 3, generator=g, dtype=torch.float64)
     offset = y @ b.T  # (N, D)
     x = x + offset
-    exact_z = observed_posterior_guide(ppca, observed)
 
-    def model(x, y):
+    def model(x, y, rows=None):
         with pyro.plate("data", len(x)):
             z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
             loc = z @ ppca.w.T + ppca.mu + y @ b.T
             pyro.sample("x", dist.Normal(loc, ppca.sigma).to_event(1), obs=x)
 
-    def guide(x, y):
-        exact_z(x - y @ b.T)
+    def guide(x, y, rows=None):  # rows: which data rows these are (the mask the guide reads)
+        chosen = observed if rows is None else observed[rows]
+        observed_posterior_guide(ppca, chosen)(x - y @ b.T)
 
-    result = uses.complete(  # batches of 7 rows: the condition is sliced with them
-        model, guide, x, observed, num_samples=4000, batch_size=7, condition=(y,)
+    rows = torch.arange(20)
+    result = uses.complete(  # batches of 7 rows: both parts of the condition sliced with them
+        model, guide, x, observed, num_samples=4000, batch_size=7, condition=(y, rows)
     )
     torch.testing.assert_close(result.ess, torch.full((20,), 4000.0, dtype=torch.float64))
     expected, sd = gaussian_conditional(ppca, x - offset, observed, sd=True)

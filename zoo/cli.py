@@ -44,7 +44,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from zoo import registry  # light: the models load when one is asked for
+from zoo import catalog, registry  # light: the models load when one is asked for
 
 
 class _Lazy:
@@ -69,8 +69,6 @@ reparam, svi, sparse = _Lazy("inference.reparam"), _Lazy("inference.svi"), _Lazy
 files = _Lazy("inference.io")  # save_json, save_torch
 comparisons, data, plots = _Lazy("zoo.comparisons"), _Lazy("zoo.data"), _Lazy("zoo.plots")
 runs = _Lazy("zoo.runs")
-# zoo data fetch's choices, without importing zoo.data (tests/test_cli.py: equal to data.NAMES)
-DATA_NAMES = ("mnist", "digits", "faithful", "gmm-synthetic", "bmm-synthetic")
 
 LOOP = ("svi", "reparam")  # the drivers that run the training loop (inference.loop)
 
@@ -426,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd = sub.add_parser("data", help="data sets")
     data_sub = data_cmd.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser("fetch", help="download and verify a data set into the cache")
-    fetch.add_argument("name", choices=DATA_NAMES)
+    fetch.add_argument("name", choices=catalog.NAMES)
     fetch.set_defaults(func=cmd_data_fetch)
     return parser
 

@@ -51,8 +51,8 @@ import numpy as np
 import torch
 
 from inference.io import atomic_write
+from zoo.catalog import NAMES
 
-NAMES = ("mnist", "digits", "faithful", "gmm-synthetic", "bmm-synthetic")
 BINARIZATIONS = (None, "static", "dynamic", "threshold")
 _STATIC_SEEDS = {"train": 20141, "valid": 20142, "test": 20143}  # one fixed stream per split
 
