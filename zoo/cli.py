@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _fit_parser(spec) -> argparse.ArgumentParser:
     """The flags of ``zoo fit`` for one model: the shared ones, then the model's options."""
     lines = [
-        f"on {name}: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items())
+        f"on {name}: "
+        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items() if k != "_unless")
         for name, chosen in spec.data_defaults.items()
     ]
     epilog = "the model's defaults per data set (flags you give win): " + "; ".join(lines)
@@ -696,9 +697,8 @@ class _Fit:
         """The model from its options, completed from the data; a model built on fitted runs
         (an option of ``metadata={"run": True}``) gets them restored, by ``build_on``."""
         names = {o.name for o in self.spec.options()}
-        chosen = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.defaults.items()}
         given = {
-            **{k: v for k, v in chosen.items() if k in names},
+            **{k: v for k, v in self.defaults.items() if k in names},
             **_given_options(self.spec, self.flags),
         }
         self.options = self.spec.complete(given, self.info)
@@ -979,8 +979,7 @@ def _warn_if_collapsed(usage: dict, spec) -> None:
         what = f"latent site(s) {shown} carry almost nothing about the data{said}"
     print(
         f"zoo: warning: posterior collapse: {what}. Remedies: more optimizer steps (more"
-        " --epochs, a smaller"
-        " --batch-size), a higher --lr"
+        " --epochs, a smaller --batch-size), a higher --lr"
         + (f", a smaller network or latent ({', '.join(flags)})" if flags else "")
         + "; see latent_usage in metrics.json",
         file=sys.stderr,
@@ -1054,9 +1053,8 @@ def _metrics(model, config, num_samples, progress, splits=None) -> dict:
         model.model, model.guide, value, num_samples=num_samples, progress=progress
     )
     shared = {f"{split}_log_likelihood": log_px.mean().item(), "units": "nats per data point"}
-    if (
-        len(log_px) > 1
-    ):  # over the data points: what a difference between two models is read against
+    # over the data points: what a difference between two models is read against
+    if len(log_px) > 1:
         shared[f"{split}_log_likelihood_std_error"] = (log_px.std() / len(log_px) ** 0.5).item()
     if config["inference"] != "em":
         shared[f"{split}_elbo"] = evaluate.elbo(model.model, model.guide, value).mean().item()
