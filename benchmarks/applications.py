@@ -64,13 +64,12 @@ def _finished_rows(args, name: str) -> dict:
         return {}
     import json
 
-    same = {"num_rows": args.rows}
     out = {}
     for r in json.loads(path.read_text()):
         counts = r.get("num_samples") in (args.samples, None) and r.get("num_steps") in (
             args.steps, None)  # fmt: skip
-        kind = "mask" in r or "noise" in r
-        if all(r.get(k) == v for k, v in same.items()) and counts and kind:
+        kind = "mask" in r or "noise" in r  # a task's row, not a reference network's
+        if r.get("num_rows") == args.rows and counts and kind:
             out[(r["model"], r["task"], r["command"])] = r
     return out
 

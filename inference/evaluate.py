@@ -179,7 +179,7 @@ def latent_usage(
             per_row = mean.movedim(axis, 0).reshape(n, -1)
             entry["active"] = int((per_row.var(0) > threshold).sum())
         if p is not None and not site_is_subsample(p):
-            log_q, log_p = (_per_row_sum(s, plate, value) for s in (q, p))
+            log_q, log_p = (row_log_prob(s, value, lambda f: f.name == plate) for s in (q, p))
             if log_q is not None and log_p is not None:
                 entry["kl"] = (log_q - log_p).mean().item()
         sites[name] = entry
@@ -207,15 +207,17 @@ def _plate_axis(site, plate: str, ndim: int) -> Optional[int]:
     return None
 
 
-def _per_row_sum(site, plate: str, value) -> Optional[torch.Tensor]:
-    """A site's log-density of ``value`` (its mask applied) summed to one number per row."""
+def row_log_prob(site, value, in_rows: Callable) -> Optional[torch.Tensor]:
+    """A site's log-density of ``value`` (its mask applied) summed to one number per row of
+    the first vectorized plate that ``in_rows(frame)`` accepts, (N,); None outside it."""
     log_prob = site["fn"].log_prob(value)
     if site["mask"] is not None:
         log_prob = log_prob * site["mask"]
-    axis = _plate_axis(site, plate, log_prob.dim())
-    if axis is None:
-        return None
-    return log_prob.movedim(axis, 0).reshape(log_prob.shape[axis], -1).sum(-1)
+    for frame in site["cond_indep_stack"]:
+        if frame.vectorized and in_rows(frame) and log_prob.dim() + frame.dim >= 0:
+            axis = log_prob.dim() + frame.dim
+            return log_prob.movedim(axis, 0).reshape(log_prob.shape[axis], -1).sum(-1)
+    return None
 
 
 def _rows(x, batch_dims) -> Rows:

@@ -41,7 +41,7 @@ from pyro.poutine.util import site_is_subsample
 
 from inference.batching import Rows, arguments, check_count, same_random_state
 from inference.enumeration import Enumerated, validation_off
-from inference.evaluate import _enumerable, _rows, importance_sums, log_likelihood
+from inference.evaluate import _enumerable, _rows, importance_sums, log_likelihood, row_log_prob
 from inference.particles import Particles, check_full_terms
 
 
@@ -472,17 +472,13 @@ def _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in, co
 
 def _per_row(site, name, num_rows) -> torch.Tensor:
     """A site's log-probability summed to one number per row of the data plate, (N,)."""
-    lp = site["fn"].log_prob(site["value"])
-    if site["mask"] is not None:
-        lp = lp * site["mask"]
-    frames = [f for f in site["cond_indep_stack"] if f.vectorized and f.size == num_rows]
-    if not frames:
+    per_row = row_log_prob(site, site["value"], lambda frame: frame.size == num_rows)
+    if per_row is None:
         raise ValueError(
             f"site {name!r} is outside the data plate: the chain needs every latent variable"
             " local to a row"
         )
-    axis = lp.dim() + frames[0].dim
-    return lp.movedim(axis, 0).reshape(num_rows, -1).sum(-1)
+    return per_row
 
 
 def _select_rows(take, new, old) -> torch.Tensor:

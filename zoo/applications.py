@@ -103,9 +103,10 @@ def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=
     if data is not None:
         split = "all" if Path(data).suffix in (".csv", ".npy") else split
     tag = f"scores_{split}" if data is None else f"scores_{Path(data).stem}_{split}"
+    simple = complexity(x) if corrected else None  # zlib over every row: once
     columns = [result.log_prob.tolist(), result.std_error.tolist()]
     if corrected:
-        columns.append(complexity(x).tolist())
+        columns.append(simple.tolist())
     header = "row,log_prob,std_error" + (",complexity" if corrected else "")
     lines = [header] + [",".join([str(i)] + [f"{v:.6f}" for v in row])
                         for i, row in enumerate(zip(*columns))]  # fmt: skip
@@ -123,7 +124,7 @@ def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=
         "auroc": {},
     }
     sets = {split: -result.log_prob}
-    fixed = {split: -result.log_prob - complexity(x)} if corrected else {}
+    fixed = {split: -result.log_prob - simple} if corrected else {}
     if corrected:
         summary["auroc_complexity_corrected"] = {}
     if outliers and len(arguments) != 1 and labels:
