@@ -1,10 +1,20 @@
-"""Inference drivers and metrics. Knows nothing about any particular model.
+"""Inference drivers and metrics. Knows nothing about any particular model::
 
-from inference import em, svi, reparam, evaluate
-result = em.fit(model, guide, x)                 # one enumerable discrete latent per point
-result = svi.fit(model, guide, x, loss="TraceMeanField_ELBO")
-result = reparam.fit(model, guide, x, num_particles=5)   # IWAE
-log_px = evaluate.log_likelihood(model, guide, x, num_samples=5000)
-rows = compare.run([compare.Method("em", run_em), ...], seeds=[0, 1, 2])  # then compare.report
-posterior = mcmc.sample_posterior(model, x, chains=2)   # NUTS, arviz InferenceData, r_hat, ESS
+    from inference import em, svi, reparam, evaluate
+    result = em.fit(model, guide, x)                 # one enumerable discrete latent per point
+    result = svi.fit(model, guide, x, loss="TraceMeanField_ELBO")
+    result = reparam.fit(model, guide, x, num_particles=5)   # IWAE
+    log_px = evaluate.log_likelihood(model, guide, x, num_samples=5000)
+    rows = compare.run([compare.Method("em", run_em), ...], seeds=[0, 1, 2])  # then compare.report
+    posterior = mcmc.sample_posterior(model, x, chains=2)   # NUTS, arviz InferenceData, r_hat, ESS
+
+Every driver returns a ``FitResult`` (``inference.result``).
 """
+
+import warnings
+
+# In a notebook without ipywidgets, tqdm.auto falls back to text progress bars, which work, and
+# warns about it on its first import (every tutorial's first cell): that warning is not shown.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    import tqdm.auto  # noqa: F401

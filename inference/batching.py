@@ -1,10 +1,12 @@
 """
 How the drivers hand a user's data to a Pyro program, a minibatch at a time, and scale it.
 
-The calling convention follows Pyro's: ``data`` is what the model and guide are called with,
+The calling convention follows Pyro's: ``data`` is what the model and guide are called with::
+
     a tensor            -> model(x)
     a tuple or list     -> model(*data)             (None and other constants pass through)
     a mapping           -> model(**data)            (keyword arguments: tensors and constants)
+
 Tensors are split into minibatches along their batch dimension, dim 0 unless ``batch_dims``
 says otherwise (``batch_dims={"docs": 1}``, or ``None`` to hand a tensor whole to every call);
 everything that is not a tensor (ints, floats, strings, None) is passed unchanged.

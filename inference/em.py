@@ -68,23 +68,25 @@ def fit(
 ) -> FitResult:
     """Fit ``model`` to ``data`` by EM, keeping the best of ``n_init`` restarts.
 
-    data: an (N, ...) tensor, or ``SparseRows`` of mostly-zero (N, D) data (binarized images),
-        whose chunks the model then receives as CSR tensors; see ``inference.sparse``.
-    tol: stop when the mean objective (nats per data point) changes by less; scikit-learn's
-        mixtures use 1e-3.
-    init: "kmeans++" (default), "random" (random hard assignments), "params" (start from the
-        parameters as they are, as scikit-learn's ``*_init`` arguments do), or an (N, K) tensor
-        of initial responsibilities.
-    m_step: "auto" (closed form if the model's owner has one, else gradient), "closed", "gradient".
-    chunk_size: rows per chunk of the E-step pass; by default as many as keep the E-step's
-        temporaries near 2**22 values (at least 4096 rows). A model whose owner has
-        ``e_step_values_per_row(K)`` says how many values it makes per row; otherwise 4 K D is
-        assumed (a full-covariance Gaussian's solves). Fewer chunks mean fewer runs of the
-        model under enumeration, whose fixed cost dominates when K is small; chunks much larger
-        than the cache cost time again (measured for the Bernoulli mixture at K = 500).
-        For ``SparseRows`` the size is rounded to a whole number of their tiles.
-    threads: torch's CPU thread count during the iterations: "auto" (timed, see
-        ``inference.threads``), a count, or "torch" (left alone); None reads ``ZOO_THREADS``.
+    Args:
+        data: an (N, ...) tensor, or ``SparseRows`` of mostly-zero (N, D) data (binarized images),
+            whose chunks the model then receives as CSR tensors; see ``inference.sparse``.
+        tol: stop when the mean objective (nats per data point) changes by less; scikit-learn's
+            mixtures use 1e-3.
+        init: "kmeans++" (default), "random" (random hard assignments), "params" (start from the
+            parameters as they are, as scikit-learn's ``*_init`` arguments do), or an (N, K) tensor
+            of initial responsibilities.
+        m_step: "auto" (closed form if the model's owner has one, else gradient), "closed",
+            "gradient".
+        chunk_size: rows per chunk of the E-step pass; by default as many as keep the E-step's
+            temporaries near 2**22 values (at least 4096 rows). A model whose owner has
+            ``e_step_values_per_row(K)`` says how many values it makes per row; otherwise 4 K D is
+            assumed (a full-covariance Gaussian's solves). Fewer chunks mean fewer runs of the model
+            under enumeration, whose fixed cost dominates when K is small; chunks much larger than
+            the cache cost time again (measured for the Bernoulli mixture at K = 500). For
+            ``SparseRows`` the size is rounded to a whole number of their tiles.
+        threads: torch's CPU thread count during the iterations: "auto" (timed, see
+            ``inference.threads``), a count, or "torch" (left alone); None reads ``ZOO_THREADS``.
     """
     data = _check_data(data)
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):

@@ -1,10 +1,11 @@
 """
-The training loop the SVI and reparameterized-ELBO drivers share; drivers only define a step.
+The training loop the SVI and reparameterized-ELBO drivers share; drivers only define a step::
 
     result = loop.run(step, data, state={"model": net, "optim": opt}, batch_size=128,
                       num_epochs=10, validate=lambda: elbo_on_valid(), checkpoint="run/ckpt.pt")
 
 It owns:
+
 - minibatches: a fresh permutation per epoch from its own seeded generator, taken along each
   argument's batch dim (``inference.batching.Rows``: a tensor, a tuple of arguments or a mapping
   of keyword arguments); under torch.distributed each rank takes its slice of every global batch;
@@ -95,18 +96,18 @@ def run(
 ) -> FitResult:
     """Run ``step(batch) -> loss per data point`` over minibatches of ``data`` for some epochs.
 
-    data: a tensor, a tuple of the model's arguments or a mapping of keyword arguments; each
-        batch has the same structure (``inference.batching``). batch_size None: all rows.
-
-    state: objects with ``state_dict()``/``load_state_dict()`` (modules, torch or Pyro
-        optimizers) to checkpoint and restore. Pyro's param store is always included: create
-        the parameters (``parameters(model, guide, x)``) before resuming.
-    validate: returns the objective on held-out data (higher is better) after each epoch.
-    schedule: called with the 0-based epoch before it runs (and when a resume re-enters it).
-    max_steps: stop after this many steps in total (for tests and smoke runs).
-    threads: torch's CPU thread count while the steps run: "auto" (timed, see
-        ``inference.threads``), a count, or "torch" (left alone); None reads ``ZOO_THREADS``.
-    description: what the progress bar says is running.
+    Args:
+        data: a tensor, a tuple of the model's arguments or a mapping of keyword arguments; each
+            batch has the same structure (``inference.batching``). batch_size None: all rows.
+        state: objects with ``state_dict()``/``load_state_dict()`` (modules, torch or Pyro
+            optimizers) to checkpoint and restore. Pyro's param store is always included: create the
+            parameters (``parameters(model, guide, x)``) before resuming.
+        validate: returns the objective on held-out data (higher is better) after each epoch.
+        schedule: called with the 0-based epoch before it runs (and when a resume re-enters it).
+        max_steps: stop after this many steps in total (for tests and smoke runs).
+        threads: torch's CPU thread count while the steps run: "auto" (timed, see
+            ``inference.threads``), a count, or "torch" (left alone); None reads ``ZOO_THREADS``.
+        description: what the progress bar says is running.
     """
     rows = data if isinstance(data, Rows) else Rows(data, batch_dims)
     num_data = rows.num_data

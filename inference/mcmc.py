@@ -48,20 +48,21 @@ def sample_posterior(
 ) -> Dict:
     """NUTS on ``model(data)``, ``chains`` chains, each from its own seed.
 
-    to_draws: maps each chain's draws (a dict of tensors), e.g. back from standardized data.
-    relabel: ``draws (chains, samples, ...) -> (relabelled draws, (chains, samples) bool
-        permuted)``, undoing label switching before the summary; the raw draws are summarized
-        too (r_hat before relabelling).
-    summarize, dims: the variables arviz summarizes, and their dimension names.
-    threads: torch's CPU thread count while the chains run: a count, "torch" (left alone), or
-        "auto", which for NUTS means one thread: its steps differ in length by their tree depth
-        (1 to 1023 gradients), so timing them compares nothing, and on Old Faithful one thread
-        is as fast as two idle and far faster on a busy machine (``benchmarks/load.py``);
-        None reads ``ZOO_THREADS`` (see ``inference.threads``).
-    workers: chains run at once, each in a forked process (None: as many as there are cores
-        and chains, where the platform forks and the data is on the CPU; 1: one after the
-        other, in this process). Each chain seeds itself, so the draws are the same either
-        way. A ``recorder``'s budget is checked before each group of chains.
+    Args:
+        to_draws: maps each chain's draws (a dict of tensors), e.g. back from standardized data.
+        relabel: ``draws (chains, samples, ...) -> (relabelled draws, (chains, samples) bool
+            permuted)``, undoing label switching before the summary; the raw draws are summarized
+            too (r_hat before relabelling).
+        summarize, dims: the variables arviz summarizes, and their dimension names.
+        threads: torch's CPU thread count while the chains run: a count, "torch" (left alone), or
+            "auto", which for NUTS means one thread: its steps differ in length by their tree depth
+            (1 to 1023 gradients), so timing them compares nothing, and on Old Faithful one thread
+            is as fast as two idle and far faster on a busy machine (``benchmarks/load.py``); None
+            reads ``ZOO_THREADS`` (see ``inference.threads``).
+        workers: chains run at once, each in a forked process (None: as many as there are cores and
+            chains, where the platform forks and the data is on the CPU; 1: one after the other, in
+            this process). Each chain seeds itself, so the draws are the same either way. A
+            ``recorder``'s budget is checked before each group of chains.
 
     Returns the relabelled draws (arrays (chains, samples, ...)), the raw draws, an arviz
     InferenceData of the relabelled draws, its summary, r_hat and bulk ESS (worst over

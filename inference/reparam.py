@@ -281,20 +281,22 @@ def fit(
 ) -> FitResult:
     """Fit by maximizing the reparameterized ELBO or IWAE bound with a torch optimizer.
 
-    data, batch_size, batch_dims, data_plate: as in ``svi.fit`` (a tensor, a tuple or a
-        mapping of the model's arguments; minibatch scaling found from the program's plates,
-        or refused with a reason; None for the whole data every step).
-    num_particles: K > 1 gives the IWAE bound, vectorized over a particle plate where the
-        program broadcasts (``vectorize_particles=None`` tries it and falls back to one
-        particle at a time).
-    optimizer: a callable ``params -> torch.optim.Optimizer`` (default ``loop.adam`` with ``lr``:
-        torch's Adam, fused where it can be).
-    lr_schedule: epoch (0-based) -> factor on the learning rate, e.g.
-        ``loop.exponential_lr(0.1, num_epochs)``; exact on resume.
-    jit: compile the objective (ELBO or IWAE bound): True or "jit" with torch.jit, "inductor"
-        with torch.compile, which also fuses its elementwise operations (``Compiled``; static
-        models only: no data-dependent control flow).
-    validate: a held-out score to early-stop on instead of the bound on ``valid_data``.
+    Args:
+        data, batch_size, batch_dims, data_plate: as in ``svi.fit`` (a tensor, a tuple or a mapping
+            of the model's arguments; minibatch scaling found from the program's plates, or refused
+            with a reason; None for the whole data every step).
+        num_particles: K > 1 gives the IWAE bound, vectorized over a particle plate where the
+            program broadcasts (``vectorize_particles=None`` tries it and falls back to one particle
+            at a time).
+        optimizer: a callable ``params -> torch.optim.Optimizer`` (default ``loop.adam`` with
+            ``lr``: torch's Adam, fused where it can be).
+        lr_schedule: epoch (0-based) -> factor on the learning rate, e.g. ``loop.exponential_lr(0.1,
+            num_epochs)``; exact on resume.
+        jit: compile the objective (ELBO or IWAE bound): True or "jit" with torch.jit, "inductor"
+            with torch.compile, which also fuses its elementwise operations (``Compiled``; static
+            models only: no data-dependent control flow).
+        validate: a held-out score to early-stop on instead of the bound on ``valid_data``.
+
     loop_options go to ``inference.loop.run`` (seed, patience, transform, checkpoint, resume,
     callback, schedule, progress, max_steps).
     """

@@ -8,19 +8,20 @@ from typing import Dict, List, Optional
 class FitResult:
     """What a fit produced.
 
-    objective: the training objective of the returned parameters, per data point (higher is
-        better): for EM, the mean log-likelihood plus log prior / N; for SVI and the
-        reparameterized driver, the ELBO (or IWAE bound) per data point, averaged over the
-        minibatches of the epoch whose parameters are returned (the kept epoch, after early
-        stopping).
-    params: constrained parameter values by Pyro name (or by module attribute for parameters
-        Pyro's store does not hold), detached copies.
-    history: one record per iteration (EM) or epoch: at least ``step``, ``objective`` and
-        ``time`` (seconds since the fit started).
-    converged: whether the stopping tolerance was met (False: ran out of iterations).
-    stop_reason: a short human-readable reason.
-    valid_objective: the validation score of the returned parameters, when there was one.
-    best_epoch: the epoch (or iteration) whose parameters are returned.
+    Attributes:
+        objective: the training objective of the returned parameters, per data point (higher is
+            better): for EM, the mean log-likelihood plus log prior / N; for SVI and the
+            reparameterized driver, the ELBO (or IWAE bound) per data point, averaged over the
+            minibatches of the epoch whose parameters are returned (the kept epoch, after early
+            stopping).
+        params: constrained parameter values by Pyro name (or by module attribute for parameters
+            Pyro's store does not hold), detached copies.
+        history: one record per iteration (EM) or epoch: at least ``step``, ``objective`` and
+            ``time`` (seconds since the fit started).
+        converged: whether the stopping tolerance was met (False: ran out of iterations).
+        stop_reason: a short human-readable reason.
+        valid_objective: the validation score of the returned parameters, when there was one.
+        best_epoch: the epoch (or iteration) whose parameters are returned.
     """
 
     objective: float

@@ -28,10 +28,11 @@ import torch
 class SparseRows:
     """The rows of an (N, D) float tensor as CSR, with the transposes of its row tiles stored.
 
-    x: a dense (N, D) floating-point tensor with no NaN or infinite values, or a CSR tensor.
-    tile_rows: rows per stored transpose; 2048 keeps a tile's share of the (N, K)
-        responsibilities in the cache for K up to a few hundred (measured on MNIST: the M-step
-        product ran 2-3x faster in tiles of 2048 rows than in one piece of 50000).
+    Args:
+        x: a dense (N, D) floating-point tensor with no NaN or infinite values, or a CSR tensor.
+        tile_rows: rows per stored transpose; 2048 keeps a tile's share of the (N, K)
+            responsibilities in the cache for K up to a few hundred (measured on MNIST: the M-step
+            product ran 2-3x faster in tiles of 2048 rows than in one piece of 50000).
 
     ``chunks(size)`` cuts the rows into chunks of about ``size`` rows (a multiple of
     ``tile_rows``) for a driver's pass over the data: few chunks, because the model runs once per

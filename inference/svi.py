@@ -120,25 +120,27 @@ def fit(
 ) -> FitResult:
     """Fit by SVI; the same steps as Pyro's own ``SVI.step`` loop on the same batches.
 
-    data: what the model and guide are called with: a tensor, a tuple of positional arguments
-        or a mapping of keyword arguments (tensors split into minibatches along ``batch_dims``,
-        dim 0 by default; other values passed whole; see ``inference.batching``).
-    batch_size: rows per step; None (or at least N) runs every step on the whole data, exactly
-        as Pyro's loop does (no scaling). With minibatches, the plates whose size follows the
-        rows are found by running the program on two batch sizes (``data_plate`` names one to
-        check instead), and their sites are scaled by N / B; a program that cannot be
-        minibatched is refused with an error that says why.
-    optim: a Pyro optimizer (e.g. ``pyro.optim.ClippedAdam({...})``, one per parameter, the
-        parameters collected every step); by default a single torch Adam (``loop.adam``, fused
-        where it can be) over the parameters the model and guide create on the set-up run.
-    lr_schedule: epoch (0-based) -> factor on that Adam's learning rate, e.g.
-        ``loop.exponential_lr(0.1, num_epochs)``; exact on resume. A Pyro ``optim`` brings its
-        own schedule (``pyro.optim.ExponentialLR``) instead.
-    num_particles, vectorize_particles: several particles are vectorized (a plate left of the
-        model's) where the program broadcasts over them; None tries that on the first batch
-        and falls back to Pyro's sequential particles when it fails (``result.extra``).
-    validate: a held-out score to early-stop on instead of the ELBO on ``valid_data`` (higher
-    is better), e.g. a classifier's validation accuracy.
+    Args:
+        data: what the model and guide are called with: a tensor, a tuple of positional arguments or
+            a mapping of keyword arguments (tensors split into minibatches along ``batch_dims``, dim
+            0 by default; other values passed whole; see ``inference.batching``).
+        batch_size: rows per step; None (or at least N) runs every step on the whole data, exactly
+            as Pyro's loop does (no scaling). With minibatches, the plates whose size follows the
+            rows are found by running the program on two batch sizes (``data_plate`` names one to
+            check instead), and their sites are scaled by N / B; a program that cannot be
+            minibatched is refused with an error that says why.
+        optim: a Pyro optimizer (e.g. ``pyro.optim.ClippedAdam({...})``, one per parameter, the
+            parameters collected every step); by default a single torch Adam (``loop.adam``, fused
+            where it can be) over the parameters the model and guide create on the set-up run.
+        lr_schedule: epoch (0-based) -> factor on that Adam's learning rate, e.g.
+            ``loop.exponential_lr(0.1, num_epochs)``; exact on resume. A Pyro ``optim`` brings its
+            own schedule (``pyro.optim.ExponentialLR``) instead.
+        num_particles, vectorize_particles: several particles are vectorized (a plate left of the
+            model's) where the program broadcasts over them; None tries that on the first batch and
+            falls back to Pyro's sequential particles when it fails (``result.extra``).
+        validate: a held-out score to early-stop on instead of the ELBO on ``valid_data`` (higher is
+            better), e.g. a classifier's validation accuracy.
+
     loop_options go to ``inference.loop.run``: seed, patience, transform, checkpoint, resume,
     callback, schedule, progress, max_steps. The objective and history are ELBO per data point.
 

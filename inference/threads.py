@@ -9,7 +9,7 @@ VAE epoch on two threads ran 19x slower than idle, on one thread 3.9x; a NUTS ch
 against 3.0x. With a single competitor a VAE step on two threads was already 4x slower, on one
 thread no slower. Idle, two threads are 1.3-2x faster than one. No fixed count is right for
 both, and the load changes during a fit, so the drivers time their steps on each count now and
-then and keep the faster (``Threads.switches`` records when and to what).
+then and keep the faster (``Threads.switches`` records when and to what)::
 
     tuner = Threads("auto")   # "auto", a number of threads (pinned), or "torch" (left alone)
     with tuner:               # torch's own count is restored on exit
@@ -56,14 +56,15 @@ class Threads:
     """Sets torch's intra-op thread count for the duration of a ``with`` block; in "auto" mode
     ``tick()`` after every step times the steps and switches between the candidate counts.
 
-    probe_steps: steps timed on each count per probe (the first step of the fit, and the first
-        on a count not used before, which may start threads, are not timed).
-    reject: a timed step on the second count that takes this many times the first count's
-        median ends its probe at once.
-    margin: one thread is chosen only when its median step is this fraction faster.
-    hold: after a probe, keep the faster count for at least this many seconds, and for at
-        least ``hold_factor`` times as long as the probe took (probing costs steps on the
-        slower count); each probe that confirms the count doubles the hold, up to ``max_hold``.
+    Args:
+        probe_steps: steps timed on each count per probe (the first step of the fit, and the first
+            on a count not used before, which may start threads, are not timed).
+        reject: a timed step on the second count that takes this many times the first count's median
+            ends its probe at once.
+        margin: one thread is chosen only when its median step is this fraction faster.
+        hold: after a probe, keep the faster count for at least this many seconds, and for at least
+            ``hold_factor`` times as long as the probe took (probing costs steps on the slower
+            count); each probe that confirms the count doubles the hold, up to ``max_hold``.
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """
 What a fitted generative model is for, for any Pyro model/guide pair: scores, completion and
-denoising, all from the posterior given what is seen.
+denoising, all from the posterior given what is seen::
 
     s = uses.scores(model, guide, x, num_samples=1000)          # log p(x[n]) and its std. error
     c = uses.complete(model, guide, x, observed, num_samples=1000)  # E[x_missing | x_observed]
@@ -19,6 +19,7 @@ seen is
   observed column means (any proposal is valid; a closer one needs fewer draws).
 
 What is "seen" is the model's own likelihood, changed at the observed site only:
+
 - completion masks the unobserved entries out of it (Pyro's ``.mask`` on the per-feature
   distribution, so no second copy of the likelihood is written), and the prediction of each
   missing entry is the posterior average of its likelihood mean;

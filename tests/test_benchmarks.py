@@ -121,8 +121,11 @@ def test_load_benchmark_quick(tmp_path):
     report = json.loads((tmp_path / "load-quick.json").read_text())
     row = report["steps"]["vae"]
     cores = report["cores"]
-    for case in ("auto/0", "auto/1", f"{cores}/0", f"{cores}/1"):  # idle and loaded, each way
+    for case in ("auto/0", "auto/1", "1/0", "1/1", f"{cores}/0", f"{cores}/1"):  # idle, loaded
         assert row[case] > 0
     assert row["ratio_auto"] == pytest.approx(row["auto/1"] / row["auto/0"])
+    assert row["ratio_one"] == pytest.approx(row["1/1"] / row["1/0"])
     assert row["ratio_pinned"] == pytest.approx(row[f"{cores}/1"] / row[f"{cores}/0"])
+    table = (tmp_path / "load-quick.md").read_text()
+    assert f"{row['1/1'] / row['1/0']:.2f}x" in table  # the one-thread column is reported
     assert "--load 1 --steps vae" in report["command"]

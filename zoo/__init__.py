@@ -1,6 +1,8 @@
-"""The probabilistic-programming model zoo: generative stories as Pyro model/guide pairs.
+"""The probabilistic-programming model zoo: generative stories as Pyro model/guide pairs::
 
-from zoo import GaussianMixture, BernoulliMixture, VAE, CVAE, SSVAE, HVAE, VQVAE, data
+    from zoo import GaussianMixture, BernoulliMixture, VAE, CVAE, SSVAE, HVAE, VQVAE, data
+
+A model's ``model`` and ``guide`` go straight into any driver of ``inference`` that fits them.
 """
 
 import importlib

@@ -3,14 +3,15 @@ Comparisons of inference methods on one model and one data set, generic over the
 model declares its methods (``comparison=`` of ``zoo.registry.register``) and this module fits
 each of them, every seed, on the same split; ``inference.compare`` runs them and writes the
 report. A model that declares none is compared by its drivers, each with its declared options.
-It names no model.
+It names no model::
 
     from zoo import comparisons
     table = comparisons.compare("gmm", data="faithful", seeds=(0, 1, 2),
                                 out="runs/compare-gmm-faithful")
     # zoo compare gmm --data faithful --inference em,svi,nuts,sklearn --seeds 3
 
-What a model declares (every key optional):
+What a model declares (every key optional)::
+
     data       the data sets it is compared on, the first the default
     options    model options per data set ({"faithful": {"num_components": 2}})
     settings   its defaults for the fields of ``Setup`` (a mixture's SVI: 1000 epochs, lr 0.05)

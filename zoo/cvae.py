@@ -1,11 +1,12 @@
 """
-Conditional variational autoencoder: a VAE whose prior, decoder and encoder all see a condition y.
+Conditional variational autoencoder: a VAE whose prior, decoder and encoder all see a condition y::
 
     z[n] ~ Normal(prior_net(y[n]))                      z: (N, Z), y: (N, Y) any tensor
     x[n] ~ Bernoulli(logits=decoder(z[n], y[n]))        x: (N, X); only pixels where mask = 1
     q(z[n] | x[n], y[n]) = Normal(encoder(x[n], y[n]))  the guide
 
 Two uses ship with the zoo:
+
 - label mode: y is a one-hot digit label; ``generate(y)`` draws a chosen digit, and encoding an
   image then decoding its z with every label transfers its style (``style_transfer``).
 - quadrant mode (Pyro's CVAE example): y is an MNIST image with 1-3 quadrants visible and the

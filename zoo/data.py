@@ -1,17 +1,19 @@
 """
-Data sets of the zoo, all returned as ``(x, y)`` torch tensors (``y`` is None where unlabelled).
+Data sets of the zoo, all returned as ``(x, y)`` torch tensors (``y`` is None where unlabelled)::
 
     x, y = load("mnist", split="train", binarize="static")   # x: (50000, 784) float32, y: (50000,)
     x, _ = load("faithful")                                    # x: (218, 2): eruptions, waiting
     x, y = load("digits", split="test")                        # x: (360, 64) in [0, 1]
 
-Names and splits:
+Names and splits::
+
   mnist          train 50,000 / valid 10,000 / test 10,000 (the first 50k of the official training
                  set, its last 10k, the official test set), pixels in [0, 1] (uint8 / 255).
   digits         scikit-learn's 8x8 digits (1797), pixels / 16; train 1437 / test 360, fixed split.
   faithful       Old Faithful eruptions (272 x 2, shipped with the package); train 218 / test 54.
   gmm-synthetic  a 3-component 2-D Gaussian mixture with known parameters (`make_gaussian_mixture`).
   bmm-synthetic  a 4-component Bernoulli mixture on 16 binary pixels (`make_bernoulli_mixture`).
+
 Every set also has split="all". ``partial_labels(y, 100, seed)`` keeps a class-balanced subset of
 the labels (-1 elsewhere) for semi-supervised learning.
 

@@ -7,7 +7,8 @@ Latents z_0, ..., z_T (each (N, D), the data's shape); x is the image, x' = 2 x 
 A noise schedule gives every level t a log signal-to-noise ratio -gamma_t, increasing in t:
 alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t) (variance preserving).
 
-Generative model (top-down, as the ladder VAE):
+Generative model (top-down, as the ladder VAE)::
+
     z_T ~ Normal(0, I)
     z_{t-1} ~ Normal(mu(z_t, t), sigma^2_{t-1} c_t I),   t = T, ..., 1
         mu = alpha_{t-1} ((1 - c_t) z_t / alpha_t + c_t x_hat(z_t, t)),
@@ -16,15 +17,20 @@ Generative model (top-down, as the ladder VAE):
       or, for grey levels v_k = 2 k / (L - 1) - 1 (``likelihood="grey"``), the categorical
       p(v_k | z_0) proportional to exp(-(z_0 - alpha_0 v_k)^2 / (2 sigma_0^2)): VDM's discretized
       Gaussian, again q's posterior of x' under a uniform prior on the levels
-The "encoder" is fixed, the forward noising process, and needs no network:
+
+The "encoder" is fixed, the forward noising process, and needs no network::
+
     q(z_t | x) = Normal(alpha_t x', sigma_t^2 I)          every level in closed form
     q(z_{t-1} | z_t, x) = Normal(alpha_{t-1} ((1 - c_t) z_t / alpha_t + c_t x'),
                                  sigma^2_{t-1} c_t I)
+
 The reverse model is the forward posterior with x' replaced by the denoiser's guess x_hat of
-E[x' | z_t], so the ELBO is a sum of closed-form KL terms:
+E[x' | z_t], so the ELBO is a sum of closed-form KL terms::
+
     ELBO = E_q[log p(x | z_0)] - KL(q(z_T | x) || N(0, I)) - sum_t L_t,
     L_t = E_q(z_t|x) KL(q(z_{t-1} | z_t, x) || p(z_{t-1} | z_t))
         = 1/2 (SNR_{t-1} - SNR_t) E||x' - x_hat||^2
+
 with SNR_t = exp(-gamma_t): a weighted denoising loss. Written with the implied noise guess
 eps_hat = (z_t - alpha_t x_hat) / sigma_t it is (SNR_{t-1} / SNR_t - 1) / 2 E||eps - eps_hat||^2,
 the eps-prediction loss of Ho et al., itself a weighted denoising score-matching loss, since
@@ -36,6 +42,7 @@ sharp by construction. Grey pixels the same way: x_hat is the mean over the L le
 weights q(z_t | v_k) exp(v_k r / 2), r the network's output (for L = 2 this is the binary form).
 
 Two Pyro programs express it, by ``DiffusionConfig.timesteps``:
+
 - ``timesteps=None``: the chain. The model is the generative process above (sites ``z{T}`` ...
   ``z0``, then ``x``), the guide the forward process in the same order (q(z_T | x), then
   q(z_{t-1} | z_t, x)); with ``TraceMeanField_ELBO`` every KL is analytic. T network calls per

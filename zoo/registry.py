@@ -1,7 +1,7 @@
 """
 The model surface, and the registry the CLI, the comparisons and the run directories read. It
 knows no model: zoo models register themselves (``@register`` in their own file), third-party
-packages through the ``zoo.models`` entry-point group, and a user's class is named by path.
+packages through the ``zoo.models`` entry-point group, and a user's class is named by path::
 
     from zoo import registry
     spec = registry.get("vae")                       # a zoo model
@@ -21,6 +21,7 @@ field (``"dim"``: the data's width; ``"num_classes"``), which is then not a flag
 
 What a model may offer, discovered by name (``ZooModel``; every one is optional but ``model``
 and ``guide``; one meaning per name across models):
+
 - ``sample(num_samples, **condition)``: new data (an (N, D) tensor; mixtures also return z);
 - ``arguments(x, y, split)``: the model's arguments for a split (default ``(x,)``), such as
   (x, labels with most hidden) for the training split of a semi-supervised model;
@@ -50,6 +51,7 @@ and ``guide``; one meaning per name across models):
 - ``figures(splits, history, info)``: ``{file name: matplotlib Figure}``;
 - ``sample_figure(x, z)``: how to show its samples (default: an image grid for square images);
 - ``encode``, ``reconstruct``, ``predict`` / ``classify``.
+
 A model that offers none of the optional ones is fitted, scored by the shared metrics
 (``inference.evaluate``) and drawn by the shared figures; what needs an offer it lacks is refused
 with a message naming it. Comparisons: ``comparison=`` of ``register`` (see ``zoo.comparisons``).
@@ -180,7 +182,7 @@ class Stage:
     """A program fitted after the model's own (``stages()``): ``model`` and ``guide`` go to
     ``driver`` ("reparam" or "svi", with ``options``) on ``data(arguments)``, where
     ``arguments`` are the model's own arguments for a split (``model_arguments``). ``name``
-    labels its files (``checkpoint_NAME.pt``, ``history_NAME.json``) and scores (NAME_...)."""
+    labels its files (``checkpoint_NAME.pt``, ``history_NAME.json``) and scores (``NAME_...``)."""
 
     name: str
     model: Callable

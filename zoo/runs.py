@@ -1,6 +1,6 @@
 """
 Run directories: where a fit writes, and the guards that keep one run from ever being lost or
-mixed with another.
+mixed with another::
 
     with runs.open_for_writing(out, overwrite=False, resume=False) as run:
         run.write_config(config)        # first, so that an interrupted run can resume

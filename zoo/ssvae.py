@@ -1,5 +1,5 @@
 """
-Semi-supervised VAE, model M2 of Kingma, Rezende, Mohamed and Welling (2014).
+Semi-supervised VAE, model M2 of Kingma, Rezende, Mohamed and Welling (2014)::
 
     y[n] ~ Categorical(1 / C)                          y: (N,) class, observed when labelled
     z[n] ~ Normal(0, I)                                z: (N, Z) style
@@ -12,7 +12,7 @@ unlabelled images. The model observes y where it is known (site ``y_observed``) 
 as latent elsewhere (site ``y``). In the guide, ``y`` is enumerated over the C classes (with
 TraceEnum_ELBO; ``enumerate=False`` samples it instead), and on labelled rows the guide puts all
 its mass on the known label, so those rows contribute nothing to that site. The objective is
-then exactly the paper's:
+then exactly the paper's::
 
     sum over labelled (x, y)  of  L(x, y) + alpha * log q(y | x)
     + sum over unlabelled x   of  U(x) = sum_y q(y | x) L(x, y) + H(q(y | x))
@@ -24,7 +24,7 @@ the same per-point scaling as here, which we take as the default.
 
 M1+M2, the paper's stacked model (``SSVAE.stacked_on(vae, x)``, ``zoo fit ssvae --stack-on``):
 M2 generates the latent z1 of a VAE fitted beforehand on all the images (M1), and M1 generates
-the pixels from it:
+the pixels from it::
 
     z1[n] ~ Normal(decoder(z[n], y[n]), scale(...))    on the units of z1 that M1 uses
           ~ Normal(0, 1)                               on its collapsed units

@@ -1,5 +1,5 @@
 """
-Variational autoencoder with a beta knob on the KL term.
+Variational autoencoder with a beta knob on the KL term::
 
     z[n] ~ Normal(0, I)                                z: (N, Z)
     x[n] ~ Bernoulli(logits=decoder(z[n]))             x: (N, X), binary data

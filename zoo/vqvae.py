@@ -3,14 +3,14 @@ VQ-VAE (van den Oord, Vinyals and Kavukcuoglu 2017) and its autoregressive prior
 
 An image x (a square of side s, s a multiple of 4) is encoded to a grid of H x W = s/4 x s/4
 vectors, each snapped to the nearest of K codebook vectors e_1..e_K; the decoder sees only the
-codes. 28x28 MNIST gives a 7x7 grid, sklearn's 8x8 digits a 2x2 one (four codes).
+codes. 28x28 MNIST gives a 7x7 grid, sklearn's 8x8 digits a 2x2 one (four codes)::
 
     codes[n] ~ Categorical(1/K) at every one of the H x W positions     codes: (N, H, W)
     z[n]      = e[codes[n]]                       (a Delta site)       z: (N, D, H, W)
     x[n]     ~ Bernoulli(logits=decoder(z[n]))                         x: (N, s*s), binary
     guide:  codes[n] = argmin_k |z_e[n, :, h, w] - e_k|, z_e = encoder(x[n])   (deterministic)
 
-The guide is a point mass, so its entropy is zero and the ELBO is a bound in nats,
+The guide is a point mass, so its entropy is zero and the ELBO is a bound in nats::
 
     log p(x) >= log p(x | z_q(x)) + log p(codes(x)),
 
@@ -20,11 +20,12 @@ images by maximum likelihood; the same bound with the learned prior is far tight
 the deterministic posterior pays the full code length and the learned prior shortens it.
 
 Training signals, all as Pyro sees them:
+
 - the straight-through estimator: the guide's z site holds sg(z_q) + (z_e - sg(z_e)), equal to
   z_q in value (bit for bit: z_e - z_e is 0) and to z_e in gradient, so the reconstruction's
   gradient reaches the encoder as if quantization were the identity;
-- the commitment term beta |z_e - sg(z_q)|^2 (and with ``codebook="loss"`` the codebook term
-  |sg(z_e) - z_q|^2), summed over positions per image, as a ``pyro.factor`` in the guide whose
+- the commitment term ``beta |z_e - sg(z_q)|^2`` (and with ``codebook="loss"`` the codebook term
+  ``|sg(z_e) - z_q|^2``), summed over positions per image, as a ``pyro.factor`` in the guide whose
   value is 0 and whose gradient is the penalty's (``p - sg(p)``): every driver differentiates
   it as a guide factor, and every number reported (objective, ELBO, bound) stays the bound;
 - ``codebook="ema"`` (the paper's appendix, the default): codebook vectors are moving averages
@@ -36,6 +37,7 @@ Training signals, all as Pyro sees them:
 - ``restart=True``: a code whose moving-average use falls below ``dead_below`` assignments per
   step is moved onto a random encoder output of the batch (Dhariwal et al. 2020, Jukebox). At
   the first step every code is dead, which starts the codebook on encoder outputs.
+
 Two further stages follow the rule for state: in-place updates belong to training steps, and a
 compiled objective (``jit=``) is refused while they are on (it would freeze them).
 

@@ -1,0 +1,151 @@
+"""Sphinx configuration of the documentation site: the tutorials executed (myst-nb), the README
+pages, and an API reference generated from the docstrings (autosummary).
+
+Build it with ``bash scripts/docs.sh`` (quick mode, the default) or ``bash scripts/docs.sh
+--full``. The tutorials are stored without outputs; the build copies them from ``tutorials/``
+into ``docs/tutorials/`` (not tracked) and executes them there, so outputs and figures live in
+the built pages only.
+
+Environment read here (``scripts/docs.sh`` sets it):
+  ZOO_QUICK=1            the notebooks' quick mode (less data, fewer epochs)
+  ZOO_DOCS_EXECUTE       myst-nb's execution mode: "force" (default) or "cache"
+  ZOO_DOCS_NOTEBOOKS     comma-separated notebook numbers to build (others are left out), for a
+                         quick look at one page
+"""
+
+import datetime
+import os
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+project = "The probabilistic-programming model zoo"
+author = "The model zoo developers"
+copyright = f"{datetime.date.today().year}, {author}"
+
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.napoleon",  # the Args: / Attributes: sections of the drivers' docstrings
+    "sphinx.ext.viewcode",
+]
+
+
+def _sync_tutorials() -> list:
+    """Copy the tutorials (and their README, the path through them) into docs/tutorials/,
+    rewriting only files whose bytes changed, so that an incremental build re-reads only those.
+    Returns the notebooks left out by ZOO_DOCS_NOTEBOOKS, as patterns for exclude_patterns."""
+    source, target = ROOT / "tutorials", HERE / "tutorials"
+    target.mkdir(exist_ok=True)
+    wanted = {
+        f"{int(n):02d}" for n in os.environ.get("ZOO_DOCS_NOTEBOOKS", "").split(",") if n.strip()
+    }
+    copied = set()
+    for path in sorted(source.glob("*.ipynb")) + [source / "README.md"]:
+        destination = target / ("index.md" if path.name == "README.md" else path.name)
+        copied.add(destination.name)
+        content = path.read_bytes()
+        if path.name == "README.md":  # the notebooks as the pages under it, in their order
+            content += b"\n```{toctree}\n:hidden:\n:glob:\n\n[0-9][0-9]_*\n```\n"
+        if not destination.exists() or destination.read_bytes() != content:
+            destination.write_bytes(content)
+    for stale in target.iterdir():  # a notebook renamed or removed in tutorials/
+        if stale.name not in copied:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    return [
+        f"tutorials/{p.name}"
+        for p in sorted(target.glob("[0-9][0-9]_*.ipynb"))
+        if wanted and p.name[:2] not in wanted
+    ]
+
+
+def _sync_benchmarks() -> None:
+    """The measured results (benchmarks/results/*.md and their plots) as pages of their own,
+    with an index that lists them; regenerated on every build, like docs/tutorials/."""
+    source, target = ROOT / "benchmarks" / "results", HERE / "benchmarks"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    for path in sorted(source.glob("*.md")) + sorted(source.glob("*.png")):
+        shutil.copyfile(path, target / path.name)
+    (target / "index.md").write_text(
+        "# Benchmarks\n\n"
+        "Speed and quality measured by the scripts in `benchmarks/` (each writes a JSON and a "
+        "Markdown file to `benchmarks/results/`; the pages below are those files). Each page "
+        "says how it was run, on which machine, and in what state (idle or busy).\n\n"
+        "```{toctree}\n:glob:\n:maxdepth: 1\n\n*\n```\n"
+    )
+
+
+_sync_benchmarks()
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+exclude_patterns += _sync_tutorials()
+# a page that links to a notebook left out by ZOO_DOCS_NOTEBOOKS is not an error then
+suppress_warnings = ["myst.xref_missing"] if os.environ.get("ZOO_DOCS_NOTEBOOKS") else []
+
+QUICK = os.environ.get("ZOO_QUICK", "") not in ("", "0")
+MODE = (
+    "quick mode (ZOO_QUICK=1: less data, fewer epochs;"
+    " `bash scripts/docs.sh --full` builds the full run)"
+    if QUICK
+    else "full mode"
+)
+
+# --- myst-nb: execute every notebook at build time; outputs go to the pages, never back into
+# tutorials/ ---
+nb_execution_mode = os.environ.get("ZOO_DOCS_EXECUTE", "force")
+nb_execution_timeout = -1  # no per-cell limit: a busy machine must not fail a quick cell
+nb_execution_in_temp = True  # files a notebook writes go to a temporary folder
+nb_execution_allow_errors = False
+nb_execution_raise_on_error = False  # a failing notebook is a warning (an error under -W), and
+nb_execution_show_tb = True  # its page still shows where it failed, with the traceback
+# one cache per mode: a quick run's outputs never stand in for a full run's
+nb_execution_cache_path = str(HERE / "_build" / ("quick" if QUICK else "full") / ".jupyter_cache")
+nb_merge_streams = True
+nb_output_stderr = "show"
+myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_update_mathjax = False  # its MathJax 3 settings would replace the MathJax 2 object below
+myst_heading_anchors = 3
+
+# --- the API reference, from the docstrings ---
+autosummary_generate = True
+napoleon_use_ivar = True  # Attributes: as fields of the class, not second descriptions
+autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": True}
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_mock_imports = []
+
+# --- the pages ---
+html_theme = "sphinx_book_theme"
+html_title = "Model zoo"
+# MathJax from the package index (the copy Jupyter serves), not from a CDN, so that the formulas
+# render where the site is read offline, as on the course's machines
+import jupyter_server_mathjax  # noqa: E402
+
+_mathjax = HERE / "_build" / "_static_mathjax"
+if not (_mathjax / "mathjax" / "MathJax.js").exists():
+    shutil.copytree(
+        Path(jupyter_server_mathjax.__file__).parent / "static",
+        _mathjax / "mathjax",
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("png"),  # image fonts: the web fonts are used
+    )
+html_static_path = ["_static", str(_mathjax)]
+html_css_files = ["zoo.css"]
+mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
+mathjax2_config = {
+    "tex2jax": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]]},
+    "HTML-CSS": {"availableFonts": ["TeX"], "imageFont": None},
+}
+html_theme_options = {
+    "show_toc_level": 2,
+    "announcement": f"Notebooks executed at build time ({datetime.date.today()}) in {MODE}.",
+    "use_download_button": True,
+}
+html_last_updated_fmt = "%Y-%m-%d"
