@@ -11,6 +11,8 @@ Environment read here (``scripts/docs.sh`` sets it):
   ZOO_DOCS_EXECUTE       myst-nb's execution mode: "force" (default) or "cache"
   ZOO_DOCS_NOTEBOOKS     comma-separated notebook numbers to build (others are left out), for a
                          quick look at one page
+  ZOO_DOCS_JAPANESE      "pages": build the Japanese tutorials' pages without running them (the
+                         tests do: their code is the English code, which they run)
 """
 
 import datetime
@@ -37,6 +39,27 @@ extensions = [
 ]
 
 
+def _sync_japanese() -> list:
+    """The Japanese tutorials (tutorials/ja/: notebooks, README, glossary) into
+    docs/tutorials/ja/, like the English ones; returns the patterns to leave out of execution
+    (all of them when ZOO_DOCS_JAPANESE=pages: built as pages, not run, as the tests do)."""
+    source, target = ROOT / "tutorials" / "ja", HERE / "tutorials" / "ja"
+    target.mkdir(parents=True, exist_ok=True)
+    copied = set()
+    for path in sorted(source.glob("*.ipynb")) + [source / "README.md", source / "glossary.md"]:
+        destination = target / ("index.md" if path.name == "README.md" else path.name)
+        copied.add(destination.name)
+        content = path.read_bytes()
+        if path.name == "README.md":
+            content += b"\n```{toctree}\n:hidden:\n:glob:\n\nglossary\n[0-9][0-9]_*\n```\n"
+        if not destination.exists() or destination.read_bytes() != content:
+            destination.write_bytes(content)
+    for stale in target.iterdir():
+        if stale.name not in copied:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    return ["tutorials/ja/*"] if os.environ.get("ZOO_DOCS_JAPANESE") == "pages" else []
+
+
 def _sync_tutorials() -> list:
     """Copy the tutorials (and their README, the path through them) into docs/tutorials/,
     rewriting only files whose bytes changed, so that an incremental build re-reads only those.
@@ -56,11 +79,12 @@ def _sync_tutorials() -> list:
         if not destination.exists() or destination.read_bytes() != content:
             destination.write_bytes(content)
     for stale in target.iterdir():  # a notebook renamed or removed in tutorials/
-        if stale.name not in copied:
+        if stale.name not in copied and stale.name != "ja":
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     return [
-        f"tutorials/{p.name}"
-        for p in sorted(target.glob("[0-9][0-9]_*.ipynb"))
+        f"tutorials/{folder}{p.name}"
+        for folder in ("", "ja/")
+        for p in sorted((target / folder).glob("[0-9][0-9]_*.ipynb"))
         if wanted and p.name[:2] not in wanted
     ]
 
@@ -85,7 +109,8 @@ def _sync_benchmarks() -> None:
 
 _sync_benchmarks()
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
-exclude_patterns += _sync_tutorials()
+nb_execution_excludepatterns = _sync_japanese()
+exclude_patterns += _sync_tutorials()  # after the Japanese copy: it leaves those out too
 # a page that links to a notebook left out by ZOO_DOCS_NOTEBOOKS is not an error then
 suppress_warnings = ["myst.xref_missing"] if os.environ.get("ZOO_DOCS_NOTEBOOKS") else []
 

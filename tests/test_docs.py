@@ -37,7 +37,8 @@ def site(tmp_path_factory):
     html folder, executed-notebooks folder, notebooks built)."""
     out = tmp_path_factory.mktemp("docs")
     built = NOTEBOOKS
-    env = dict(os.environ, ZOO_QUICK="1", ZOO_DOCS_EXECUTE="force")
+    # the Japanese tutorials are built as pages, not run: their code is the English code
+    env = dict(os.environ, ZOO_QUICK="1", ZOO_DOCS_EXECUTE="force", ZOO_DOCS_JAPANESE="pages")
     env.pop("ZOO_DOCS_NOTEBOOKS", None)
     env.pop("MPLBACKEND", None)  # Agg would keep the kernels' figures out of the pages
     if not mnist_available() and not os.environ.get("ZOO_REQUIRE_MNIST"):
@@ -109,3 +110,15 @@ def test_every_tutorial_is_in_the_site_navigation(site):
     index = (html_dir / "tutorials" / "index.html").read_text()
     for path in built:
         assert f'href="{path.stem}.html"' in index, f"{path.name} missing from the tutorials page"
+
+
+def test_japanese_tutorials_have_their_pages(site):
+    _, _, html_dir, _, built = site
+    index = (html_dir / "tutorials" / "ja" / "index.html").read_text(encoding="utf-8")
+    assert "用語集" in index
+    for path in built:
+        page = html_dir / "tutorials" / "ja" / path.with_suffix(".html").name
+        assert page.exists(), f"no Japanese page for {path.name}"
+        assert f'href="{path.stem}.html"' in index, f"{path.name} missing from the Japanese index"
+        text = page.read_text(encoding="utf-8")
+        assert "このノートで学ぶこと" in text, f"{page.name} is not the Japanese notebook"

@@ -1,12 +1,70 @@
-"""Figures the CLI writes and the tutorials show. Each function returns a matplotlib Figure."""
+"""Figures the CLI writes and the tutorials show. Each function returns a matplotlib Figure.
 
+Importing this module also lets every figure draw Japanese text (the Japanese tutorials' titles,
+labels and legends): ``japanese_font()`` puts a font that has the glyphs behind matplotlib's own,
+so Latin text looks as before and only the glyphs the first font lacks come from the second.
+"""
+
+import importlib.util
 import math
+import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib import font_manager
 from matplotlib.patches import Ellipse
+
+# installed fonts with Japanese glyphs, by family, where matplotlib-fontja's is not there
+JAPANESE_FAMILIES = (
+    "IPAexGothic",
+    "Noto Sans CJK JP",
+    "Noto Sans JP",
+    "IPAGothic",
+    "Hiragino Sans",
+    "Yu Gothic",
+    "Meiryo",
+    "TakaoGothic",
+)
+
+
+def japanese_font() -> Optional[str]:
+    """Add a font that draws Japanese to the end of matplotlib's ``font.family`` list, where
+    matplotlib takes the glyphs the fonts before it lack; returns its family, or None, with a
+    warning that says how to get one (Japanese text would otherwise show as empty boxes).
+
+    The font is IPAexGothic from the ``matplotlib-fontja`` package (a dependency of the zoo, so
+    the set-up installs it), else the first of ``JAPANESE_FAMILIES`` the system has."""
+    family = None
+    spec = importlib.util.find_spec("matplotlib_fontja")  # found without importing it: its
+    if spec is not None and spec.origin:  # import would make the font every figure's first
+        path = Path(spec.origin).parent / "fonts" / "ipaexg.ttf"
+        if path.exists():
+            font_manager.fontManager.addfont(str(path))
+            family = font_manager.FontProperties(fname=str(path)).get_name()
+    if family is None:
+        installed = {font.name for font in font_manager.fontManager.ttflist}
+        family = next((name for name in JAPANESE_FAMILIES if name in installed), None)
+    if family is None:
+        warnings.warn(
+            "no font with Japanese glyphs found: Japanese text in figures would show as empty "
+            "boxes. Install one: `pip install matplotlib-fontja` (the zoo's set-up does), or a "
+            "system font such as Noto Sans CJK JP (Debian: apt-get install fonts-noto-cjk)",
+            stacklevel=2,
+        )
+        return None
+    families = list(matplotlib.rcParams["font.family"])
+    if families == ["sans-serif"]:  # the default: name its first font, the one drawn now
+        families = matplotlib.rcParams["font.sans-serif"][:1]
+    if family not in families:
+        matplotlib.rcParams["font.family"] = families + [family]
+    return family
+
+
+japanese_font()
 
 
 def gaussian_ellipses(
