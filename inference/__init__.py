@@ -10,11 +10,3 @@
 
 Every driver returns a ``FitResult`` (``inference.result``).
 """
-
-import warnings
-
-# In a notebook without ipywidgets, tqdm.auto falls back to text progress bars, which work, and
-# warns about it on its first import (every tutorial's first cell): that warning is not shown.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="IProgress not found")
-    import tqdm.auto  # noqa: F401

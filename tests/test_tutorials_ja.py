@@ -172,3 +172,27 @@ def test_figures_draw_japanese_text_without_missing_glyphs(tmp_path):
     ax.set(title="変分下界の推移 (ELBO)", xlabel="エポック", ylabel="対数尤度")
     fig.savefig(tmp_path / "ja.png")
     matplotlib.pyplot.close(fig)
+
+
+def test_without_a_japanese_font_the_zoo_says_how_to_get_one(monkeypatch):
+    from zoo import plots
+
+    monkeypatch.setattr(plots.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(plots.font_manager.fontManager, "ttflist", [])
+    monkeypatch.setitem(matplotlib.rcParams, "font.family", ["sans-serif"])
+    with pytest.warns(UserWarning, match="pip install matplotlib-fontja"):
+        assert plots.japanese_font() is None
+    assert matplotlib.rcParams["font.family"] == ["sans-serif"]  # left as it was
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_no_japanese_inside_mathtext(path):
+    """matplotlib draws a string with $...$ in it by mathtext, whose plain-text font has no
+    fallback: Japanese there would come out as empty boxes, so such strings stay as they are."""
+    for cell in _cells(JA / path.name):
+        if cell["cell_type"] != "code":
+            continue
+        code = "".join(cell["source"])
+        for begin, end, _ in sync_tutorials.literal_spans(code):
+            literal = code[begin:end]
+            assert not (literal.count("$") >= 2 and JAPANESE_TEXT.search(literal)), literal

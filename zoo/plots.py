@@ -6,6 +6,7 @@ so Latin text looks as before and only the glyphs the first font lacks come from
 """
 
 import importlib.util
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -56,12 +57,29 @@ def japanese_font() -> Optional[str]:
             stacklevel=2,
         )
         return None
+    _quiet_about_weights(family)
     families = list(matplotlib.rcParams["font.family"])
     if families == ["sans-serif"]:  # the default: name its first font, the one drawn now
         families = matplotlib.rcParams["font.sans-serif"][:1]
     if family not in families:
         matplotlib.rcParams["font.family"] = families + [family]
     return family
+
+
+def _quiet_about_weights(family: str) -> None:
+    """IPAexGothic has one weight, so matplotlib draws bold Japanese in the regular one (which
+    is right) and logs a warning each time it does, into every notebook's output: not that one."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("findfont: Failed to find font weight") and family in message
+        )
+
+    logger = logging.getLogger("matplotlib.font_manager")
+    if not any(getattr(f, "zoo_family", None) == family for f in logger.filters):
+        keep.zoo_family = family
+        logger.addFilter(keep)
 
 
 japanese_font()
