@@ -39,48 +39,37 @@ extensions = [
 ]
 
 
-def _sync_japanese() -> list:
-    """The Japanese tutorials (tutorials/ja/: notebooks, README, glossary) into
-    docs/tutorials/ja/, like the English ones; returns the patterns to leave out of execution
-    (all of them when ZOO_DOCS_JAPANESE=pages: built as pages, not run, as the tests do)."""
-    source, target = ROOT / "tutorials" / "ja", HERE / "tutorials" / "ja"
+def _copy_tutorials(source: Path, target: Path, extra=(), pages=(), keep=()) -> None:
+    """Copy a folder of tutorials into the docs: its notebooks, its ``extra`` files, and its
+    README as ``index.md`` with a hidden toctree of ``pages`` and the notebooks, in their order.
+    Only files whose bytes changed are rewritten (an incremental build re-reads only those); a
+    file gone from ``source`` is removed (``keep`` names subfolders that are not)."""
     target.mkdir(parents=True, exist_ok=True)
-    copied = set()
-    for path in sorted(source.glob("*.ipynb")) + [source / "README.md", source / "glossary.md"]:
+    copied = set(keep)
+    for path in sorted(source.glob("*.ipynb")) + [source / name for name in extra + ("README.md",)]:
         destination = target / ("index.md" if path.name == "README.md" else path.name)
         copied.add(destination.name)
         content = path.read_bytes()
         if path.name == "README.md":
-            content += b"\n```{toctree}\n:hidden:\n:glob:\n\nglossary\n[0-9][0-9]_*\n```\n"
+            entries = "\n".join((*pages, "[0-9][0-9]_*"))
+            content += f"\n```{{toctree}}\n:hidden:\n:glob:\n\n{entries}\n```\n".encode()
         if not destination.exists() or destination.read_bytes() != content:
             destination.write_bytes(content)
     for stale in target.iterdir():
         if stale.name not in copied:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    return ["tutorials/ja/*"] if os.environ.get("ZOO_DOCS_JAPANESE") == "pages" else []
 
 
 def _sync_tutorials() -> list:
-    """Copy the tutorials (and their README, the path through them) into docs/tutorials/,
-    rewriting only files whose bytes changed, so that an incremental build re-reads only those.
-    Returns the notebooks left out by ZOO_DOCS_NOTEBOOKS, as patterns for exclude_patterns."""
-    source, target = ROOT / "tutorials", HERE / "tutorials"
-    target.mkdir(exist_ok=True)
+    """The tutorials into docs/tutorials/ and the Japanese ones (with their glossary) into
+    docs/tutorials/ja/. Returns the notebooks ZOO_DOCS_NOTEBOOKS leaves out, as patterns for
+    exclude_patterns."""
+    target = HERE / "tutorials"
+    _copy_tutorials(ROOT / "tutorials", target, keep=("ja",))
+    _copy_tutorials(ROOT / "tutorials" / "ja", target / "ja", ("glossary.md",), ("glossary",))
     wanted = {
         f"{int(n):02d}" for n in os.environ.get("ZOO_DOCS_NOTEBOOKS", "").split(",") if n.strip()
     }
-    copied = set()
-    for path in sorted(source.glob("*.ipynb")) + [source / "README.md"]:
-        destination = target / ("index.md" if path.name == "README.md" else path.name)
-        copied.add(destination.name)
-        content = path.read_bytes()
-        if path.name == "README.md":  # the notebooks as the pages under it, in their order
-            content += b"\n```{toctree}\n:hidden:\n:glob:\n\n[0-9][0-9]_*\n```\n"
-        if not destination.exists() or destination.read_bytes() != content:
-            destination.write_bytes(content)
-    for stale in target.iterdir():  # a notebook renamed or removed in tutorials/
-        if stale.name not in copied and stale.name != "ja":
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     return [
         f"tutorials/{folder}{p.name}"
         for folder in ("", "ja/")
@@ -109,8 +98,11 @@ def _sync_benchmarks() -> None:
 
 _sync_benchmarks()
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
-nb_execution_excludepatterns = _sync_japanese()
-exclude_patterns += _sync_tutorials()  # after the Japanese copy: it leaves those out too
+exclude_patterns += _sync_tutorials()
+# ZOO_DOCS_JAPANESE=pages: the Japanese tutorials built as pages, not run (as the tests do)
+nb_execution_excludepatterns = (
+    ["tutorials/ja/*"] if os.environ.get("ZOO_DOCS_JAPANESE") == "pages" else []
+)
 # a page that links to a notebook left out by ZOO_DOCS_NOTEBOOKS is not an error then
 suppress_warnings = ["myst.xref_missing"] if os.environ.get("ZOO_DOCS_NOTEBOOKS") else []
 
