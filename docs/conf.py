@@ -136,7 +136,6 @@ napoleon_use_ivar = True  # Attributes: as fields of the class, not second descr
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_mock_imports = []
 
 # --- the pages ---
 html_theme = "sphinx_book_theme"

@@ -142,10 +142,8 @@ def twin(english_path: Path) -> tuple:
             kept = translated.get(cell.get("id"))
             if kept is None or source(kept).startswith(UNTRANSLATED):
                 problems.append(f"{name}: markdown cell {cell.get('id')} is not translated")
-                if kept is None:
-                    cell["source"] = lines(f"{UNTRANSLATED}\n{source(cell)}")
-                else:
-                    cell["source"] = kept["source"]
+            if kept is None:  # new in English: arrives in English, marked
+                cell["source"] = lines(f"{UNTRANSLATED}\n{source(cell)}")
             else:
                 cell["source"] = kept["source"]
     for fragment in sorted(set(table) - used):
