@@ -18,14 +18,12 @@ the single-process result for the same global batch. The shared loop (``inferenc
 supplies the rest.
 """
 
-import contextlib
 from typing import Callable, Optional, Union
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
-from pyro.util import ignore_jit_warnings
 
 from inference import loop
 from inference.batching import (
@@ -36,6 +34,7 @@ from inference.batching import (
     same_random_state,
     scale_rows,
 )
+from inference.compiled import Compiled, CompiledStep, refuse_schedule
 from inference.particles import Particles, check_full_terms, iwae_bound
 from inference.result import FitResult
 from inference.svi import make_loss
@@ -82,94 +81,6 @@ def check_reparameterizable(guide, example, model=None) -> None:
                     " reparameterized driver cannot differentiate through it; use svi.fit with"
                     " TraceGraph_ELBO or enumerate it with TraceEnum_ELBO"
                 )
-
-
-BACKENDS = ("jit", "inductor")
-
-
-class Compiled:
-    """``fn(*args)`` (tensors in, a tensor or a tuple of tensors out) compiled as a function of
-    the Pyro parameters' unconstrained tensors and ``args``, once per shape of ``args`` (so a
-    smaller last batch gets its own graph).
-
-    backend "jit": ``torch.jit.trace``. It does what ``pyro.ops.jit.trace`` does, less its
-        per-call cost: Pyro's wrapper looks every parameter up through the effect handlers and
-        records a parameter trace on each call; this one reads the tensors from the param store.
-    backend "inductor": the same function recorded op by op (``make_fx``, which runs it once
-        and keeps the tensor operations, Pyro's bookkeeping gone) and compiled by
-        ``torch.compile``: elementwise operations are fused into generated C++ (a C++ compiler
-        must be installed) or Triton kernels. Compiling takes seconds per shape, once.
-
-    Either way every parameter must exist before the first call: ``names`` lists them
-    (``loop.parameter_names``). Only static programs compile: no data-dependent control flow.
-    """
-
-    def __init__(self, fn: Callable, names, backend: str = "jit"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-        self.fn, self.names, self.backend, self.traces = fn, list(names), backend, {}
-
-    def __call__(self, *args):
-        store = pyro.get_param_store()
-        leaves = [store._params[name] for name in self.names]
-        key = tuple((a.shape, a.dtype, a.device) for a in args)
-        if key not in self.traces:
-            with pyro.validation_enabled(False):
-                compile_ = self._jit if self.backend == "jit" else self._inductor
-                self.traces[key] = compile_(store, leaves, args)
-        return self.traces[key](*leaves, *args)
-
-    def _replayed(self, store):
-        num = len(self.names)
-
-        def replayed(*leaves_and_args):  # the leaves are the store's own tensors
-            params = {name: store[name] for name in self.names}  # constrained from them
-            with ignore_jit_warnings():  # a no-op unless tracing: enter it here
-                return poutine.replay(self.fn, params=params)(*leaves_and_args[num:])
-
-        return replayed
-
-    def _jit(self, store, leaves, args):
-        return torch.jit.trace(self._replayed(store), (*leaves, *args), check_trace=False)
-
-    def _inductor(self, store, leaves, args):
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        replayed, num = self._replayed(store), len(self.names)
-
-        def pure(*leaves_and_args):
-            # make_fx hands in stand-ins for the leaves: put them in the store while recording
-            saved = [store._params[name] for name in self.names]
-            try:
-                for name, leaf in zip(self.names, leaves_and_args[:num]):
-                    store._params[name] = leaf
-                return replayed(*leaves_and_args)
-            finally:
-                for name, leaf in zip(self.names, saved):
-                    store._params[name] = leaf
-
-        # Pyro's ELBOs read the loss as a Python float for logging (torch_item), which would be
-        # a data-dependent read of a recorded tensor; the surrogate, which is returned, is not
-        with _no_float_reads():
-            graph = make_fx(pure)(*leaves, *args)
-        return torch.compile(graph, dynamic=False)
-
-
-@contextlib.contextmanager
-def _no_float_reads():
-    """Let Pyro's ELBO modules keep their float-valued loss a tensor while a graph is recorded."""
-    import pyro.infer.trace_elbo as trace_elbo
-    import pyro.infer.trace_mean_field_elbo as mean_field
-
-    modules = (trace_elbo, mean_field)
-    saved = [module.torch_item for module in modules]
-    try:
-        for module in modules:
-            module.torch_item = lambda x: x
-        yield
-    finally:
-        for module, item in zip(modules, saved):
-            module.torch_item = item
 
 
 class Objective:
@@ -292,8 +203,10 @@ def fit(
             ``lr``: torch's Adam, fused where it can be).
         lr_schedule: epoch (0-based) -> factor on the learning rate, e.g. ``loop.exponential_lr(0.1,
             num_epochs)``; exact on resume.
-        jit: compile the objective (ELBO or IWAE bound): True or "jit" with torch.jit, "inductor"
-            with torch.compile, which also fuses its elementwise operations (``Compiled``; static
+        jit: compile the objective (ELBO or IWAE bound): True or "jit" with torch.jit; "inductor"
+            with TorchInductor, which fuses its elementwise operations and, with the default
+            optimizer (torch's Adam), records the whole step, the bound, its gradient and the
+            update, as one graph (``inference.compiled``: ``Compiled``, ``CompiledStep``; static
             models only: no data-dependent control flow).
         validate: a held-out score to early-stop on instead of the bound on ``valid_data``.
 
@@ -301,6 +214,8 @@ def fit(
     callback, schedule, progress, max_steps).
     """
     check_count("num_particles", num_particles)
+    if jit:
+        refuse_schedule(loop_options.get("schedule"))
     rows = Rows(data, batch_dims)
     num_data = rows.num_data
     example = rows.slice(0, 2)
@@ -324,7 +239,13 @@ def fit(
             vectorize_particles=vectorize_particles,
         )
 
+    whole = None
+    if jit == "inductor" and CompiledStep.refusal(objective.loss, opt) is None:
+        whole = CompiledStep(objective.loss, opt)
+
     def step(batch):
+        if whole is not None:
+            return whole(*arguments(batch)[0]).item()
         opt.zero_grad()
         loss = objective(batch)
         loss.backward()

@@ -27,7 +27,7 @@ import torch
 from pyro.infer import SVI
 from pyro.poutine.messenger import Messenger
 
-from inference import loop
+from inference import compiled, loop
 from inference.batching import (
     Rows,
     arguments,
@@ -116,6 +116,7 @@ def fit(
     valid_data=None,
     validate: Optional[Callable[[], float]] = None,
     data_plate: Optional[str] = None,
+    jit: Union[bool, str] = False,
     **loop_options,
 ) -> FitResult:
     """Fit by SVI; the same steps as Pyro's own ``SVI.step`` loop on the same batches.
@@ -140,6 +141,12 @@ def fit(
             falls back to Pyro's sequential particles when it fails (``result.extra``).
         validate: a held-out score to early-stop on instead of the ELBO on ``valid_data`` (higher is
             better), e.g. a classifier's validation accuracy.
+        jit: "inductor" records each step whole, the ELBO, its gradient and the default Adam's
+            update, as one graph compiled by TorchInductor (``inference.compiled.CompiledStep``;
+            the same steps to float rounding, from the same draws). For a fully reparameterized
+            guide with ``loss`` "Trace_ELBO" or "TraceMeanField_ELBO", one particle, tensor
+            data and the default optimizer; anything else is refused with the reason. Pyro's
+            ``Jit*`` losses compile the ELBO alone with torch.jit.
 
     loop_options go to ``inference.loop.run``: seed, patience, transform, checkpoint, resume,
     callback, schedule, progress, max_steps. The objective and history are ELBO per data point.
@@ -149,6 +156,8 @@ def fit(
     random state only by what their initialization draws (``loop.prepare``), so from the same
     seed the first step draws what the first step of Pyro's own loop draws.
     """
+    if jit:
+        compiled.refuse_schedule(loop_options.get("schedule"))
     rows = Rows(data, batch_dims)
     num_data = rows.num_data
     transform = loop_options.get("transform")
@@ -180,11 +189,20 @@ def fit(
             optimizer.step()
             return value / num_data  # -ELBO of the whole data set, per data point
 
+        if jit:
+            step = _compiled_step(
+                model, guide, rows, batch_dims, loss, num_particles, optimizer, plates, jit
+            )
         state = {"optimizer": optimizer, "parameters": params}
         loop_options["schedule"] = loop.with_lr_schedule(
             optimizer, lr_schedule, loop_options.get("schedule")
         )
     else:
+        if jit:
+            raise ValueError(
+                "jit compiles the default optimizer's step; leave optim unset (use lr and"
+                " lr_schedule) or leave jit off"
+            )
         if lr_schedule is not None:
             raise ValueError(
                 "lr_schedule applies to the default optimizer; a Pyro optim brings its own"
@@ -223,6 +241,45 @@ def fit(
     result.params = params.values()
     result.extra.update(data_plates=list(plates), vectorize_particles=elbo.vectorize_particles)
     return result
+
+
+def _compiled_step(model, guide, rows, batch_dims, loss, num_particles, optimizer, plates, jit):
+    """The step of ``fit(jit="inductor")``: the reparameterized driver's compiled step, whose
+    objective is this loss's surrogate with the same minibatch scaling."""
+    from inference import reparam  # reparam builds on this module
+
+    if jit != "inductor":
+        raise ValueError(
+            f'jit={jit!r}: svi.fit compiles with jit="inductor"; for torch.jit use Pyro\'s'
+            ' "JitTrace_ELBO" or "JitTraceMeanField_ELBO" as the loss'
+        )
+    if loss not in ("Trace_ELBO", "TraceMeanField_ELBO") or num_particles != 1:
+        raise ValueError(
+            f'jit="inductor" compiles loss="Trace_ELBO" or "TraceMeanField_ELBO" with one'
+            f" particle, not loss={loss!r} with num_particles={num_particles}; leave jit off"
+        )
+    example = rows.slice(0, 2)
+    with same_random_state():
+        reparam.check_reparameterizable(guide, example, model)
+        objective = reparam.Objective(
+            model,
+            guide,
+            example,
+            rows.num_data,
+            analytic_kl=loss == "TraceMeanField_ELBO",
+            jit=jit,
+            plates=plates,
+            batch_dims=batch_dims,
+        )
+    reason = compiled.CompiledStep.refusal(objective.loss, optimizer)
+    if reason is not None:
+        raise ValueError(f'jit="inductor" cannot compile this step: {reason}')
+    whole = compiled.CompiledStep(objective.loss, optimizer)
+
+    def step(batch):  # -ELBO of the whole data set, per data point
+        return whole(*arguments(batch)[0]).item()
+
+    return step
 
 
 def _vectorizes(loss, num_particles, max_plate_nesting, model, guide, value) -> bool:

@@ -331,7 +331,7 @@ def test_long_run_learning_curve_zooms_on_the_late_epochs():
 
 
 def test_jit_flag_picks_the_compiler():
-    """--jit alone is torch.jit (as before it took a value); --jit inductor is torch.compile."""
+    """--jit alone is torch.jit (as before it took a value); --jit inductor is TorchInductor."""
     parser = cli._fit_parser(registry.get("vae"))
     assert parser.parse_args([]).jit is None
     assert cli._settings(registry.get("vae"), parser.parse_args([]))["jit"] is False
@@ -339,6 +339,9 @@ def test_jit_flag_picks_the_compiler():
     assert parser.parse_args(["--jit", "inductor"]).jit == "inductor"
     with pytest.raises(SystemExit):
         parser.parse_args(["--jit", "xla"])
+    # the SVI driver compiles its step too (svi.fit refuses what it cannot compile)
+    svi_flags = parser.parse_args(["--inference", "svi", "--jit", "inductor"])
+    assert cli._settings(registry.get("vae"), svi_flags)["jit"] == "inductor"
 
 
 def test_fit_m1_m2_stacks_on_a_fitted_vae(tmp_path, capsys):

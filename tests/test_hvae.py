@@ -145,3 +145,15 @@ def test_bad_configuration_and_input():
         hvae.kl_weight = 0.0
     with pytest.raises(ValueError, match="random_layers must be 1 to 2"):
         hvae.sample(3, random_layers=3)
+
+
+def test_fit_options_hold_a_warmup_schedule_only_when_there_is_a_warmup():
+    """Without a warm-up the loop gets no schedule, so a compiled bound (jit) is allowed; with
+    one it gets the schedule (which jit refuses: the graph would keep the first weight)."""
+    assert HVAE(HVAEConfig(x_dim=64, z_dims=(4, 2), hidden=(16, 8), warmup=0)).fit_options(10) == {}
+    hvae = HVAE(HVAEConfig(x_dim=64, z_dims=(4, 2), hidden=(16, 8), warmup=3))
+    schedule = hvae.fit_options(10)["schedule"]
+    schedule(0)
+    assert hvae.kl_weight == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="pass no schedule"):
+        reparam.fit(hvae.model, hvae.guide, digits(32), num_epochs=1, jit=True, schedule=schedule)

@@ -547,3 +547,158 @@ def test_svi_fits_the_gmm_by_map_like_em():
     )
     assert result.objective == pytest.approx(by_em.log_likelihood(x).mean().item(), abs=0.01)
     torch.testing.assert_close(gmm.locs.detach(), by_em.locs.detach(), atol=0.05, rtol=0)
+
+
+# ------------------------------------------------------------------- the compiled training step
+
+
+def test_compiled_step_takes_the_eager_drivers_steps(device):
+    """jit="inductor" with the default Adam runs one compiled graph per step (the bound, its
+    gradient and Adam's update): from the same seed it draws what the eager driver draws (the
+    recording's run included) and lands on its parameters to float32 rounding, through a
+    smaller last batch (70 rows in batches of 16) and a learning-rate schedule."""
+    x = binary_batch(70).to(device)
+    runs = []
+    for jit in (False, "inductor"):
+        pyro.clear_param_store()
+        vae = small_vae().to(device)
+        start = params_of(vae)
+        schedule = loop.exponential_lr(0.1, 3)
+        result = fit_vae(x, vae, jit=jit, lr_schedule=schedule)
+        grads = [p.grad for p in vae.parameters()]
+        runs.append((params_of(vae), result.curve(), grads))
+    (eager, eager_curve, eager_grads), (compiled, curve, grads) = runs
+    assert all(g is not None for g in eager_grads)
+    assert all(g is None for g in grads)  # the compiled step ran: it sets no .grad
+    assert curve == pytest.approx(eager_curve, rel=1e-5)
+    for name, value in eager.items():
+        assert not torch.equal(value, start[name]), name
+        torch.testing.assert_close(compiled[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_step_resumes_exactly(tmp_path, pinned_threads):
+    """Adam's state lives in the optimizer the compiled step updates in place: a run stopped
+    after its first epoch and resumed from the checkpoint ends on the uninterrupted run's
+    parameters bit for bit (the step count, read back from the loaded state, included)."""
+    x = binary_batch()
+    pyro.clear_param_store()
+    straight = small_vae()
+    fit_vae(x, straight, jit="inductor")
+    ckpt = tmp_path / "ckpt.pt"
+    pyro.clear_param_store()
+    fit_vae(x, small_vae(), jit="inductor", checkpoint=ckpt, callback=lambda r: r["epoch"] == 1)
+    assert torch.load(ckpt, weights_only=True)["position"]["epoch"] == 1
+    pyro.clear_param_store()
+    resumed = small_vae(seed=123)
+    fit_vae(x, resumed, jit="inductor", checkpoint=ckpt, resume=True)
+    for name, value in params_of(resumed).items():
+        assert torch.equal(value, params_of(straight)[name]), name
+
+
+def test_compiled_step_refusals_fall_back_to_the_compiled_objective():
+    """Another optimizer than torch's plain Adam keeps the compiled objective and its own
+    step(); the refusal says why."""
+    x = binary_batch()
+    vae = small_vae()
+    params = loop.parameters(vae.model, vae.guide, x[:2])
+    objective = reparam.Objective(vae.model, vae.guide, x[:2], 64, jit="inductor").loss
+    assert reparam.CompiledStep.refusal(objective, torch.optim.Adam(params)) is None
+    cases = {
+        "not torch's Adam": torch.optim.SGD(params, lr=0.1),
+        "amsgrad": torch.optim.Adam(params, amsgrad=True),
+        "weight decay": torch.optim.Adam(params, weight_decay=0.1),
+        "parameters are not the objective's": torch.optim.Adam(params[:1]),
+    }
+    for reason, optimizer in cases.items():
+        assert reason in reparam.CompiledStep.refusal(objective, optimizer)
+    fit_vae(x, vae, jit="inductor", optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert all(p.grad is not None for p in vae.parameters())  # optimizer.step() ran
+
+
+def test_svi_compiled_step_takes_pyros_steps(loss="TraceMeanField_ELBO"):
+    """svi.fit(jit="inductor") compiles the step whole and still takes the steps of Pyro's
+    loop with that loss: the eager driver's parameters to float32 rounding (1e-5 apart after
+    ten steps), from the same draws."""
+    x = binary_batch(70)
+    runs = []
+    for jit in (False, "inductor"):
+        pyro.clear_param_store()
+        vae = small_vae()
+        svi.fit(
+            vae.model,
+            vae.guide,
+            x,
+            loss=loss,
+            batch_size=16,
+            num_epochs=2,
+            lr=1e-2,
+            seed=7,
+            jit=jit,
+        )
+        runs.append((params_of(vae), [p.grad for p in vae.parameters()]))
+    (eager, eager_grads), (compiled, grads) = runs
+    assert all(g is not None for g in eager_grads) and all(g is None for g in grads)
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_svi_compiled_step_refuses_what_it_cannot_compile():
+    x = binary_batch()
+    vae = small_vae()
+
+    def fit(**options):
+        svi.fit(vae.model, vae.guide, x, batch_size=16, num_epochs=1, **options)
+
+    with pytest.raises(ValueError, match="not loss='TraceGraph_ELBO'"):
+        fit(loss="TraceGraph_ELBO", jit="inductor")
+    with pytest.raises(ValueError, match="num_particles=2"):
+        fit(loss="Trace_ELBO", num_particles=2, jit="inductor")
+    with pytest.raises(ValueError, match="JitTraceMeanField_ELBO"):
+        fit(loss="Trace_ELBO", jit=True)
+    with pytest.raises(ValueError, match="leave optim unset"):
+        fit(loss="Trace_ELBO", jit="inductor", optim=pyro.optim.Adam({"lr": 1e-3}))
+    with pytest.raises(ValueError, match="guide site 'z'"):
+        svi.fit(
+            vae.model,
+            svi.score_function(vae.guide),
+            x,
+            batch_size=16,
+            num_epochs=1,
+            loss="Trace_ELBO",
+            jit="inductor",
+        )
+
+
+class _MovingAverage(torch.nn.Module):
+    """A program that updates a buffer of its own in place at every run."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.zeros(3))
+        self.register_buffer("average", torch.zeros(3))
+
+    def model(self, x):
+        pyro.module("moving", self)
+        with torch.no_grad():
+            self.average.mul_(0.9).add_(x.mean(0), alpha=0.1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(self.loc, 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        pass
+
+
+@pytest.mark.parametrize("fit", [reparam.fit, svi.fit])
+def test_compiled_programs_refuse_what_a_graph_would_freeze(fit):
+    """A buffer updated in place is a constant to the recorded graph, and a schedule changes
+    Python numbers the graph holds: both are refused, naming the cause."""
+    x = torch.randn(40, 3)
+    options = {"batch_size": 16, "num_epochs": 1, "jit": "inductor", "progress": False}
+    if fit is svi.fit:
+        options["loss"] = "TraceMeanField_ELBO"
+    program = _MovingAverage()
+    with pytest.raises(ValueError, match="neither a parameter nor an argument.*leave jit off"):
+        fit(program.model, program.guide, x, **options)
+    vae = small_vae()
+    with pytest.raises(ValueError, match="pass no schedule"):
+        fit(vae.model, vae.guide, binary_batch(), schedule=lambda epoch: None, **options)

@@ -66,6 +66,7 @@ class _Lazy:
 pyro, torch, tdist = _Lazy("pyro"), _Lazy("torch"), _Lazy("torch.distributed")
 em, evaluate, loop = _Lazy("inference.em"), _Lazy("inference.evaluate"), _Lazy("inference.loop")
 reparam, svi, sparse = _Lazy("inference.reparam"), _Lazy("inference.svi"), _Lazy("inference.sparse")
+compiled = _Lazy("inference.compiled")
 files = _Lazy("inference.io")  # save_json, save_torch
 comparisons, data, plots = _Lazy("zoo.comparisons"), _Lazy("zoo.data"), _Lazy("zoo.plots")
 runs = _Lazy("zoo.runs")
@@ -476,10 +477,11 @@ def _add_loop_flags(group, reparameterized: bool) -> None:
             "--jit",
             nargs="?",
             const="jit",
-            choices=reparam.BACKENDS,
+            choices=compiled.BACKENDS,
             help="compile the ELBO or IWAE bound (models without data-dependent branches): with"
-            " torch.jit, or --jit inductor by torch.compile (needs a C++ compiler on CPU)"
-            " [reparam]. Shorter epochs: benchmarks/results/vae_speed.md",
+            " torch.jit, or --jit inductor by TorchInductor, which compiles the whole step with"
+            " the default Adam (needs a C++ compiler on CPU) [reparam; svi: inductor, for"
+            " Trace_ELBO or TraceMeanField_ELBO]. Shorter epochs: benchmarks/results/vae_speed.md",
         )
     group.add_argument(
         "--resume",
@@ -599,7 +601,11 @@ def _settings(spec, flags, defaults=None) -> dict:
     defaults = defaults or {}
     driver = flags.inference
     settings = {}
-    table = [*FIT_FLAGS, ("jit", str, False, ("reparam",), ""), ("resume", str, None, LOOP, "")]
+    table = [
+        *FIT_FLAGS,
+        ("jit", str, False, ("reparam", "svi"), ""),
+        ("resume", str, None, LOOP, ""),
+    ]
     table.append(("resume_lr", float, None, LOOP, ""))
     if driver == "em" and getattr(flags, "resume", None) is not None:
         raise SystemExit(
@@ -809,8 +815,9 @@ class _Fit:
             )
         loop_options = self.loop_options(options)
         fit = svi.fit if driver == "svi" else reparam.fit
+        declared["jit"] = options["jit"]
         if driver == "reparam":
-            declared.update(num_particles=options["iwae"], jit=options["jit"])
+            declared["num_particles"] = options["iwae"]
         try:
             return fit(self.model.model, self.model.guide, value, **declared, **loop_options)
         except FloatingPointError as error:

@@ -220,6 +220,8 @@ class HVAE(nn.Module):
         """The training loop's KL warm-up: over ``config.warmup`` epochs, by default a fifth of
         the fit's (the model surface)."""
         epochs = self.config.warmup
+        if epochs == 0:  # no warm-up: kl_weight stays 1 (and a compiled bound is allowed)
+            return {}
         return {"schedule": self.warmup(max(1, num_epochs // 5) if epochs is None else epochs)}
 
     @classmethod
