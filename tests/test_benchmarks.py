@@ -45,7 +45,7 @@ def test_em_benchmark_quick(tmp_path):
 def test_vae_speed_benchmark_quick(tmp_path):
     _quick("vae_speed.py", tmp_path)
     report = json.loads((tmp_path / "vae_speed-quick.json").read_text())
-    assert len(report["rows"]) == 12  # six drivers, validation off and on
+    assert len(report["rows"]) == 14  # seven drivers, validation off and on
     assert {"plain", "compiled"} <= set(report["peers"])  # numpyro too where it is installed
     for row in report["rows"].values():  # driver and peer epochs come in timed pairs
         epochs = row["epochs"]
@@ -59,6 +59,13 @@ def test_vae_speed_benchmark_quick(tmp_path):
         assert row["roofline_fraction"] == pytest.approx(
             report["roofline_sec_per_epoch"] / row["sec_per_epoch"]
         )
+    # the products alone can beat no loop and cannot beat the GEMM rate by much
+    assert (
+        0
+        < report["products_sec_per_epoch"]
+        <= min(row["sec_per_epoch"] for row in report["rows"].values())
+    )
+    assert report["products_sec_per_epoch"] > 0.5 * report["roofline_sec_per_epoch"]
     # 2 B (3 sum(in out) - 784 400) flops per step of B rows: 0.42 GFLOP at B = 128
     assert report["epoch_gflop"] == pytest.approx(
         2 * 3 * 651200 * 2048 / 1e9 - 2 * 784 * 400 * 2048 / 1e9
