@@ -163,10 +163,11 @@ def _base(node: torch.fx.Node) -> torch.fx.Node:
 class CompiledStep:
     """A whole training step, the objective, its gradient and torch Adam's update of every
     parameter, recorded as one graph (``make_fx``) and compiled by TorchInductor, once per
-    batch shape: what ``reparam.fit(jit="inductor")`` runs with its default optimizer. Against
-    the compiled objective followed by ``optimizer.step()`` it saves the optimizer's per-step
-    Python (state lookups, checks, its kernel launch) and a pass over the gradients, whose
-    update is fused into the backward pass; ``benchmarks/vae_speed.py`` measures it.
+    batch shape: what ``reparam.fit`` and ``svi.fit`` run with ``jit="inductor"`` and their
+    default optimizer. Against the compiled objective followed by ``optimizer.step()`` it saves
+    the optimizer's per-step Python (state lookups, checks, its kernel launch) and a pass over
+    the gradients, whose update is fused into the backward pass; ``benchmarks/vae_speed.py``
+    measures it.
 
     The optimizer keeps the state: its ``exp_avg``, ``exp_avg_sq`` and ``step`` are updated in
     place, so checkpoints, resumes and learning-rate schedules (the group's ``lr``, read every
