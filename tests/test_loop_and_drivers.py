@@ -552,11 +552,13 @@ def test_svi_fits_the_gmm_by_map_like_em():
 # ------------------------------------------------------------------- the compiled training step
 
 
-def test_compiled_step_takes_the_eager_drivers_steps(device):
+@pytest.mark.parametrize("k", [1, 5])
+def test_compiled_step_takes_the_eager_drivers_steps(k, device):
     """jit="inductor" with the default Adam runs one compiled graph per step (the bound, its
-    gradient and Adam's update): from the same seed it draws what the eager driver draws (the
-    recording's run included) and lands on its parameters to float32 rounding, through a
-    smaller last batch (70 rows in batches of 16) and a learning-rate schedule."""
+    gradient and Adam's update; the ELBO or the IWAE bound with K = 5): from the same seed it
+    draws what the eager driver draws (the recording's run included) and lands on its
+    parameters to float32 rounding, through a smaller last batch (70 rows in batches of 16)
+    and a learning-rate schedule."""
     x = binary_batch(70).to(device)
     runs = []
     for jit in (False, "inductor"):
@@ -564,7 +566,7 @@ def test_compiled_step_takes_the_eager_drivers_steps(device):
         vae = small_vae().to(device)
         start = params_of(vae)
         schedule = loop.exponential_lr(0.1, 3)
-        result = fit_vae(x, vae, jit=jit, lr_schedule=schedule)
+        result = fit_vae(x, vae, jit=jit, lr_schedule=schedule, num_particles=k)
         grads = [p.grad for p in vae.parameters()]
         runs.append((params_of(vae), result.curve(), grads))
     (eager, eager_curve, eager_grads), (compiled, curve, grads) = runs
