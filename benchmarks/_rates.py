@@ -11,16 +11,22 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5, device="cpu") -> float:
-    """float32 GFLOP/s of an n x n matrix product on ``device``: the fastest of ``repeats``
-    after one untimed product."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
+def best_time(fn, repeats: int = 5, device="cpu") -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn``, after one untimed warm-up call;
+    on a GPU each clock waits for the device's queued work first."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        a @ b
+        fn()
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return best
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5, device="cpu") -> float:
+    """float32 GFLOP/s of an n x n matrix product on ``device``: the fastest of ``repeats``
+    after one untimed product."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / best_time(lambda: a @ b, repeats, device) / 1e9

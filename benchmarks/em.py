@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _rates import matmul_rate  # noqa: E402
+from _rates import best_time, matmul_rate  # noqa: E402
 
 from inference import em  # noqa: E402
 from inference.sparse import SparseRows, t_matmul  # noqa: E402
@@ -68,18 +68,12 @@ def products_rate(x, k, chunk_size=None, repeats=5) -> float:
             x @ w.T
             r.T @ x
 
-    return 4 * x.shape[0] * x.shape[1] * k / _best_time(products, repeats) / 1e9
+    return 4 * x.shape[0] * x.shape[1] * k / best_time(products, repeats) / 1e9
 
 
 def read_bandwidth(x, repeats=5) -> float:
     """GB/s at which this machine streams ``x`` from memory (a sum over it, best of 5)."""
-    return x.numel() * x.element_size() / _best_time(x.sum, repeats) / 1e9
-
-
-def _best_time(fn, repeats: int) -> float:
-    """Seconds of the fastest of ``repeats`` calls of ``fn``, after one untimed warm-up call."""
-    fn()
-    return min(_timed(fn) for _ in range(repeats))
+    return x.numel() * x.element_size() / best_time(x.sum, repeats) / 1e9
 
 
 def _timed(fn) -> float:

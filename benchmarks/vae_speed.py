@@ -34,7 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _rates import matmul_rate, synchronize  # noqa: E402
+from _rates import best_time, matmul_rate, synchronize  # noqa: E402
 
 from inference import loop, reparam, svi  # noqa: E402
 from zoo import data  # noqa: E402
@@ -236,7 +236,7 @@ def products_alone(batch_size: int, device="cpu", repeats: int = 20) -> float:
     """Seconds of one training step's matrix products alone, back to back, at the VAE's shapes
     and in the layouts its backward pass uses (forward x W^T, weight gradient G^T x, input
     gradient G W for every layer but the first): the ceiling a loop can reach on this machine,
-    beside the roofline. The fastest of three timings of ``repeats`` steps."""
+    beside the roofline. The fastest of three timings of ``repeats`` steps, after a warm-up."""
     products = []
     for i, (n_in, n_out) in enumerate(LAYERS):
         x = torch.randn(batch_size, n_in, device=device)
@@ -245,16 +245,13 @@ def products_alone(batch_size: int, device="cpu", repeats: int = 20) -> float:
         products += [lambda x=x, w=w: x @ w.t(), lambda x=x, g=g: g.t() @ x]
         if i:
             products.append(lambda g=g, w=w: g @ w)
-    best = float("inf")
-    for _ in range(4):  # the first is a warm-up
-        synchronize(device)
-        start = time.perf_counter()
+
+    def steps():
         for _ in range(repeats):
             for product in products:
                 product()
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return best
+
+    return best_time(steps, 3, device) / repeats
 
 
 def summarize(times, roofline_s):
