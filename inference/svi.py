@@ -175,24 +175,26 @@ def fit(
         # parameter and re-collects them by tracing every step, which costs this loop about
         # 0.1x of a small VAE's epoch (benchmarks/vae_speed.py)
         optimizer = loop.adam(params.tensors(), lr=lr)
-        num_params = len(pyro.get_param_store())
-
-        def step(batch):
-            optimizer.zero_grad()
-            args, kwargs = arguments(batch)
-            value = elbo.loss_and_grads(scaled_model, scaled_guide, *args, **kwargs)
-            if len(pyro.get_param_store()) != num_params:
-                raise RuntimeError(
-                    "the model or guide created parameters after the first step, which the"
-                    " default optimizer does not see; pass optim=pyro.optim.Adam(...) instead"
-                )
-            optimizer.step()
-            return value / num_data  # -ELBO of the whole data set, per data point
-
         if jit:
             step = _compiled_step(
                 model, guide, rows, batch_dims, loss, num_particles, optimizer, plates, jit
             )
+        else:
+            num_params = len(pyro.get_param_store())
+
+            def step(batch):
+                optimizer.zero_grad()
+                args, kwargs = arguments(batch)
+                value = elbo.loss_and_grads(scaled_model, scaled_guide, *args, **kwargs)
+                if len(pyro.get_param_store()) != num_params:
+                    raise RuntimeError(
+                        "the model or guide created parameters after the first step, which the"
+                        " default optimizer does not see; pass optim=pyro.optim.Adam(...)"
+                        " instead"
+                    )
+                optimizer.step()
+                return value / num_data  # -ELBO of the whole data set, per data point
+
         state = {"optimizer": optimizer, "parameters": params}
         loop_options["schedule"] = loop.with_lr_schedule(
             optimizer, lr_schedule, loop_options.get("schedule")

@@ -617,7 +617,7 @@ def test_compiled_step_refusals_fall_back_to_the_compiled_objective():
     assert all(p.grad is not None for p in vae.parameters())  # optimizer.step() ran
 
 
-def test_svi_compiled_step_takes_pyros_steps(loss="TraceMeanField_ELBO"):
+def test_svi_compiled_step_takes_pyros_steps():
     """svi.fit(jit="inductor") compiles the step whole and still takes the steps of Pyro's
     loop with that loss: the eager driver's parameters to float32 rounding (1e-5 apart after
     ten steps), from the same draws."""
@@ -630,7 +630,7 @@ def test_svi_compiled_step_takes_pyros_steps(loss="TraceMeanField_ELBO"):
             vae.model,
             vae.guide,
             x,
-            loss=loss,
+            loss="TraceMeanField_ELBO",
             batch_size=16,
             num_epochs=2,
             lr=1e-2,
