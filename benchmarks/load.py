@@ -2,11 +2,11 @@
 The main job's steps on an idle machine and on one shared with CPU-bound work: how much slower
 each gets under load, all measured in one run; prints a table, saves JSON and Markdown.
 
-    python benchmarks/load.py            # about 6 minutes on 2 cores
+    python benchmarks/load.py            # about 25 minutes on 2 cores
     python benchmarks/load.py --quick    # seconds: check that the script works
 
 Steps (each timed in a fresh process, so that no thread pool or cache is shared between cases):
-- EM: a fit of the Bernoulli mixture, K = 100, on the 60,000 MNIST training images (sparse
+- EM: a fit of the Bernoulli mixture, K = 100, on the 50,000 MNIST training images (sparse
   rows, as ``zoo fit bmm --data mnist --components 100`` runs it): the k-means++ start and 20
   iterations;
 - NUTS: one chain of the Bayesian GMM on Old Faithful (``inference.mcmc.sample_posterior``),
@@ -20,9 +20,12 @@ cores, so a step that uses one thread fairly takes 2.5x its one-thread idle time
 used both cores idle can take up to 5x its idle time. Goal (issue 19): at most 4x the idle time.
 
 Each step runs under the drivers' defaults (``threads="auto"``: the thread count chosen by timing
-the steps, see ``inference.threads``), pinned to one thread (``ZOO_THREADS=1``) and pinned to
-every core (``ZOO_THREADS`` set to the core count, which is what the drivers did before), to show
-what the default buys against either fixed choice, idle and under load.
+the steps, see ``inference.threads``; torch's workers wait passively where the machine is busy
+when the process starts, see ``inference.omp_wait``), under the same defaults with the workers
+made to spin (``GOMP_SPINCOUNT=300000``, libgomp's default, as the drivers ran before
+``omp_wait``), pinned to one thread (``ZOO_THREADS=1``) and pinned to every core (``ZOO_THREADS``
+set to the core count), to show what each default buys, idle and under load. The JSON records
+what ``omp_wait`` decided in each case.
 """
 
 import argparse
@@ -98,17 +101,24 @@ def step_vae(quick: bool) -> float:
 
 STEPS = {"em": step_em, "nuts": step_nuts, "vae": step_vae}
 DESCRIPTIONS = {
-    "em": "EM fit, Bernoulli mixture K=100, 60,000 MNIST images: k-means++ and 20 iterations",
+    "em": "EM fit, Bernoulli mixture K=100, 50,000 MNIST images: k-means++ and 20 iterations",
     "nuts": "NUTS chain, Bayesian GMM on Old Faithful (100 warm-up + 100 draws)",
     "vae": "VAE epoch, reparameterized driver, 20,000 MNIST images",
 }
 
 
-def measure(step: str, quick: bool, load: int, threads: str) -> float:
-    """Seconds of one step in a fresh process, with ``load`` competing busy processes."""
-    env = dict(os.environ)
-    if threads == "auto":
+SPIN = {"GOMP_SPINCOUNT": "300000"}  # libgomp's own default: workers spin, whatever the load
+
+
+def measure(step: str, quick: bool, load: int, threads: str):
+    """Seconds of one step in a fresh process, with ``load`` competing busy processes, and what
+    ``inference.omp_wait`` chose there. ``threads``: "auto", a count, or "spin" (auto, with the
+    workers made to spin as libgomp does by default, i.e. as the drivers did before
+    ``inference.omp_wait``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if threads in ("auto", "spin"):
         env.pop("ZOO_THREADS", None)
+        env.update(SPIN if threads == "spin" else {})
     else:
         env["ZOO_THREADS"] = threads
     competitors = [subprocess.Popen([sys.executable, "-c", COMPETITOR]) for _ in range(load)]
@@ -122,7 +132,8 @@ def measure(step: str, quick: bool, load: int, threads: str) -> float:
             process.wait()
     if out.returncode != 0:
         raise RuntimeError(f"step {step} failed:\n{out.stderr[-3000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+    *_, decision, seconds = out.stdout.strip().splitlines()
+    return float(seconds), decision
 
 
 def main(argv=None):
@@ -134,8 +145,12 @@ def main(argv=None):
     parser.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    if args.step:  # the child: time one step and print its seconds
-        print(STEPS[args.step](args.quick))
+    if args.step:  # the child: time one step, print the wait policy's decision and the seconds
+        from inference import omp_wait  # before torch (the step imports it)
+
+        seconds = STEPS[args.step](args.quick)
+        print(omp_wait.decision)
+        print(seconds)
         return
     cores = os.cpu_count()
     repeats = args.repeats or (1 if args.quick else 2)
@@ -144,18 +159,23 @@ def main(argv=None):
     unknown = sorted(set(chosen) - set(STEPS))
     if unknown:
         parser.error(f"unknown steps {unknown}: choose from {','.join(STEPS)}")
-    counts = ["auto", "1", str(cores)] if cores > 1 else ["auto", "1"]
+    counts = ["auto", "spin", "1", str(cores)] if cores > 1 else ["auto", "1"]
     for step in chosen:
-        row = {}
+        row, decisions = {}, {}
         for threads in counts:
             for load in (0, args.load):
-                times = [measure(step, args.quick, load, threads) for _ in range(repeats)]
+                runs = [measure(step, args.quick, load, threads) for _ in range(repeats)]
+                times = [seconds for seconds, _ in runs]
                 row[f"{threads}/{load}"] = min(times)
-                print(f"  {step}, threads {threads}, load {load}: {times}", flush=True)
+                decisions[f"{threads}/{load}"] = sorted({decision for _, decision in runs})
+                print(f"  {step}, threads {threads}, load {load}: {times} {runs[0][1]}", flush=True)
         idle = row["auto/0"]
         row["ratio_auto"] = row[f"auto/{args.load}"] / idle
         row["ratio_one"] = row[f"1/{args.load}"] / row["1/0"]
         row["ratio_pinned"] = row[f"{counts[-1]}/{args.load}"] / row[f"{counts[-1]}/0"]
+        if "spin" in counts:
+            row["ratio_spin"] = row[f"spin/{args.load}"] / row["spin/0"]
+        row["wait_policy"] = decisions
         table[step] = row
         print(
             f"{step}: "
@@ -182,13 +202,21 @@ def main(argv=None):
         + (f" --steps {args.steps}" if chosen != list(STEPS) else ""),
     }
     load = args.load
-    name_of = {"auto": "auto", "1": "1 thread", str(cores): f"{cores} threads"}
+    name_of = {
+        "auto": "auto",
+        "spin": "auto, spinning",
+        "1": "1 thread",
+        str(cores): f"{cores} threads",
+    }
     lines = [
         f"# The main job's steps under load\n\n`{report['command']}` on {cores} cores, torch"
         f" {torch.__version__}. Load: {load} processes each keeping a core busy. Each case is"
         f" the best of {repeats} runs, each in a fresh process. `auto` is the drivers' default"
-        " (the thread count chosen by timing the steps, `inference.threads`); the pinned"
-        f" columns fix one thread, or {cores} (as the drivers did before). Each ratio is the"
+        " (the thread count chosen by timing the steps, `inference.threads`, and torch's workers"
+        " waiting passively where the machine is busy at the start, `inference.omp_wait`);"
+        " `auto, spinning` is the same with the workers made to spin as libgomp does by default"
+        " (`GOMP_SPINCOUNT=300000`, the drivers before `omp_wait`); the pinned"
+        f" columns fix one thread, or {cores}. Each ratio is the"
         " time under load over the same column's idle time; the last column compares the"
         " default under load with the best idle time of any column. Goal: under load at most"
         " 4x the idle time.\n",

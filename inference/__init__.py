@@ -8,5 +8,11 @@
     rows = compare.run([compare.Method("em", run_em), ...], seeds=[0, 1, 2])  # then compare.report
     posterior = mcmc.sample_posterior(model, x, chains=2)   # NUTS, arviz InferenceData, r_hat, ESS
 
-Every driver returns a ``FitResult`` (``inference.result``).
+Every driver returns a ``FitResult`` (``inference.result``). Importing the package, before torch,
+chooses how torch's OpenMP workers wait on a busy machine (``inference.omp_wait``).
 """
+
+from inference import omp_wait
+
+omp_wait.choose()  # before torch is loaded: see inference/omp_wait.py
+

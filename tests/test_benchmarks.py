@@ -128,8 +128,13 @@ def test_load_benchmark_quick(tmp_path):
     report = json.loads((tmp_path / "load-quick.json").read_text())
     row = report["steps"]["vae"]
     cores = report["cores"]
-    for case in ("auto/0", "auto/1", "1/0", "1/1", f"{cores}/0", f"{cores}/1"):  # idle, loaded
+    cases = ("auto/0", "auto/1", "spin/0", "spin/1", "1/0", "1/1", f"{cores}/0", f"{cores}/1")
+    for case in cases:  # idle, loaded
         assert row[case] > 0
+    # the spinning column asks libgomp to spin, so omp_wait leaves it so
+    assert row["wait_policy"]["spin/1"] == ["left as set: GOMP_SPINCOUNT=300000"]
+    assert all(len(row["wait_policy"][case]) == 1 for case in cases)
+    assert row["ratio_spin"] == pytest.approx(row["spin/1"] / row["spin/0"])
     assert row["ratio_auto"] == pytest.approx(row["auto/1"] / row["auto/0"])
     assert row["ratio_one"] == pytest.approx(row["1/1"] / row["1/0"])
     assert row["ratio_pinned"] == pytest.approx(row[f"{cores}/1"] / row[f"{cores}/0"])

@@ -147,3 +147,54 @@ def test_the_drivers_run_their_steps_on_the_count_asked_for(two_threads):
     # NUTS's "auto" is one thread: its steps vary in length with the tree depth
     mcmc.sample_posterior(normal, x, chains=2, warmup=5, samples=5, threads="auto", workers=1)
     assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+
+
+# --------------------------------------------------------------------------- OpenMP's wait policy
+def test_wait_policy_turns_passive_only_on_a_busy_machine_before_torch_and_unset_by_the_user():
+    from inference import omp_wait
+
+    def choose(environ, others, modules=()):
+        return omp_wait.choose(environ, {m: None for m in modules}, cores=2, others=lambda: others)
+
+    environ = {}
+    assert "PASSIVE" in choose(environ, others=2) and environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+    environ = {}
+    assert "spin" in choose(environ, others=1) and environ == {}  # a core to spare
+    environ = {}
+    assert (
+        "torch was imported first" in choose(environ, others=5, modules=["torch"]) and environ == {}
+    )
+    for name in omp_wait.VARIABLES:
+        environ = {name: "ACTIVE" if name == "OMP_WAIT_POLICY" else "300000"}
+        assert "left as set" in choose(environ, others=5) and len(environ) == 1
+    environ = {}
+    assert "no count" in choose(environ, others=None) and environ == {}
+    assert omp_wait.decision.startswith("left alone: no count")
+
+
+def test_importing_zoo_on_a_busy_machine_sets_the_policy_before_torch_loads(tmp_path):
+    """The `zoo` command and `import zoo` reach omp_wait before torch: with more busy processes
+    than cores, a fresh interpreter ends up with OMP_WAIT_POLICY=PASSIVE and torch not loaded."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("no /proc/loadavg on this system: the policy is left alone there")
+    cores = os.cpu_count() or 1
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores + 1)]
+    try:
+        time.sleep(0.5)
+        probe = (
+            "import os, sys, zoo; from inference import omp_wait;"
+            " print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules, omp_wait.decision)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        )
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    assert out.stdout.split()[:2] == ["PASSIVE", "False"], out.stdout

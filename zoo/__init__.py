@@ -7,6 +7,8 @@ A model's ``model`` and ``guide`` go straight into any driver of ``inference`` t
 
 import importlib
 
+import inference  # noqa: F401  (torch-free; how torch's workers wait: inference/omp_wait.py)
+
 _WHERE = {
     "BernoulliMixture": "bernoulli_mixture",
     "BMMConfig": "bernoulli_mixture",
