@@ -5,15 +5,17 @@ torch's CPU build runs its parallel operations on GNU OpenMP (libgomp). At the e
 a worker spins (stays on its core, polling) for a while before it sleeps, so that the next
 operation finds it awake. libgomp reads how long to spin from ``OMP_WAIT_POLICY`` and
 ``GOMP_SPINCOUNT`` once, when it is loaded, i.e. when torch is imported; nothing can change it
-afterwards. The two settings suit opposite machines (``benchmarks/results/load.md``, this
-project's 2-core machine, one fresh process per run):
+afterwards. The two settings suit opposite machines (this project's 2-core machine, one fresh
+process per run, 2026-12-07):
 
-- idle, spinning (libgomp's default) is faster where operations are small and many: a VAE epoch
-  of the eager driver took 1.65 s spinning against 2.36 s with ``OMP_WAIT_POLICY=PASSIVE``
-  (best of 3 each);
+- idle, spinning (libgomp's default) is faster where operations are small and many: an epoch of
+  the eager VAE driver took 1.65 s spinning against 2.36 s with ``OMP_WAIT_POLICY=PASSIVE``
+  (best of 3 runs each; 2.2-2.7 s against 2.6-3.2 s in the others);
 - beside four busy processes, a spinning worker burns the time slices its process was given
   while it waits for a partner that is not running: EM's fit (K = 100 on MNIST) on two threads
-  took 43 s spinning against 22 s passive (7.0 s and 7.5 s idle; one run each).
+  took 43 s spinning against 22 s passive (7.0 s and 7.5 s idle; one run each). In
+  ``benchmarks/results/load.md``, under the drivers' defaults: EM 2.96x its idle time with this
+  module against 4.24x spinning, a VAE epoch 2.91x against 4.21x.
 
 So ``import inference`` (and ``import zoo``, and the ``zoo`` command) looks at the machine once,
 before torch is loaded: where at least as many other tasks are runnable as there are cores,
