@@ -2,14 +2,14 @@
 How many threads torch's CPU operations use during a fit, chosen by timing the fit's own steps.
 
 Why the drivers do this: torch's OpenMP workers spin at the barrier that ends each parallel
-operation before they sleep. On cores shared with other CPU-bound work, the worker a step
-waits for is often descheduled while its partner spins away the time they were given. Measured
-on this project's 2-core machine beside four busy processes (``benchmarks/load.py``, 2026-12-06,
-workers spinning): a NUTS chain on two threads ran 14x slower than idle, on one thread 3.3x; a VAE epoch 9.6x
-against 3.5x; the EM fit 7.9x against 2.5x. With a single competitor a VAE step on two threads
-was already 4x slower, on one thread no slower. Idle, two threads are 1.3-2x faster than one.
-No fixed count is right for both, and the load changes during a fit, so the drivers time their
-steps on each count now and then and keep the faster (``Threads.switches`` records when and to
+operation before they sleep. On cores shared with other CPU-bound work, the worker a step waits for
+is often descheduled while its partner spins away the time they were given. Measured on this
+project's 2-core machine beside four busy processes (``benchmarks/load.py``, 2026-12-06, workers
+spinning): a NUTS chain on two threads ran 14x slower than idle, on one thread 3.3x; a VAE epoch
+9.6x against 3.5x; the EM fit 7.9x against 2.5x. With a single competitor a VAE step on two threads
+was already 4x slower, on one thread no slower. Idle, two threads are 1.3-2x faster than one. No
+fixed count is right for both, and the load changes during a fit, so the drivers time their steps on
+each count now and then and keep the faster (``Threads.switches`` records when and to
 what). How the workers wait is chosen once, before torch loads (``inference.omp_wait``: passively
 where the machine is busy at the start)::
 
