@@ -15,4 +15,3 @@ chooses how torch's OpenMP workers wait on a busy machine (``inference.omp_wait`
 from inference import omp_wait
 
 omp_wait.choose()  # before torch is loaded: see inference/omp_wait.py
-

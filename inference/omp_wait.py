@@ -24,6 +24,7 @@ changes nothing. ``inference.threads`` then times the steps on one thread and on
 threads as before, and keeps the faster.
 
 It does nothing when:
+
 - torch is already imported (import ``inference`` or ``zoo`` first, or set the variable yourself);
 - ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set (your choice is kept: ``OMP_WAIT_POLICY=ACTIVE``
   spins always, ``PASSIVE`` never);

@@ -86,6 +86,7 @@ class Threads:
         self.switches: List[tuple] = []  # (seconds from the start, count) at each change
         self._saved: Optional[int] = None
         self._active = False
+        self._chosen: Optional[int] = None
 
     def __enter__(self):
         self._saved = torch.get_num_threads()
@@ -137,6 +138,12 @@ class Threads:
         """The next step's time starts now: call after work that is not a step (an evaluation
         between epochs), so that it is not counted as one."""
         self._last = time.perf_counter()
+
+    @property
+    def chosen(self) -> Optional[int]:
+        """The count the last finished probe chose (None before one has finished, and when the
+        count is pinned or left alone); a probe in progress runs steps on either count."""
+        return self._chosen
 
     def tick(self) -> None:
         """Call after every step."""
