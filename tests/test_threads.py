@@ -80,15 +80,19 @@ def test_auto_keeps_the_larger_count_when_it_is_faster_or_ties(two_threads):
 
 
 def test_auto_probes_again_when_its_hold_ends_and_follows_a_change_of_load(two_threads):
+    # Steps of 5-50 ms and a hold of 0.3 s: a sleep that overshoots by a few milliseconds on a
+    # busy machine moves no probe across the windows checked (with 2 ms steps and a 30 ms hold
+    # it did, and CI failed on it). Idle, two threads are twice as fast as one; from step 40 on
+    # they are five times slower, as when other work starts.
     slow = {"two": False}
 
-    def step():  # two threads turn slow halfway through, as when other work starts
-        if torch.get_num_threads() == 2 and slow["two"]:
-            time.sleep(0.01)
+    def step():
+        if torch.get_num_threads() == 2:
+            time.sleep(0.05 if slow["two"] else 0.005)
         else:
-            time.sleep(0.002)
+            time.sleep(0.01)
 
-    tuner = Threads("auto", hold=0.03, hold_factor=1.0, max_hold=0.03)
+    tuner = Threads("auto", hold=0.3, hold_factor=1.0, max_hold=0.3)
     counts = []
     with tuner:
         for i in range(80):
@@ -98,8 +102,7 @@ def test_auto_probes_again_when_its_hold_ends_and_follows_a_change_of_load(two_t
             tuner.tick()
     assert counts[30:40].count(2) >= 8  # idle: two threads held
     assert counts[-10:].count(1) >= 8  # loaded: one thread, after the next probe
-    # the last finished probe chose one thread (the steps may end inside the next probe, whose
-    # steps on two threads are its last switches)
+    # the last finished probe chose one thread (the steps may end inside the next probe)
     assert tuner.chosen == 1 and all(c in (1, 2) for _, c in tuner.switches)
 
 
