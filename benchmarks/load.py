@@ -2,7 +2,7 @@
 The main job's steps on an idle machine and on one shared with CPU-bound work: how much slower
 each gets under load, all measured in one run; prints a table, saves JSON and Markdown.
 
-    python benchmarks/load.py            # about 25 minutes on 2 cores
+    python benchmarks/load.py            # about 30 minutes on 2 cores (measured 2026-12-07)
     python benchmarks/load.py --quick    # seconds: check that the script works
 
 Steps (each timed in a fresh process, so that no thread pool or cache is shared between cases):

@@ -177,7 +177,7 @@ def test_wait_policy_turns_passive_only_on_a_busy_machine_before_torch_and_unset
     assert omp_wait.decision.startswith("left alone: no count")
 
 
-def test_importing_zoo_on_a_busy_machine_sets_the_policy_before_torch_loads(tmp_path):
+def test_importing_zoo_on_a_busy_machine_sets_the_policy_before_torch_loads():
     """The `zoo` command and `import zoo` reach omp_wait before torch: with more busy processes
     than cores, a fresh interpreter ends up with OMP_WAIT_POLICY=PASSIVE and torch not loaded."""
     import os
@@ -187,7 +187,9 @@ def test_importing_zoo_on_a_busy_machine_sets_the_policy_before_torch_loads(tmp_
     if not os.path.exists("/proc/loadavg"):
         pytest.skip("no /proc/loadavg on this system: the policy is left alone there")
     cores = os.cpu_count() or 1
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    from inference import omp_wait
+
+    env = {k: v for k, v in os.environ.items() if k not in omp_wait.VARIABLES}
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores + 1)]
     try:
         time.sleep(0.5)
