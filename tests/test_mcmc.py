@@ -1,5 +1,7 @@
 """inference.mcmc knows no model: NUTS on a conjugate model matches the closed-form posterior."""
 
+import os
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -27,16 +29,13 @@ def test_nuts_on_a_normal_mean_matches_the_closed_form(tmp_path):
     assert draws.mean() == pytest.approx(mean, abs=0.05)
     assert draws.std() == pytest.approx(sd, rel=0.15)
     assert posterior["r_hat_max"] < 1.05 and posterior["relabelled_fraction"] == 0
+    assert posterior["potential"] == mcmc.FUSED
     lines = mcmc.write_posterior(posterior, tmp_path, seed=0)
     assert "No label switching" in "\n".join(lines)
-    for name in (
-        "posterior.nc",
-        "summary.csv",
-        "trace.png",
-        "trace_before_relabelling.png",
-        "posterior.png",
-    ):
+    for name in ("posterior.nc", "summary.csv", "trace.png", "posterior.png"):
         assert (tmp_path / "nuts-seed0" / name).exists(), name
+    # nothing was relabelled: no second trace plot of the same draws
+    assert not (tmp_path / "nuts-seed0" / "trace_before_relabelling.png").exists()
     with pytest.raises(ValueError, match="chains >= 1"):
         mcmc.sample_posterior(normal_mean, x, chains=0)
 
@@ -53,13 +52,70 @@ def test_chains_in_worker_processes_draw_what_they_draw_one_after_the_other():
     )
 
 
+def branching_normal_mean(x):
+    """normal_mean, with a Python branch on the unknown's value (never taken)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    if mu.abs() > 1e6:
+        raise ValueError("mu is far out")
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+
+def numpy_scale(x):
+    """A scale computed by numpy from the unknown: a recording would keep it fixed."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    scale = float(np.exp(0.1 * mu.detach().numpy()))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(mu, scale), obs=x)
+
+
+def test_a_potential_that_cannot_be_recorded_faithfully_runs_eager_and_stays_right():
+    """Pyro's jit_compile=True would bake in the branch taken and the scale seen at tracing
+    time; the recorder refuses the first and its check catches the second."""
+    from pyro.infer.mcmc.util import initialize_model
+
+    x = torch.randn(20, generator=torch.Generator().manual_seed(0)) + 1.5
+    for model, reason in (
+        (branching_normal_mean, "reads a tensor's value in Python"),
+        (numpy_scale, "recorded graph's value differs"),
+    ):
+        pyro.set_rng_seed(0)
+        init, potential, _, _ = initialize_model(model, (x,))
+        fused, how = mcmc.fuse_potential(potential, init)
+        assert fused is potential and how.startswith("eager") and reason in how, how
+    with pytest.warns(UserWarning, match="eager potential, several times slower"):
+        posterior = mcmc.sample_posterior(
+            branching_normal_mean, x, chains=1, warmup=100, samples=300, workers=1
+        )
+    assert posterior["potential"].startswith("eager")
+    precision = len(x) + 0.25  # the closed form of normal_mean's posterior, as above
+    assert posterior["draws"]["mu"].mean() == pytest.approx(x.sum().item() / precision, abs=0.07)
+
+
 def failing(x):
     pyro.sample("mu", dist.Normal(0.0, 1.0))
     raise RuntimeError("this model always fails")
 
 
+PARENT = os.getpid()
+
+
+def failing_in_workers(x):
+    """Runs in this process (where the potential is recorded) and fails in a forked worker."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    if os.getpid() != PARENT:
+        raise RuntimeError("this model fails in a worker")
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+
 def test_a_chain_that_fails_in_its_worker_is_raised_with_its_traceback():
-    with pytest.raises(RuntimeError, match="chain 0 failed in its worker(?s:.*)always fails"):
+    with pytest.raises(RuntimeError, match="chain 0 failed in its worker(?s:.*)fails in a worker"):
+        mcmc.sample_posterior(
+            failing_in_workers, torch.zeros(3), chains=2, warmup=2, samples=2, workers=2
+        )
+    # a model that fails wherever it runs fails here, before any worker starts
+    with pytest.raises(RuntimeError, match="always fails"):
         mcmc.sample_posterior(failing, torch.zeros(3), chains=2, warmup=2, samples=2, workers=2)
     with pytest.raises(ValueError, match="workers must be"):
         mcmc.sample_posterior(normal_mean, torch.zeros(3), workers=0)

@@ -474,9 +474,10 @@ def _nuts_run(task: _Task, method: Dict, seed: int, recorder) -> Dict:
         "notes": (
             f"{posterior['chains']} chains x ({setup.nuts_warmup} warm-up +"
             f" {setup.nuts_samples} draws), {_how_chains_ran(posterior)} (a budget stops before"
-            " a new group of chains); objective = mean log posterior predictive of the"
-            " training data"
+            f" a new group of chains); the potential ran {posterior['potential']}; objective ="
+            " mean log posterior predictive of the training data"
         ),
+        "potential": posterior["potential"],
         "details": details,
     }
 
