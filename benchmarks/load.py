@@ -4,6 +4,7 @@ each gets under load, all measured in one run; prints a table, saves JSON and Ma
 
     python benchmarks/load.py            # about 30 minutes on 2 cores (measured 2026-12-07)
     python benchmarks/load.py --quick    # seconds: check that the script works
+    python benchmarks/load.py --steps nuts --name load-nuts   # one step, in its own file
 
 Steps (each timed in a fresh process, so that no thread pool or cache is shared between cases):
 - EM: a fit of the Bernoulli mixture, K = 100, on the 50,000 MNIST training images (sparse
@@ -144,6 +145,9 @@ def main(argv=None):
     parser.add_argument("--steps", default=",".join(STEPS), help="which: em,nuts,vae")
     parser.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--name", default=None, help="file name (default: load, or load-quick with --quick)"
+    )
     args = parser.parse_args(argv)
     if args.step:  # the child: time one step, print the wait policy's decision and the seconds
         from inference import omp_wait  # before torch (the step imports it)
@@ -199,7 +203,8 @@ def main(argv=None):
         "command": "python benchmarks/load.py"
         + (" --quick" if args.quick else "")
         + (f" --load {args.load}" if args.load != 4 else "")
-        + (f" --steps {args.steps}" if chosen != list(STEPS) else ""),
+        + (f" --steps {args.steps}" if chosen != list(STEPS) else "")
+        + (f" --name {args.name}" if args.name else ""),
     }
     load = args.load
     name_of = {
@@ -240,7 +245,7 @@ def main(argv=None):
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "load" + ("-quick" if args.quick else "")
+    name = args.name or "load" + ("-quick" if args.quick else "")
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")

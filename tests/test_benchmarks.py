@@ -141,3 +141,22 @@ def test_load_benchmark_quick(tmp_path):
     table = (tmp_path / "load-quick.md").read_text()
     assert f"{row['1/1'] / row['1/0']:.2f}x" in table  # the one-thread column is reported
     assert "--load 1 --steps vae" in report["command"]
+
+
+def test_nuts_speed_benchmark_quick(tmp_path):
+    _quick("nuts_speed.py", tmp_path)
+    report = json.loads((tmp_path / "nuts_speed-quick.json").read_text())
+    samplers = report["samplers"]
+    assert {"zoo", "Pyro jit"} <= set(samplers)  # NumPyro with the [peers] extra
+    base = samplers["Pyro jit"]["seconds_median"]
+    for row in samplers.values():
+        assert row["gradients_median"] > 0
+        assert row["ratio_vs_pyro_jit"] == pytest.approx(row["seconds_median"] / base)
+        # the same posterior: a wrong potential (other data, a lost term) moves the locations
+        # by about a standard deviation of the data, 1 on this scale; 20 draws, posterior sd 0.03
+        assert row["locs_max_diff_vs_pyro_jit"] < 0.25
+    assert samplers["zoo"]["runs"][0]["how"].startswith("fused")
+    compare = report["comparison"]
+    assert compare["fits_total"] == pytest.approx(sum(compare["fit_seconds"]))
+    assert 0 < compare["fits_total"] < compare["seconds"]  # the command does more than fit
+    assert compare["potential"].startswith("fused")
