@@ -15,8 +15,9 @@ Each chain runs Pyro's NUTS on a *fused* potential (``fuse_potential``): the pot
 the model (Pyro's own, from ``initialize_model``) and its gradient recorded once as one graph
 of tensor operations (``make_fx``), run by TorchScript with the data's constants folded, behind
 an autograd function that hands back the recorded gradient. On the Bayesian GMM of Old Faithful
-that is about twice as fast per gradient as Pyro's ``jit_compile=True`` (which differentiates
-a traced potential through TorchScript's autograd at every step). Recording refuses Python
+the potential and its gradient take half the time they take under Pyro's ``jit_compile=True``
+(which differentiates a traced potential through TorchScript's autograd at every step), and a
+chain about 0.8x the time (``benchmarks/nuts_speed.py``). Recording refuses Python
 control flow on tensor values, so a model whose potential branches on them runs on Pyro's eager
 potential instead (slower, never wrong; the posterior's ``potential`` entry says which ran and
 why), and the fused graph is checked against the eager potential, value and gradient, at two
@@ -252,6 +253,8 @@ def fuse_potential(potential: Callable, init: Dict[str, torch.Tensor]):
     ]
     for point in (start, nearby):
         expected = value_and_grad(*point)
+        if not torch.isfinite(expected[0]):  # nothing to compare the recording with
+            return potential, "eager: the potential is not finite where it was recorded"
         got = compiled(*point)
         for name, e, g in zip(("value", *names), expected, got):
             tolerance = 1e-5 * (1 + float(expected[0].abs()))
@@ -396,11 +399,13 @@ def write_posterior(
     compact = scalars > 16
     # before relabelling only where a draw was relabelled (otherwise the same figure twice), and
     # only the variable that shows the switch best (the locations, where there are any)
-    relabelled = posterior["relabelled_fraction"] > 0
-    traces = [("trace.png", "idata", var_names, "the draws after relabelling")]
+    relabelled = posterior["relabelled_fraction"] > 0 and "idata_raw" in posterior
     if relabelled:
         as_drawn = f"the draws of {shape_var} as drawn, before relabelling"
-        traces.append(("trace_before_relabelling.png", "idata_raw", [shape_var], as_drawn))
+        traces = [
+            ("trace.png", "idata", var_names, "the draws after relabelling"),
+            ("trace_before_relabelling.png", "idata_raw", [shape_var], as_drawn),
+        ]
     else:
         traces = [("trace.png", "idata", var_names, "the draws (none needed relabelling)")]
     with warnings.catch_warnings():  # arviz 0.23 calls matplotlib APIs deprecated in 3.11

@@ -83,6 +83,10 @@ def test_a_potential_that_cannot_be_recorded_faithfully_runs_eager_and_stays_rig
         init, potential, _, _ = initialize_model(model, (x,))
         fused, how = mcmc.fuse_potential(potential, init)
         assert fused is potential and how.startswith("eager") and reason in how, how
+    # an infinite potential where it is recorded leaves nothing to check the recording against
+    infinite = lambda z: (z["a"] ** 2).sum() + float("inf")  # noqa: E731
+    fused, how = mcmc.fuse_potential(infinite, {"a": torch.zeros(2)})
+    assert fused is infinite and how == "eager: the potential is not finite where it was recorded"
     with pytest.warns(UserWarning, match="eager potential, several times slower"):
         posterior = mcmc.sample_posterior(
             branching_normal_mean, x, chains=1, warmup=100, samples=300, workers=1
