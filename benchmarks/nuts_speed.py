@@ -220,10 +220,12 @@ def main(argv=None):
     logging.getLogger("arviz").setLevel(logging.ERROR)  # r_hat of one chain: a warning each
     steps, seeds = (20, (0,)) if args.quick else (150, (0, 1, 2))
     x, _ = data.load("faithful")
+    load_before = os.getloadavg()[0]  # the machine's state: runnable tasks, 1-minute average
     x = (x - x.mean(0)) / x.std(0)
 
     print(f"one chain of {steps} + {steps}, one thread, seeds {list(seeds)}:", flush=True)
     rows = chains(x, steps, seeds)
+    load_after = os.getloadavg()[0]
     print("the comparison (a fresh process):", flush=True)
     compare = comparison(args.quick)
 
@@ -254,7 +256,9 @@ def main(argv=None):
         "# NUTS on the Bayesian GMM of Old Faithful",
         "",
         f"`{command}`, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()},"
-        f" {os.cpu_count()} cores, torch {torch.__version__}, pyro {pyro.__version__}.",
+        f" {os.cpu_count()} cores, torch {torch.__version__}, pyro {pyro.__version__};"
+        f" load average (1 min) {load_before:.2f} before the chains, {load_after:.2f} after"
+        " them (the chains alone keep one task runnable).",
         "",
         f"One chain of {steps} warm-up steps + {steps} draws, one thread, in one process, seeds"
         f" {', '.join(map(str, seeds))} with the samplers interleaved; median over seeds"
@@ -284,6 +288,7 @@ def main(argv=None):
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cores": os.cpu_count(),
+        "load_average_1min": [load_before, load_after],
         "steps": steps,
         "seeds": list(seeds),
         "samplers": summary,
