@@ -133,8 +133,22 @@ def refuse_schedule(schedule: Optional[Callable]) -> None:
 
 def _refuse_hidden_updates(graph: torch.fx.GraphModule) -> None:
     """Raise a ValueError when the recorded program updates in place a tensor it does not
-    take as an input (a module's buffer, such as a VQ-VAE's moving averages): the graph holds
-    such a tensor as a constant, so the update would not carry over from step to step."""
+    take as an input (see ``hidden_update``)."""
+    update = hidden_update(graph)
+    if update is not None:
+        raise ValueError(
+            f"the program updates a tensor in place ({update}) that is neither a"
+            " parameter nor an argument, a module's buffer such as a moving average;"
+            " a compiled program would not keep the update: leave jit off (or fit"
+            " with the module in eval mode, if that turns the update off)"
+        )
+
+
+def hidden_update(graph: torch.fx.GraphModule) -> Optional[str]:
+    """The first operation of a recorded graph that updates in place a tensor the graph does
+    not take as an input (a module's buffer, such as a VQ-VAE's moving averages), else None:
+    the graph holds such a tensor as a constant, so the update would not carry over from one
+    call to the next."""
     for node in graph.graph.nodes:
         schema = getattr(node.target, "_schema", None)
         if node.op != "call_function" or schema is None or not schema.is_mutable:
@@ -142,12 +156,8 @@ def _refuse_hidden_updates(graph: torch.fx.GraphModule) -> None:
         for value, argument in zip(node.args, schema.arguments):
             written = argument.alias_info is not None and argument.alias_info.is_write
             if written and isinstance(value, torch.fx.Node) and _base(value).op == "get_attr":
-                raise ValueError(
-                    f"the program updates a tensor in place ({node.target}) that is neither a"
-                    " parameter nor an argument, a module's buffer such as a moving average;"
-                    " a compiled program would not keep the update: leave jit off (or fit"
-                    " with the module in eval mode, if that turns the update off)"
-                )
+                return str(node.target)
+    return None
 
 
 def _base(node: torch.fx.Node) -> torch.fx.Node:

@@ -211,10 +211,14 @@ def fuse_potential(potential: Callable, init: Dict[str, torch.Tensor]):
     ``make_fx`` records the tensor operations of one evaluation and its backward pass, and
     refuses Python control flow on tensor values (a branch taken at recording time would be
     taken forever after); Pyro's argument checks, which are such branches, are off while it
-    records. The recorded graph is checked against ``potential`` at ``init`` and at a second
-    point nearby, value and gradient; any refusal or difference keeps the eager potential.
+    records. A potential that updates a tensor in place other than its unknowns (a module's
+    buffer) is refused as ``inference.compiled`` refuses it (``hidden_update``). The recorded
+    graph is checked against ``potential`` at ``init`` and at a second point nearby, value and
+    gradient; any refusal or difference keeps the eager potential.
     """
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    from inference.compiled import hidden_update
 
     names = list(init)
     if not names:
@@ -234,6 +238,13 @@ def fuse_potential(potential: Callable, init: Dict[str, torch.Tensor]):
             warnings.simplefilter("ignore")
             with pyro.validation_enabled(False):
                 graph = make_fx(value_and_grad)(*start)
+            update = hidden_update(graph)
+            if update is not None:  # the eager potential updates it on every call
+                return potential, (
+                    f"eager: the potential updates a tensor in place ({update}) that is not one"
+                    " of its unknowns, a module's buffer: a recorded graph would not keep the"
+                    " update"
+                )
             graph.graph.eliminate_dead_code()
             graph.recompile()
             with torch.no_grad():  # TorchScript, with the data and what follows from it folded

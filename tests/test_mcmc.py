@@ -69,6 +69,15 @@ def numpy_scale(x):
         pyro.sample("x", dist.Normal(mu, scale), obs=x)
 
 
+CALLS = torch.zeros(())
+
+
+def counting_normal_mean(x):
+    """normal_mean, counting its runs in a tensor it updates in place (a module's buffer)."""
+    CALLS.add_(1)
+    normal_mean(x)
+
+
 def test_a_potential_that_cannot_be_recorded_faithfully_runs_eager_and_stays_right():
     """Pyro's jit_compile=True would bake in the branch taken and the scale seen at tracing
     time; the recorder refuses the first and its check catches the second."""
@@ -78,6 +87,7 @@ def test_a_potential_that_cannot_be_recorded_faithfully_runs_eager_and_stays_rig
     for model, reason in (
         (branching_normal_mean, "reads a tensor's value in Python"),
         (numpy_scale, "recorded graph's value differs"),
+        (counting_normal_mean, "updates a tensor in place (aten.add_.Tensor)"),
     ):
         pyro.set_rng_seed(0)
         init, potential, _, _ = initialize_model(model, (x,))
