@@ -1,4 +1,5 @@
-"""What the speed benchmarks share: honest clocks on a GPU, and the machine's own GEMM rate."""
+"""What the speed benchmarks share: honest clocks on a GPU, the machine's own GEMM rate, and
+whether the NumPyro peer (the ``[peers]`` extra) is installed."""
 
 import time
 
@@ -30,3 +31,13 @@ def matmul_rate(n: int = 2048, repeats: int = 5, device="cpu") -> float:
     after one untimed product."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     return 2 * n**3 / best_time(lambda: a @ b, repeats, device) / 1e9
+
+
+def numpyro_available() -> bool:
+    """Whether jax and NumPyro import (``pip install .[peers]``)."""
+    try:
+        import jax  # noqa: F401
+        import numpyro  # noqa: F401
+    except ImportError:
+        return False
+    return True

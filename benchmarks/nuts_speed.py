@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pyro  # noqa: E402
+from _rates import numpyro_available  # noqa: E402
 
 from inference import mcmc  # noqa: E402
 from zoo import data  # noqa: E402
@@ -160,15 +161,6 @@ class NumPyroNUTS:
         steps = warm + int(np.asarray(self.mcmc.get_extra_fields()["num_steps"]).sum())
         self.runs += 1
         return seconds, steps, ordered_locs(locs), "compile + run" if self.runs == 1 else "run"
-
-
-def numpyro_available() -> bool:
-    try:
-        import jax  # noqa: F401
-        import numpyro  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def chains(x, steps, seeds):

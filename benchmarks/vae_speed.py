@@ -34,7 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _rates import best_time, matmul_rate, synchronize  # noqa: E402
+from _rates import best_time, matmul_rate, numpyro_available, synchronize  # noqa: E402
 
 from inference import loop, reparam, svi  # noqa: E402
 from zoo import data  # noqa: E402
@@ -166,15 +166,6 @@ class NumPyroLoop:
         start = time.perf_counter()
         self._run(self.x)
         return time.perf_counter() - start
-
-
-def numpyro_available() -> bool:
-    try:
-        import jax  # noqa: F401
-        import numpyro  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def make_peers(x, batch_size, loss):
