@@ -64,7 +64,7 @@ class GradientCounter:
     def __init__(self):
         import pyro.ops.integrator as integrator
 
-        self.module, self.original, self.count = integrator, integrator.potential_grad, 0
+        self.original, self.count = integrator.potential_grad, 0
 
         def counted(*args, **kwargs):
             self.count += 1
