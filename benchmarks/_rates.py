@@ -1,6 +1,7 @@
-"""What the speed benchmarks share: honest clocks on a GPU, the machine's own GEMM rate, and
-whether the NumPyro peer (the ``[peers]`` extra) is installed."""
+"""What the speed benchmarks share: honest clocks on a GPU, the machine's own GEMM rate, the
+machine's load, and whether the NumPyro peer (the ``[peers]`` extra) is installed."""
 
+import os
 import time
 
 import torch
@@ -41,3 +42,12 @@ def numpyro_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (runnable tasks, this run's own included), NaN where
+    the platform does not report one: beside a timing, it says whether the machine was idle."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float("nan")

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pyro  # noqa: E402
-from _rates import numpyro_available  # noqa: E402
+from _rates import load_average, numpyro_available  # noqa: E402
 
 from inference import mcmc  # noqa: E402
 from zoo import data  # noqa: E402
@@ -212,12 +212,12 @@ def main(argv=None):
     logging.getLogger("arviz").setLevel(logging.ERROR)  # r_hat of one chain: a warning each
     steps, seeds = (20, (0,)) if args.quick else (150, (0, 1, 2))
     x, _ = data.load("faithful")
-    load_before = os.getloadavg()[0]  # the machine's state: runnable tasks, 1-minute average
+    load_before = load_average()  # the machine's state
     x = (x - x.mean(0)) / x.std(0)
 
     print(f"one chain of {steps} + {steps}, one thread, seeds {list(seeds)}:", flush=True)
     rows = chains(x, steps, seeds)
-    load_after = os.getloadavg()[0]
+    load_after = load_average()
     print("the comparison (a fresh process):", flush=True)
     compare = comparison(args.quick)
 

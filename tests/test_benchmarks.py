@@ -46,6 +46,10 @@ def test_vae_speed_benchmark_quick(tmp_path):
     _quick("vae_speed.py", tmp_path)
     report = json.loads((tmp_path / "vae_speed-quick.json").read_text())
     assert len(report["rows"]) == 14  # seven drivers, validation off and on
+    # the machine's state beside the figures: the load average at the start and at the end
+    assert len(report["load_average_1min"]) == 2
+    assert all(load >= 0 for load in report["load_average_1min"])
+    assert "load average (1 min)" in (tmp_path / "vae_speed-quick.md").read_text()
     assert {"plain", "compiled"} <= set(report["peers"])  # numpyro too where it is installed
     for row in report["rows"].values():  # driver and peer epochs come in timed pairs
         epochs = row["epochs"]
