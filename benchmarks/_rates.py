@@ -3,6 +3,7 @@ machine's load, and whether the NumPyro peer (the ``[peers]`` extra) is installe
 
 import os
 import time
+from typing import Optional, Tuple
 
 import torch
 
@@ -51,3 +52,23 @@ def load_average() -> float:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return float("nan")
+
+
+def cpu_ticks(path: str = "/proc/stat") -> Optional[Tuple[int, int]]:
+    """(steal, total) clock ticks of all CPUs since boot, from Linux's /proc/stat; None elsewhere.
+    Steal is the time a virtual CPU was ready to run while the hypervisor ran something else:
+    the load of other machines on the same host, which the load average does not see."""
+    try:
+        with open(path) as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]  # user .. steal
+    except (OSError, ValueError):
+        return None
+    return fields[7], sum(fields)
+
+
+def steal_fraction(before: Optional[Tuple[int, int]], after: Optional[Tuple[int, int]]) -> float:
+    """The fraction of the CPUs' time between two ``cpu_ticks`` readings that was stolen by the
+    hypervisor (NaN where they are not available)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return float("nan")
+    return (after[0] - before[0]) / (after[1] - before[1])

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pyro  # noqa: E402
-from _rates import load_average, numpyro_available  # noqa: E402
+from _rates import cpu_ticks, load_average, numpyro_available, steal_fraction  # noqa: E402
 
 from inference import mcmc  # noqa: E402
 from zoo import data  # noqa: E402
@@ -212,7 +212,7 @@ def main(argv=None):
     logging.getLogger("arviz").setLevel(logging.ERROR)  # r_hat of one chain: a warning each
     steps, seeds = (20, (0,)) if args.quick else (150, (0, 1, 2))
     x, _ = data.load("faithful")
-    load_before = load_average()  # the machine's state
+    load_before, ticks = load_average(), cpu_ticks()  # the machine's state
     x = (x - x.mean(0)) / x.std(0)
 
     print(f"one chain of {steps} + {steps}, one thread, seeds {list(seeds)}:", flush=True)
@@ -220,6 +220,7 @@ def main(argv=None):
     load_after = load_average()
     print("the comparison (a fresh process):", flush=True)
     compare = comparison(args.quick)
+    steal = steal_fraction(ticks, cpu_ticks())
 
     summary = {}
     reference = np.mean([r["locs"] for r in rows["Pyro jit"]], axis=0)
@@ -247,10 +248,12 @@ def main(argv=None):
     lines = [
         "# NUTS on the Bayesian GMM of Old Faithful",
         "",
-        f"`{command}`, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()},"
+        f"`{command}`, {time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()},"
         f" {os.cpu_count()} cores, torch {torch.__version__}, pyro {pyro.__version__};"
         f" load average (1 min) {load_before:.2f} before the chains, {load_after:.2f} after"
-        " them (the chains alone keep one task runnable).",
+        " them (the chains alone keep one task runnable); the hypervisor took"
+        f" {100 * steal:.1f}% of the CPUs' time during the run (steal: other machines on the same"
+        " host).",
         "",
         f"One chain of {steps} warm-up steps + {steps} draws, one thread, in one process, seeds"
         f" {', '.join(map(str, seeds))} with the samplers interleaved; median over seeds"
@@ -281,6 +284,7 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cores": os.cpu_count(),
         "load_average_1min": [load_before, load_after],
+        "steal_fraction": steal,
         "steps": steps,
         "seeds": list(seeds),
         "samplers": summary,

@@ -36,9 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from _rates import (  # noqa: E402
     best_time,
+    cpu_ticks,
     load_average,
     matmul_rate,
     numpyro_available,
+    steal_fraction,
     synchronize,
 )
 
@@ -273,6 +275,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     num, epochs = (2048, 2) if args.quick else (20000, 6)
     load_before = load_average()  # the machine's state before this run adds its own threads
+    ticks = cpu_ticks()
     x, _ = data.load("mnist", split="train", binarize="static")
     x = x[:num].to(args.device)
     batch_size = 128
@@ -313,7 +316,7 @@ def main(argv=None):
                 + f"; {100 * row['roofline_fraction']:.0f}% of the matmul roofline",
                 flush=True,
             )
-    load_after = load_average()
+    load_after, steal = load_average(), steal_fraction(ticks, cpu_ticks())
     rate = max(rates)
     roofline_s = flops / rate / 1e9
     for row in table.values():  # at the best GEMM rate of the whole run
@@ -328,6 +331,7 @@ def main(argv=None):
         "pyro": pyro.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "load_average_1min": [load_before, load_after],
+        "steal_fraction": steal,
         "peers": list(peers),
         "matmul_gflops": rate,
         "matmul_gflops_all": rates,
@@ -373,7 +377,9 @@ def main(argv=None):
         " roofline, the ceiling of any loop of this network here. Machine state:"
         f" {report['date']}, load average (1 min) {load_before:.2f} at the start and"
         f" {load_after:.2f} at the end (the run itself keeps about {report['threads']} tasks"
-        " runnable; much more means other work shared the machine).\n",
+        " runnable; much more means other work shared the machine); the hypervisor took"
+        f" {100 * steal:.1f}% of the CPUs' time during the run (steal: other machines on the"
+        " same host).\n",
         "| loop | s / epoch | "
         + " | ".join(f"{peer_names[p]} (s)" for p in peers)
         + " | "

@@ -50,6 +50,8 @@ def test_vae_speed_benchmark_quick(tmp_path):
     assert len(report["load_average_1min"]) == 2
     assert all(load >= 0 for load in report["load_average_1min"])
     assert "load average (1 min)" in (tmp_path / "vae_speed-quick.md").read_text()
+    if Path("/proc/stat").exists():  # Linux: the hypervisor's share of the CPUs' time
+        assert 0 <= report["steal_fraction"] < 1
     assert {"plain", "compiled"} <= set(report["peers"])  # numpyro too where it is installed
     for row in report["rows"].values():  # driver and peer epochs come in timed pairs
         epochs = row["epochs"]
@@ -164,3 +166,20 @@ def test_nuts_speed_benchmark_quick(tmp_path):
     assert compare["fits_total"] == pytest.approx(sum(compare["fit_seconds"]))
     assert 0 < compare["fits_total"] < compare["seconds"]  # the command does more than fit
     assert compare["potential"].startswith("fused")
+    assert len(report["load_average_1min"]) == 2
+    if Path("/proc/stat").exists():
+        assert 0 <= report["steal_fraction"] < 1
+
+
+def test_steal_is_read_from_the_eighth_field_of_the_cpu_line(tmp_path, monkeypatch):
+    """The machine-state figure beside the speed tables: /proc/stat's first line is
+    ``cpu user nice system idle iowait irq softirq steal guest guest_nice``."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from _rates import cpu_ticks, steal_fraction
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 1 50 800 10 2 3 34 7 0\ncpu0 50 0 25 400 5 1 1 17 3 0\n")
+    assert cpu_ticks(str(stat)) == (34, 1000)  # guest time is inside user time: not added
+    assert cpu_ticks(str(tmp_path / "missing")) is None
+    assert steal_fraction((34, 1000), (84, 1200)) == pytest.approx(0.25)
+    assert math.isnan(steal_fraction(None, (84, 1200)))
