@@ -38,7 +38,9 @@ def test_em_benchmark_quick(tmp_path):
     for dense, sparse in (runs[:2], runs[2:]):  # the same fit, in another order of arithmetic
         assert sparse["iterations"] == dense["iterations"]
         assert abs(sparse["test_log_likelihood"] / dense["test_log_likelihood"] - 1) < 1e-6
-    assert (tmp_path / "em-quick.md").read_text().startswith("# EM benchmark")
+    text = (tmp_path / "em-quick.md").read_text()
+    assert text.startswith("# EM benchmark") and "load average (1 min)" in text
+    assert len(report["machine"]["load_average_1min"]) == 2
 
 
 @requires_mnist
