@@ -72,3 +72,30 @@ def steal_fraction(before: Optional[Tuple[int, int]], after: Optional[Tuple[int,
     if before is None or after is None or after[1] <= before[1]:
         return float("nan")
     return (after[0] - before[0]) / (after[1] - before[1])
+
+
+class MachineState:
+    """The machine's state over a benchmark run: made at the start, ``finish()`` at the end
+    gives the date, the load average at both ends and the steal in between (a dict for the
+    JSON report), and ``sentence(state, threads)`` says it in words for the Markdown one."""
+
+    def __init__(self):
+        self.load, self.ticks = load_average(), cpu_ticks()
+
+    def finish(self) -> dict:
+        return {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "load_average_1min": [self.load, load_average()],
+            "steal_fraction": steal_fraction(self.ticks, cpu_ticks()),
+        }
+
+    @staticmethod
+    def sentence(state: dict, threads: int) -> str:
+        start, end = state["load_average_1min"]
+        return (
+            f"Machine state: {state['date']}, load average (1 min) {start:.2f} at the start and"
+            f" {end:.2f} at the end (the run itself keeps about {threads} tasks runnable; much"
+            " more means other work shared the machine); the hypervisor took"
+            f" {100 * state['steal_fraction']:.1f}% of the CPUs' time during the run (steal:"
+            " other machines on the same host)."
+        )

@@ -40,13 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _rates import (  # noqa: E402
-    best_time,
-    cpu_ticks,
-    load_average,
-    matmul_rate,
-    steal_fraction,
-)
+from _rates import MachineState, best_time, matmul_rate  # noqa: E402
 
 from inference import em  # noqa: E402
 from inference.sparse import SparseRows, t_matmul  # noqa: E402
@@ -243,7 +237,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    load_before, ticks = load_average(), cpu_ticks()  # the machine's state before the run
+    machine = MachineState()  # the machine's state before the run
     report = {
         "machine": {
             "python": platform.python_version(),
@@ -283,33 +277,21 @@ def main(argv=None):
         "runs": bmm_runs(x, x_test, ks, 30 if quick else 500, 1e-3 if quick else 1e-4, rate),
     }
 
-    report["machine"].update(
-        date=time.strftime("%Y-%m-%d %H:%M"),
-        load_average_1min=[load_before, load_average()],
-        steal_fraction=steal_fraction(ticks, cpu_ticks()),
-    )
+    report["machine"].update(machine.finish())
     name = "em-quick" if quick else "em"
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(report))
     print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
 
 
-def _state(machine) -> str:
-    """The machine's state during the run, in words (what makes the figures comparable)."""
-    start, end = machine["load_average_1min"]
-    return (
-        f"Machine state: {machine['date']}, load average (1 min) {start:.2f} at the start and"
-        f" {end:.2f} at the end (the run itself keeps about {machine['threads']} tasks runnable);"
-        f" the hypervisor took {100 * machine['steal_fraction']:.1f}% of the CPUs' time (steal)."
-    )
-
-
 def markdown(report) -> str:
     g = report["gmm"]
+    machine = report["machine"]
     lines = [
-        f"# EM benchmark\n\n`{report['command']}` on {report['machine']['threads']} threads, "
-        f"torch {report['machine']['torch']}; float32 GEMM rate "
-        f"{report['matmul_gflops_float32']:.1f} GFLOP/s. {_state(report['machine'])}\n",
+        f"# EM benchmark\n\n`{report['command']}` on {machine['threads']} threads, "
+        f"torch {machine['torch']}; float32 GEMM rate "
+        f"{report['matmul_gflops_float32']:.1f} GFLOP/s."
+        f" {MachineState.sentence(machine, machine['threads'])}\n",
         f"## GMM, N={g['num_data']}, D={g['dim']}, K={g['num_components']}, full covariance\n",
         "| implementation | ms / iteration | time vs scikit-learn | final log-likelihood | "
         "rel. diff | iterations |",

@@ -244,11 +244,12 @@ def main(argv=None):
         row["ratio_vs_pyro_jit"] = row["seconds_median"] / base
 
     name = "nuts_speed-quick" if args.quick else "nuts_speed"
+    date = time.strftime("%Y-%m-%d %H:%M")
     command = "python benchmarks/nuts_speed.py" + (" --quick" if args.quick else "")
     lines = [
         "# NUTS on the Bayesian GMM of Old Faithful",
         "",
-        f"`{command}`, {time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()},"
+        f"`{command}`, {date}, {platform.processor() or platform.machine()},"
         f" {os.cpu_count()} cores, torch {torch.__version__}, pyro {pyro.__version__};"
         f" load average (1 min) {load_before:.2f} before the chains, {load_after:.2f} after"
         " them (the chains alone keep one task runnable); the hypervisor took"
@@ -281,7 +282,7 @@ def main(argv=None):
     ]
     report = {
         "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "date": date,
         "cores": os.cpu_count(),
         "load_average_1min": [load_before, load_after],
         "steal_fraction": steal,

@@ -35,12 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _rates import (  # noqa: E402
+    MachineState,
     best_time,
-    cpu_ticks,
-    load_average,
     matmul_rate,
     numpyro_available,
-    steal_fraction,
     synchronize,
 )
 
@@ -274,8 +272,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     num, epochs = (2048, 2) if args.quick else (20000, 6)
-    load_before = load_average()  # the machine's state before this run adds its own threads
-    ticks = cpu_ticks()
+    machine = MachineState()  # the machine's state before this run adds its own threads
     x, _ = data.load("mnist", split="train", binarize="static")
     x = x[:num].to(args.device)
     batch_size = 128
@@ -316,7 +313,7 @@ def main(argv=None):
                 + f"; {100 * row['roofline_fraction']:.0f}% of the matmul roofline",
                 flush=True,
             )
-    load_after, steal = load_average(), steal_fraction(ticks, cpu_ticks())
+    state = machine.finish()
     rate = max(rates)
     roofline_s = flops / rate / 1e9
     for row in table.values():  # at the best GEMM rate of the whole run
@@ -329,9 +326,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name() if x.is_cuda else "cpu",
         "torch": torch.__version__,
         "pyro": pyro.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "load_average_1min": [load_before, load_after],
-        "steal_fraction": steal,
+        **state,
         "peers": list(peers),
         "matmul_gflops": rate,
         "matmul_gflops_all": rates,
@@ -374,12 +369,8 @@ def main(argv=None):
         f" {roofline_s:.3f} s per epoch; the column is that over the epoch's time. The step's"
         f" matrix products alone, at its shapes and layouts, back to back (fastest over the"
         f" run): {min(alone):.3f} s per epoch, {100 * roofline_s / min(alone):.0f}% of the"
-        " roofline, the ceiling of any loop of this network here. Machine state:"
-        f" {report['date']}, load average (1 min) {load_before:.2f} at the start and"
-        f" {load_after:.2f} at the end (the run itself keeps about {report['threads']} tasks"
-        " runnable; much more means other work shared the machine); the hypervisor took"
-        f" {100 * steal:.1f}% of the CPUs' time during the run (steal: other machines on the"
-        " same host).\n",
+        " roofline, the ceiling of any loop of this network here."
+        f" {MachineState.sentence(state, report['threads'])}\n",
         "| loop | s / epoch | "
         + " | ".join(f"{peer_names[p]} (s)" for p in peers)
         + " | "
