@@ -65,8 +65,10 @@ class Threads:
             ends its probe at once.
         margin: one thread is chosen only when its median step is this fraction faster.
         hold: after a probe, keep the faster count for at least this many seconds, and for at least
-            ``hold_factor`` times as long as the probe took (probing costs steps on the slower
-            count); each probe that confirms the count doubles the hold, up to ``max_hold``.
+            ``hold_factor`` times as long as the probe's timed steps took (probing costs steps on
+            the slower count; an untimed step, such as a fit's first, which may compile for
+            seconds, and time between steps do not count); each probe that confirms the count
+            doubles the hold, up to ``max_hold``.
     """
 
     def __init__(
@@ -124,7 +126,7 @@ class Threads:
     def _begin_probe(self) -> None:
         self._probe = {count: [] for count in self._candidates}
         self._order = list(self._candidates)
-        self._probe_start = time.perf_counter()
+        self._probe_spent = 0.0  # seconds of the probe's timed steps
         self._set(self._order[0])
         self._last = time.perf_counter()
 
@@ -158,6 +160,7 @@ class Threads:
         if self._skip:
             self._skip = False
             return
+        self._probe_spent += elapsed
         count = self._order[0]
         timed = [t for c, times in self._probe.items() if c != count for t in times]
         if timed and elapsed > self.reject * statistics.median(timed):
@@ -179,6 +182,5 @@ class Threads:
         self._held = min(2 * self._held, self.max_hold) if same else self.hold
         self._chosen = best
         self._set(best)
-        took = now - self._probe_start
         self._order = None
-        self._hold_until = now + max(self._held, self.hold_factor * took)
+        self._hold_until = now + max(self._held, self.hold_factor * self._probe_spent)

@@ -106,6 +106,40 @@ def test_auto_probes_again_when_its_hold_ends_and_follows_a_change_of_load(two_t
     assert tuner.chosen == 1 and all(c in (1, 2) for _, c in tuner.switches)
 
 
+def test_an_untimed_first_step_does_not_stretch_the_hold(two_threads):
+    # A fit's first step may compile for seconds; it is not timed, and must not count as probing
+    # time either: a hold of hold_factor times it kept a count chosen on one unlucky step for the
+    # whole of a benchmark's fit. Here the first step takes 1 s, two threads are twice as fast
+    # as one, but the first timed step on two threads is slow (another process's burst), so the
+    # first probe chooses one thread. The hold that follows is hold_factor x the probe's timed
+    # steps (0.16 s: 0.32 s), not x 1.16 s (2.3 s), and the next probe returns to two threads.
+    calls = {"all": 0, "two": 0}
+
+    def step():
+        calls["all"] += 1
+        if calls["all"] == 1:
+            time.sleep(1.0)
+        elif torch.get_num_threads() == 2:
+            calls["two"] += 1
+            time.sleep(0.1 if calls["two"] == 1 else 0.01)
+        else:
+            time.sleep(0.02)
+
+    tuner = Threads("auto", hold=0.2, hold_factor=2.0, max_hold=0.2)
+    counts = []
+    with tuner:
+        began = time.perf_counter()
+        while time.perf_counter() - began < 2.2:
+            step()
+            counts.append(torch.get_num_threads())
+            tuner.tick()
+            if len(counts) == 6:  # the first probe: the untimed step, 3 on one thread, the burst
+                assert tuner.chosen == 1
+    # the last 20 steps run on two threads but for the next probes' three steps on one
+    assert counts[-20:].count(2) >= 12, counts[-20:]
+    assert tuner.chosen == 2
+
+
 def test_auto_leaves_the_count_alone_under_deterministic_algorithms(two_threads):
     torch.use_deterministic_algorithms(True)
     try:
