@@ -108,8 +108,8 @@ def test_auto_probes_again_when_its_hold_ends_and_follows_a_change_of_load(two_t
 
 def test_an_untimed_first_step_does_not_stretch_the_hold(two_threads):
     # A fit's first step may compile for seconds; it is not timed, and must not count as probing
-    # time either: a hold of hold_factor times it kept a count chosen on one unlucky step for the
-    # whole of a benchmark's fit. Here the first step takes 1 s, two threads are twice as fast
+    # time either: a hold of hold_factor times it would keep a count chosen on one unlucky step for
+    # the whole of a benchmark's fit. Here the first step takes 1 s, two threads are twice as fast
     # as one, but the first timed step on two threads is slow (another process's burst), so the
     # first probe chooses one thread. The hold that follows is hold_factor x the probe's timed
     # steps (0.16 s: 0.32 s), not x 1.16 s (2.3 s), and the next probe returns to two threads.
