@@ -255,6 +255,12 @@ def products_alone(batch_size: int, device="cpu", repeats: int = 20) -> float:
     return best_time(steps, 3, device) / repeats
 
 
+def roofline_rate(flops, rates, alone) -> float:
+    """GFLOP/s of the roofline: the best GEMM rate so far, or the products' own where they ran
+    faster (the host's speed drifts: a square product timed in a slow moment is no ceiling)."""
+    return max(max(rates), flops / min(alone) / 1e9)
+
+
 def summarize(times, roofline_s):
     driver = times["driver"]
     row = {"sec_per_epoch": statistics.median(driver), "epochs": times}
@@ -309,7 +315,7 @@ def main(argv=None):
             times = time_pairs(fit, x, batch_size, epochs, validation, peers, **options)
             rates.append(matmul_rate(device=args.device))
             alone.append(products_alone(batch_size, args.device) * steps)
-            table[label] = summarize(times, flops / max(rates) / 1e9)
+            table[label] = summarize(times, flops / roofline_rate(flops, rates, alone) / 1e9)
             row = table[label]
             print(
                 f"  {label}: {row['sec_per_epoch']:.3f} s/epoch;"
@@ -321,9 +327,7 @@ def main(argv=None):
                 flush=True,
             )
     state = machine.finish()
-    # the roofline's rate: the best GEMM rate of the run, or the products' own where they ran
-    # faster (the host's speed drifts: a square product timed in a slow moment is no ceiling)
-    rate = max(max(rates), flops / min(alone) / 1e9)
+    rate = roofline_rate(flops, rates, alone)
     roofline_s = flops / rate / 1e9
     for row in table.values():  # at that rate
         row["roofline_fraction"] = roofline_s / row["sec_per_epoch"]
