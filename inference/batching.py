@@ -16,13 +16,16 @@ guide are run on minibatches of two different sizes, and the plates whose size f
 number of rows are the data plates, whatever their names, sized or sizeless, subsampling or
 not. ``ScaleRows`` then scales every site inside them by N / (rows in this call), on top of
 any scale Pyro applies itself, so the objective is unbiased for the whole data set and global
-sites are counted once. A program that cannot be minibatched this way is refused with an error
+sites are counted once. A plate of the data's full size whose subsample is the rows given
+(``pyro.plate("data", N, len(batch))``) is scaled by Pyro itself and left alone.
+A program that cannot be minibatched this way is refused with an error
 that names the plate or site and says what to do; on the whole data at once (``batch_size=None``
 or a batch at least N) nothing is scaled and the program runs exactly as in Pyro's own SVI loop.
 """
 
 import contextlib
 import functools
+import inspect
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import pyro
@@ -233,10 +236,47 @@ class _PrivateDraws(Messenger):
 
 
 @contextlib.contextmanager
+def untouched_modules():
+    """Every ``nn.Module`` called inside runs in evaluation mode, and on exit gets back its
+    training flag and its buffers (values and objects): a set-up run then neither draws dropout
+    masks from torch's global generator nor updates batch norm's running statistics, so the
+    first step sees the modules as the first step of Pyro's own loop sees them.
+
+    Done with a global forward pre-hook, which sees the modules a program calls however it
+    reaches them (``pyro.module``, a ``PyroModule`` attribute, a closure). A module's
+    ``training`` flag is set on the module called, not its children, which get their own call.
+    """
+    seen = {}
+
+    def hook(module, args):
+        if id(module) in seen:
+            return
+        buffers = {
+            name: (value, value.detach().clone())
+            for name, value in module._buffers.items()
+            if isinstance(value, torch.Tensor)
+        }
+        seen[id(module)] = (module, module.training, buffers)
+        module.training = False
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for module, training, buffers in seen.values():
+                module.training = training
+                for name, (tensor, value) in buffers.items():
+                    tensor.copy_(value)  # the same object, as an optimizer or a view holds it
+                    module._buffers[name] = tensor
+
+
+@contextlib.contextmanager
 def private_draws():
     """The context of a set-up run that creates parameters (see ``_PrivateDraws``), with
-    gradients off like every probe (``same_random_state``)."""
-    with _PrivateDraws(), torch.no_grad():
+    gradients off and the modules untouched like every probe (``same_random_state``)."""
+    with _PrivateDraws(), torch.no_grad(), untouched_modules():
         yield
 
 
@@ -245,11 +285,12 @@ def same_random_state():
     """Run a probe of the program without moving torch's random state, so that a fit draws
     the same numbers as Pyro's own loop started from the same seed. Gradients are off: a
     program that updates state of its own while training (a VQ-VAE's moving-average codebook,
-    gated on ``torch.is_grad_enabled()``) is updated by the steps alone, as in Pyro's loop."""
+    gated on ``torch.is_grad_enabled()``) is updated by the steps alone, as in Pyro's loop;
+    modules run in evaluation mode and keep their buffers (``untouched_modules``)."""
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), untouched_modules():
             yield
     finally:
         torch.set_rng_state(cpu)
@@ -261,6 +302,10 @@ def run_program(model, guide, value, validate: bool = True):
     """The guide's trace and the model's trace replayed on it, for data ``value``; creates any
     parameter they read. No log-probability is computed."""
     args, kwargs = arguments(value)
+    if isinstance(value, Mapping):
+        for who, fn in (("guide", guide), ("model", model)):
+            if fn is not None:
+                check_keywords(who, fn, kwargs)
     with pyro.validation_enabled(validate):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs) if guide else None
         model_fn = poutine.replay(model, trace=guide_trace) if guide_trace else model
@@ -268,17 +313,48 @@ def run_program(model, guide, value, validate: bool = True):
     return model_trace, guide_trace
 
 
+def check_keywords(who: str, fn: Callable, kwargs: dict) -> None:
+    """Raise a TypeError, before any work, when ``fn`` cannot be called with the entries of a
+    mapping as keyword arguments: the data as a mapping are unpacked (``fn(**data)``), as
+    Pyro's ``SVI.step(**data)`` unpacks them, which a program taking the mapping whole as one
+    argument does not expect."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or an object without one: nothing to check
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as error:
+        name = getattr(fn, "__name__", type(fn).__name__)
+        raise TypeError(
+            f"the data are a mapping, so the driver calls the {who} with its entries as keyword"
+            f" arguments, {name}(**data), as Pyro's SVI.step(**data) does; but {name}() cannot"
+            f" take them ({error}; keys {sorted(kwargs)}). For a program that takes the"
+            " mapping whole as one argument, fit lambda **data: model(data) and lambda **data:"
+            " guide(data)"
+        ) from None
+
+
 def check_support(model, guide, value) -> None:
     """Raise a ValueError naming the observed site whose data lie outside its distribution's
     support (non-binary pixels under a Bernoulli, negative counts under a Poisson), with the
-    count of bad values, instead of Pyro's constraint message at the first step."""
-    with same_random_state(), pyro.validation_enabled(False):
-        model_trace, _ = run_program(model, guide, value, validate=False)
+    count of bad values, instead of Pyro's constraint message at the first step.
+
+    Where Pyro would check nothing, neither does this: with validation switched off
+    (``pyro.enable_validation(False)``), and at a site whose distribution was built with
+    ``validate_args=False``. The program runs with validation on, so that only such an
+    explicit ``False`` reaches the site's distribution (``expand`` copies the default in)."""
+    if not torch.distributions.Distribution._validate_args:
+        return
+    with same_random_state():
+        model_trace, _ = run_program(model, guide, value, validate=True)
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or not site["is_observed"] or site_is_subsample(site):
             continue
         fn, data = site["fn"], site["value"]
         if not isinstance(data, torch.Tensor) or data.layout != torch.strided:
+            continue
+        if _asked_for_no_checks(fn):
             continue
         try:
             inside = fn.support.check(data)
@@ -301,6 +377,17 @@ def check_support(model, guide, value) -> None:
             )
 
 
+def _asked_for_no_checks(fn) -> bool:
+    """Whether ``fn`` (or a distribution it wraps) was built with ``validate_args=False``: the
+    program asked for no support check there (Pyro's VAE examples put a Bernoulli likelihood
+    on grey pixels, a cross-entropy), and Pyro's own loop does none."""
+    while fn is not None:
+        if fn.__dict__.get("_validate_args", None) is False:
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
+
+
 def probe_sizes(batch_size: int, num_data: int) -> Tuple[int, int]:
     """Two different minibatch sizes to run the program on, the first the real one."""
     second = batch_size - 1 if batch_size > 1 else 2
@@ -314,17 +401,25 @@ def find_data_plates(
     sizes: Sequence[int],
     data_plate: Optional[str] = None,
     per_point: bool = False,
+    whole: bool = False,
 ) -> Tuple[str, ...]:
     """The names of the plates that index the rows of ``rows``.
 
     The program is run on the first ``sizes[i]`` rows for each size (the first run creates the
     parameters, under ``private_draws``; the others leave the random state as it was); a plate
-    is a data plate when its declared size (its full size, for a plate
-    that subsamples) equals the number of rows in every run. ``data_plate`` names the one to
-    use and is checked. Raises a ValueError naming the plates and sites when no plate follows
-    the rows, or when a site outside them has a dimension that does. ``per_point``: the caller
+    is a data plate when its declared size (its full size, for a plate that subsamples) equals
+    the number of rows in every run; the sites in these are scaled by N / B. A plate whose
+    subsample is the rows it is given, from a fixed full size (the data's N: checked), is
+    scaled by Pyro itself and needs nothing more: it is returned only with ``per_point``.
+    ``data_plate`` names the one to use and is checked. Raises a ValueError naming the plates
+    and sites when no plate follows the rows, or when a site outside them has a dimension
+    that does. ``per_point``: the caller
     needs a term per data point (EM, scores), so "use the whole data" is no remedy.
+    ``whole``: ``rows`` are all the rows the program will be called on (a score of data that
+    fit in one chunk), so a program that fails on fewer (an argument with an entry per row
+    that is not a tensor) is read off the run on all of them: its plates of that size.
     """
+    every = whole
     whole = "" if per_point else ", or fit on the whole data at once (batch_size=None)"
     runs = []
     for size in sizes:
@@ -332,7 +427,9 @@ def find_data_plates(
             with same_random_state() if runs else private_draws():
                 traces = run_program(model, guide, rows.slice(0, size))
         except Exception as error:
-            if not runs and not _runs_on(model, guide, rows.data):
+            if runs and every and size < runs[0][0]:
+                break  # called on these rows only: the first run tells the plates
+            if not runs and not runs_on(model, guide, rows.data):
                 raise  # it fails on the whole data as well: the program's own error
             which = (
                 f"fail on a minibatch of {size} rows"
@@ -352,6 +449,24 @@ def find_data_plates(
     tracking = sorted(
         name for name in names if all(f[name] == {size} for f, (size, _) in zip(found, runs))
     )
+    # a plate of a fixed full size whose subsample is the rows it is given (Pyro's svi_torch
+    # example: pyro.plate("data", N, subsample_size=len(batch))): Pyro scales it by N / B
+    # itself, so it is a data plate that needs no further scaling
+    subsamples = [_plate_sizes(traces, subsampled=True) for _, traces in runs]
+    own = sorted(
+        name
+        for name in set.intersection(*(set(f) for f in subsamples)) - set(tracking)
+        if len(runs) > 1 and all(f[name] == {size} for f, (size, _) in zip(subsamples, runs))
+    )
+    for name in own:
+        full = found[0][name]
+        if not per_point and full != {rows.num_data}:
+            raise ValueError(
+                f"pyro.plate({name!r}) subsamples the rows it is given from a full size of"
+                f" {sorted(full)[0]}, but the data have {rows.num_data} rows: Pyro would scale"
+                f" each minibatch to {sorted(full)[0]} data points. Give the plate the number"
+                " of rows of the whole data as its size"
+            )
     described = {
         name: [sorted(f.get(name, {"absent"}), key=str) for f in found]
         for name in sorted(set().union(*found))
@@ -363,6 +478,8 @@ def find_data_plates(
                 f"the model has no pyro.plate named {data_plate!r} (plates found:"
                 f" {sorted(described) or 'none'})"
             )
+        if data_plate in own:
+            return (data_plate,) if per_point else ()
         if data_plate not in tracking:
             raise ValueError(
                 f"pyro.plate({data_plate!r}) has sizes {described[data_plate]} when run on"
@@ -370,6 +487,9 @@ def find_data_plates(
                 " length (pyro.plate(name, len(x)))" + whole
             )
         tracking = [data_plate]
+    if not tracking and own:  # scaled by Pyro itself
+        _check_no_unplated_rows(runs, own, whole)
+        return tuple(own) if per_point else ()
     if not tracking:
         raise ValueError(
             f"no pyro.plate's size follows the number of rows: run on {tried}, the plates had"
@@ -377,11 +497,11 @@ def find_data_plates(
             " point in pyro.plate('data', len(x)) (a plate that subsamples itself is fine), or"
             " say with batch_dims= where the rows are if not along dim 0" + whole
         )
-    _check_no_unplated_rows(runs, tracking, whole)
+    _check_no_unplated_rows(runs, [*tracking, *own], whole)
     return tuple(tracking)
 
 
-def _runs_on(model, guide, value) -> bool:
+def runs_on(model, guide, value) -> bool:
     """Whether the program runs on ``value`` (to tell a minibatch problem from another one)."""
     try:
         with same_random_state():
@@ -392,19 +512,22 @@ def _runs_on(model, guide, value) -> bool:
 
 
 def data_plates(
-    model, guide, example, data_plate=None, batch_dims=None, per_point=False
+    model, guide, example, data_plate=None, batch_dims=None, per_point=False, whole=False
 ) -> Tuple[str, ...]:
     """``find_data_plates`` on an example batch: on all its rows and on one row fewer (one
-    row: the plates of size 1)."""
+    row: the plates of size 1). ``whole``: the example is all the data (see there)."""
     rows = Rows(example, batch_dims)
     n = rows.num_data
     sizes = (n, n - 1) if n > 1 else (1,)
-    return find_data_plates(model, guide, rows, sizes, data_plate, per_point)
+    return find_data_plates(model, guide, rows, sizes, data_plate, per_point, whole)
 
 
-def _plate_sizes(traces) -> Dict[str, set]:
-    """Plate name -> the sizes its frames declare in these traces (a sizeless plate's size is
-    read off the site's batch shape)."""
+def _plate_sizes(traces, subsampled: bool = False) -> Dict[str, set]:
+    """Plate name -> the sizes its frames declare in these traces: the full size of a plate
+    that subsamples itself, or with ``subsampled`` the subsample's size of such a plate only.
+    A sizeless plate's size is read off the site: its distribution's batch shape, or the
+    observed value's where that is larger (``f ~ Beta`` outside the plate, ``x ~ Bernoulli(f)``
+    inside it: the rows are only in the data)."""
     sizes: Dict[str, set] = {}
     sizeless: Dict[str, int] = {}
     for trace in traces:
@@ -414,16 +537,33 @@ def _plate_sizes(traces) -> Dict[str, set]:
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             for frame in site["cond_indep_stack"]:
-                size = frame.full_size if frame.full_size is not None else frame.size
+                full = frame.full_size
+                if subsampled:
+                    if full is not None and full != frame.size:
+                        sizes.setdefault(frame.name, set()).add(int(frame.size))
+                    continue
+                size = full if full is not None else frame.size
                 if size == -1 and frame.dim is not None:  # broadcast: sites of size 1 say nothing
-                    shape = getattr(site["fn"], "batch_shape", ())
-                    size = shape[frame.dim] if len(shape) >= -frame.dim else 1
-                    sizeless[frame.name] = max(sizeless.get(frame.name, 1), int(size))
+                    size = max(_dim_size(site, frame.dim, value) for value in (False, True))
+                    sizeless[frame.name] = max(sizeless.get(frame.name, 1), size)
                     continue
                 sizes.setdefault(frame.name, set()).add(int(size))
     for name, size in sizeless.items():
         sizes.setdefault(name, set()).add(size)
     return sizes
+
+
+def _dim_size(site, dim: int, value: bool) -> int:
+    """The size of batch dim ``dim`` of a site's distribution or (``value``) of its value."""
+    fn = site["fn"]
+    shape = tuple(getattr(fn, "batch_shape", ()))
+    if value:
+        data = site["value"]
+        if not isinstance(data, torch.Tensor):
+            return 1
+        event = len(getattr(fn, "event_shape", ()))
+        shape = tuple(data.shape[: data.dim() - event])
+    return int(shape[dim]) if len(shape) >= -dim else 1
 
 
 def _check_no_unplated_rows(runs, plates, whole) -> None:

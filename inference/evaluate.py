@@ -20,10 +20,19 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
-from inference.batching import Rows, arguments, check_count, check_support, same_random_state
+from inference.batching import (
+    Rows,
+    arguments,
+    check_count,
+    check_support,
+    runs_on,
+    same_random_state,
+)
 from inference.enumeration import Enumerated, validation_off
 from inference.particles import Particles, check_full_terms
 
@@ -58,8 +67,9 @@ def log_likelihood(
         check_count(name, value)
     check_count("particle_batch", particle_batch)
     n = rows.num_data
-    example = rows.slice(0, 4)
-    if _enumerable(model, example):
+    example, whole = probe_rows(rows, batch_size)
+    exact = _explained(lambda: _enumerable(model, example), rows, batch_size, model, guide, whole)
+    if exact:
         if rows.kind != "tensor":
             raise ValueError("exact log-likelihoods by enumeration take the data as one tensor")
         enum = Enumerated(model, guide, example, data_plate)
@@ -71,14 +81,56 @@ def log_likelihood(
         raise ValueError(
             "the model has continuous latent variables: importance sampling needs a guide"
         )
+    particles = _particles(
+        rows, batch_size, model, guide, example, data_plate, batch_dims, vectorize_particles, whole
+    )
     check_support(model, guide, rows.slice(0, batch_size))
-    particles = Particles(model, guide, example, data_plate, batch_dims, vectorize_particles)
     check_full_terms(particles, "an importance-sampled log p(x)")
     steps = math.ceil(n / batch_size) * math.ceil(num_samples / particle_batch)
     bar = tqdm(total=steps, disable=not progress, desc=f"log p(x), K={num_samples}", leave=False)
     with bar:
         log_sum, _ = importance_sums(particles, rows, num_samples, batch_size, particle_batch, bar)
     return log_sum - math.log(num_samples)
+
+
+def probe_rows(rows: Rows, batch_size: int):
+    """The rows a score's set-up runs the program on, and whether they are all the rows it
+    will be called on: every row where they fit in one chunk of ``batch_size`` (a program
+    with an argument of one entry per row that is not a tensor then scores as it fits), else
+    the first four."""
+    if rows.num_data <= batch_size:
+        return rows.data, True
+    return rows.slice(0, 4), False
+
+
+def _explained(probe: Callable, rows: Rows, batch_size: int, model, guide, whole: bool):
+    """``probe()``, a set-up run on the ``probe_rows`` example; where the program fails on a
+    chunk but runs on all rows, a ValueError that says so and names ``batch_size``."""
+    try:
+        return probe()
+    except Exception as error:
+        if whole or not runs_on(model, guide, rows.data):
+            raise
+        raise ValueError(
+            f"the model and guide fail on a chunk of 4 rows ({type(error).__name__}:"
+            f" {str(error).splitlines()[0]}) but run on all {rows.num_data}: a score runs the"
+            f" program on chunks of batch_size={batch_size} rows, and something in it is sized"
+            " for all of them (an argument with an entry per row that is not a tensor, a size"
+            f" fixed from outside). Pass batch_size={rows.num_data} to score every row in one"
+            " chunk, or make the program follow the rows it is given"
+        ) from error
+
+
+def _particles(rows, batch_size, model, guide, example, data_plate, batch_dims, vectorize, whole):
+    """``Particles`` on the ``probe_rows`` example, failures ``_explained``."""
+    return _explained(
+        lambda: Particles(model, guide, example, data_plate, batch_dims, vectorize, whole=whole),
+        rows,
+        batch_size,
+        model,
+        guide,
+        whole,
+    )
 
 
 def importance_sums(particles, rows, num_samples, batch_size=500, particle_batch=100, bar=None):
@@ -115,10 +167,21 @@ def elbo(
     """The ELBO per data point, E_q[log p(x, z) - log q(z | x)], from ``num_samples`` draws of
     the guide, shape (N,). Pyro's ``poutine.scale`` factors (a beta on the KL) are left out:
     this is the bound on log p(x) of the unscaled model. x: a tensor, or the tuple (or
-    mapping) of the model's arguments (data, condition, ...)."""
+    mapping) of the model's arguments (data, condition, ...). A model whose latent variables
+    are all discrete and enumerable, with a guide that samples none of them (they are summed
+    out, as TraceEnum_ELBO sums them), has the exact log p(x) as its ELBO; a program that
+    leaves a latent site to the prior is refused (``particles.check_covers``)."""
     rows = _rows(x, batch_dims)
     check_count("num_samples", num_samples)
-    particles = Particles(model, guide, rows.slice(0, 4), data_plate, batch_dims)
+    example, whole = probe_rows(rows, batch_size)
+    if _enumerable(model, example) and not samples_latents(guide, example):
+        # every latent variable summed out, none drawn: the ELBO (TraceEnum_ELBO's) is log p(x)
+        return log_likelihood(
+            model, guide, x, batch_size=batch_size, data_plate=data_plate, batch_dims=batch_dims
+        )
+    particles = _particles(
+        rows, batch_size, model, guide, example, data_plate, batch_dims, None, whole
+    )
     return torch.cat(
         [
             particles.log_weights(rows.slice(i, i + batch_size), num_samples)[0].mean(0)
@@ -149,10 +212,12 @@ def latent_usage(
       when the reconstructions vary as the data do, 0 when the decoder gives every input the
       same image (None when the site has no mean or the data do not vary).
     """
-    from pyro import poutine
-    from pyro.poutine.util import site_is_subsample
-
     rows = _rows(x, None)
+    if not samples_latents(guide, rows.slice(0, 4)):
+        raise ValueError(
+            "the guide samples no latent variable (they are summed out or point estimates):"
+            " latent usage applies to latent sites a guide samples"
+        )
     particles = Particles(model, guide, rows.slice(0, 4), data_plate, vectorize=False)
     plate, n = particles.data_plate, rows.num_data
     args, kwargs = arguments(x)
@@ -199,6 +264,52 @@ def latent_usage(
     return {"sites": sites, "reconstruction_spread": spread, "threshold": threshold}
 
 
+@torch.no_grad()
+def posterior_summary(
+    guide: Callable,
+    x,
+    *,
+    num_samples: int = 1000,
+    plates: Sequence[str] = (),
+    max_entries: int = 20,
+) -> dict:
+    """The guide's approximate posterior of its global latent sites (outside ``plates``, the
+    data plates), from ``num_samples`` draws: per site its shape and, for a site of at most
+    ``max_entries`` entries, entry by entry the mean, standard deviation and 5 %, 50 % and 95 %
+    quantiles (a larger site gives its shape only, and keeps no draws). An AutoGuide's
+    auxiliary site is left out; its model sites (Pyro records them in the guide's trace) are
+    summarized. x: the model's arguments, as the drivers take them."""
+    check_count("num_samples", num_samples)
+    args, kwargs = arguments(x)
+    summary, draws = {}, {}
+    with same_random_state(), validation_off():  # the caller's draws stay its own
+        for _ in range(num_samples):
+            trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+                    continue
+                if site["infer"].get("is_auxiliary"):
+                    continue
+                if any(frame.name in plates for frame in site["cond_indep_stack"]):
+                    continue
+                value = site["value"].detach()
+                summary.setdefault(name, {"shape": list(value.shape)})
+                if value.numel() <= max_entries:
+                    draws.setdefault(name, []).append(value.double().cpu().reshape(-1))
+    for name, values in draws.items():
+        flat = torch.stack(values)  # (S, entries)
+        quantiles = torch.quantile(flat, torch.tensor([0.05, 0.5, 0.95]).double(), dim=0)
+        summary[name].update(
+            num_samples=len(values),
+            mean=flat.mean(0).tolist(),
+            sd=flat.std(0).tolist(),
+            q05=quantiles[0].tolist(),
+            median=quantiles[1].tolist(),
+            q95=quantiles[2].tolist(),
+        )
+    return summary
+
+
 def _plate_axis(site, plate: str, ndim: int) -> Optional[int]:
     """Where the ``plate``'s rows lie among ``ndim`` batch dims of a site."""
     for frame in site["cond_indep_stack"]:
@@ -227,11 +338,28 @@ def _rows(x, batch_dims) -> Rows:
         raise ValueError(f"x: {error}") from error
 
 
+def samples_latents(guide, example) -> bool:
+    """Whether the guide samples any latent variable on the model's arguments ``example`` (an
+    empty guide, or None, samples none)."""
+    if guide is None:
+        return False
+    args, kwargs = arguments(example)
+    with same_random_state(), validation_off():
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    return any(
+        s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+        for s in trace.nodes.values()
+    )
+
+
+def exact_by_enumeration(model, x, batch_dims=None) -> bool:
+    """Whether ``log_likelihood`` computes log p(x) exactly, by enumeration (every latent site
+    of the model discrete and enumerable), rather than by importance sampling."""
+    return _enumerable(model, probe_rows(_rows(x, batch_dims), 500)[0])
+
+
 def _enumerable(model, example) -> bool:
     """Whether every latent site of the model is discrete with enumerable support."""
-    from pyro import poutine
-    from pyro.poutine.util import site_is_subsample
-
     args, kwargs = arguments(example)
     with same_random_state():
         trace = poutine.trace(model).get_trace(*args, **kwargs)

@@ -546,7 +546,15 @@ class Parameters:
                 leaf.copy_(saved[name])
 
 
-def prepare(model, guide, rows: Rows, batch_size: Optional[int], data_plate=None, transform=None):
+def prepare(
+    model,
+    guide,
+    rows: Rows,
+    batch_size: Optional[int],
+    data_plate=None,
+    transform=None,
+    check: Optional[Callable] = None,
+):
     """What a driver runs before its first step: the data plates to scale (none when each step
     sees every row) and the parameters, created on a batch of the size the first step uses
     (the whole data, or ``batch_size`` rows). Torch's random state moves only by what the
@@ -556,6 +564,8 @@ def prepare(model, guide, rows: Rows, batch_size: Optional[int], data_plate=None
     Returns ``(plates, parameters)``; raises a ValueError naming the plate, site or argument
     when the program cannot be minibatched (``inference.batching.find_data_plates``), or when
     observed data lie outside their distribution's support (``batching.check_support``).
+    ``check(first)``, a driver's own refusal, runs on the first step's rows once the
+    parameters exist, before anything else is refused.
     """
     if batch_size is not None:
         check_count("batch_size", batch_size)
@@ -569,6 +579,8 @@ def prepare(model, guide, rows: Rows, batch_size: Optional[int], data_plate=None
         first = rows.slice(0, batch_size)
     with same_random_state():
         params = Parameters(model, guide, first)
+        if check is not None:
+            check(first)
     try:
         check_support(model, guide, first)
     except ValueError:

@@ -21,6 +21,23 @@ from inference.batching import arguments, data_plates, run_program, same_random_
 from inference.enumeration import in_plate, local_log_prob
 
 
+class GlobalLatents(ValueError):
+    """The guide samples a latent variable outside the data plate: no per-point weights."""
+
+    def __init__(self, message: str, site: str, plate: str):
+        super().__init__(message)
+        self.site, self.plate = site, plate
+
+
+class Uncovered(ValueError):
+    """A latent site of the model that the guide does not sample (``enumerated``: marked for
+    parallel enumeration, as TraceEnum_ELBO sums it out)."""
+
+    def __init__(self, message: str, site: str, enumerated: bool):
+        super().__init__(message)
+        self.site, self.enumerated = site, enumerated
+
+
 class Particles:
     """Per-data-point log importance weights of ``guide`` as a proposal for ``model``.
 
@@ -29,12 +46,25 @@ class Particles:
     example and falls back (``self.vectorized`` says which; ``self.why_sequential`` why).
     """
 
-    def __init__(self, model, guide, example, data_plate=None, batch_dims=None, vectorize=None):
-        """example: the model's arguments for a few data points (a tensor, tuple or mapping)."""
+    def __init__(
+        self,
+        model,
+        guide,
+        example,
+        data_plate=None,
+        batch_dims=None,
+        vectorize=None,
+        whole=False,
+    ):
+        """example: the model's arguments for a few data points (a tensor, tuple or mapping);
+        ``whole``: all the data points it will be called on (``batching.find_data_plates``)."""
         self.model, self.guide = model, guide
         with same_random_state():
-            plates = data_plates(model, guide, example, data_plate, batch_dims, per_point=True)
+            plates = data_plates(
+                model, guide, example, data_plate, batch_dims, per_point=True, whole=whole
+            )
             model_trace, guide_trace = run_program(model, guide, example)
+        check_covers(model_trace, guide_trace)
         if len(plates) > 1:
             raise ValueError(
                 f"plates {list(plates)} all follow the rows: per-data-point weights need one"
@@ -81,9 +111,15 @@ class Particles:
             if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
                 continue
             if not in_plate(site, data_plate):
-                raise ValueError(
-                    f"guide site {name!r} is outside the data plate: per-data-point importance"
-                    " weights need every latent variable to be local to a data point"
+                raise GlobalLatents(
+                    f"guide site {name!r} is outside the data plate {data_plate!r}: per-data-point"
+                    " importance weights need every latent variable to be local to a data point."
+                    " A model with global latent variables (a Bayesian model under an"
+                    " AutoGuide) is scored by its whole-data ELBO (svi.elbo_per_datum) and the"
+                    " posterior of its globals (evaluate.posterior_summary); a per-point"
+                    " log-likelihood needs a guide whose latent variables are local",
+                    name,
+                    data_plate,
                 )
             self.latents.append(name)
         self.vectorized, self.why_sequential = True, None
@@ -151,6 +187,33 @@ class Particles:
                     lp = lp.reshape((1,) * (ndim - lp.dim()) + tuple(lp.shape))
                     global_term = global_term + sign * lp.reshape(lp.shape[0], -1).sum(-1)
         return local.expand(k, -1), global_term  # (K, N), (K,)
+
+
+def check_covers(model_trace, guide_trace) -> None:
+    """Raise a ValueError naming the first latent site of the model that the guide does not
+    sample: replayed, Pyro would draw it from the prior, and the weights (and the ELBO, as Pyro's
+    Trace_ELBO would compute it) would count its prior density once too often."""
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        if name not in guide_trace.nodes:
+            enumerated = site["infer"].get("enumerate") == "parallel"
+            raise Uncovered(
+                f"model site {name!r} is latent but the guide does not sample it: importance"
+                " weights, the ELBO and the chain's proposals need a guide for every latent"
+                " variable"
+                + (
+                    f"; {name!r} is marked for enumeration: its exact log p(x) (and the"
+                    " enumerated ELBO) are computed where every latent variable is discrete and"
+                    " the guide samples none, and svi.elbo_per_datum with TraceEnum_ELBO gives"
+                    " the ELBO otherwise"
+                    if enumerated
+                    else " (a mixture's discrete latent is summed out exactly when it is the only"
+                    " one)"
+                ),
+                name,
+                enumerated,
+            )
 
 
 def _log_prob(site, scaled: bool) -> torch.Tensor:

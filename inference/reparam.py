@@ -12,7 +12,9 @@ importance-weighted bound of Burda et al. (2016), log (1/K) sum_k p(x, z_k) / q(
 vectorized over particles, whose gradient is taken through the log-sum-exp of the weights.
 
 Parameters are collected from the model's and guide's ``pyro.param``/``pyro.module`` sites
-and optimized with ``torch.optim``. Under torch.distributed (``torchrun``), every rank runs on
+and optimized with ``torch.optim``, on the gradient of the whole data set's bound (not per data
+point), as Pyro's loop takes it: Adam's ``eps`` then weighs what it weighs there.
+Under torch.distributed (``torchrun``), every rank runs on
 its slice of each global batch and the gradients are averaged before each step, which gives
 the single-process result for the same global batch. The shared loop (``inference.loop``)
 supplies the rest.
@@ -84,12 +86,14 @@ def check_reparameterizable(guide, example, model=None) -> None:
 
 
 class Objective:
-    """Minus the ELBO (K = 1) or the importance-weighted bound (K > 1), per data point of the
-    whole data set of ``num_data`` points, from a minibatch.
+    """Minus the ELBO (K = 1) or the importance-weighted bound (K > 1) of the whole data set of
+    ``num_data`` points, estimated from a minibatch: ``total(*args)``, what the driver
+    differentiates (Pyro's ELBOs are on this scale, and Adam's ``eps`` is not scale-free, so
+    the steps are Pyro's); ``loss`` and ``__call__``: the same per data point.
 
-    example: a batch of the model's arguments (a tensor, a tuple or a mapping), at least two
-        rows, on which the data plates are found unless ``plates`` names them (``()``: the
-        objective is only ever called on all ``num_data`` rows, nothing is scaled).
+    example: a batch of the model's arguments (a tensor, a tuple or a mapping), on which the
+        data plates are found unless ``plates`` names them (``()``: the objective is only ever
+        called on all ``num_data`` rows, nothing is scaled).
     """
 
     def __init__(
@@ -116,15 +120,15 @@ class Objective:
             scaled_model = scale_rows(model, plates, scale)
             scaled_guide = scale_rows(guide, plates, scale)
 
-            def loss(*args, **kwargs):
+            def total(*args, **kwargs):
                 # what Pyro's Jit ELBOs compile: the surrogate loss, which equals the ELBO in
                 # value as well as gradient when every site is reparameterized (checked up
                 # front). Pyro's public differentiable_loss adds surrogate - surrogate.item(),
                 # which a trace would freeze into a constant: a wrong value, right gradient.
-                total = 0.0
+                value = 0.0
                 for traces in elbo._get_traces(scaled_model, scaled_guide, args, kwargs):
-                    total = total + elbo._differentiable_loss_particle(*traces)[1]
-                return total / num_data
+                    value = value + elbo._differentiable_loss_particle(*traces)[1]
+                return value
 
         else:
             particles = Particles(
@@ -132,10 +136,10 @@ class Objective:
             )
             check_full_terms(particles, f"the IWAE bound (num_particles={num_particles})")
 
-            def loss(*args, **kwargs):
+            def total(*args, **kwargs):
                 value = kwargs if kwargs else args
                 log_w, global_term = particles.log_weights(value, num_particles, scaled=True)
-                return -(iwae_bound(log_w).mean() + global_term.mean() / num_data)
+                return -(iwae_bound(log_w).mean() * num_data + global_term.mean())
 
         if jit:
             if rows.kind == "kwargs" or len(rows.dims) != len(arguments(example)[0]):
@@ -151,8 +155,12 @@ class Objective:
                     f"jit reads parameters from Pyro's param store, which does not hold"
                     f" {missing[:3]} (module-local parameters); leave jit off"
                 )
-            loss = Compiled(loss, names, backend="jit" if jit is True else jit)
-        self.loss = loss
+            total = Compiled(total, names, backend="jit" if jit is True else jit)
+        self.total, self.num_data = total, num_data
+
+    def loss(self, *args, **kwargs) -> torch.Tensor:
+        """``total`` per data point of the whole data set."""
+        return self.total(*args, **kwargs) / self.num_data
 
     def __call__(self, x) -> torch.Tensor:
         """x: the model's arguments for a minibatch, a tensor, a tuple or a mapping."""
@@ -218,11 +226,19 @@ def fit(
         refuse_schedule(loop_options.get("schedule"))
     rows = Rows(data, batch_dims)
     num_data = rows.num_data
-    example = rows.slice(0, 2)
-    with same_random_state():
-        check_reparameterizable(guide, example, model)
     transform = loop_options.get("transform")
-    plates, params = loop.prepare(model, guide, rows, batch_size, data_plate, transform)
+    # checked on the first step's rows: a program with a size fixed from outside the data
+    # (eight schools' J, a parameter per row) runs on the whole data, not on a few rows
+    plates, params = loop.prepare(
+        model,
+        guide,
+        rows,
+        batch_size,
+        data_plate,
+        transform,
+        check=lambda first: check_reparameterizable(guide, first, model),
+    )
+    example = rows.slice(0, batch_size or num_data)
     opt = optimizer(params.tensors()) if optimizer is not None else loop.adam(params.tensors(), lr)
     with same_random_state():
         objective = Objective(
@@ -240,18 +256,19 @@ def fit(
         )
 
     whole = None
-    if jit == "inductor" and CompiledStep.refusal(objective.loss, opt) is None:
-        whole = CompiledStep(objective.loss, opt)
+    if jit == "inductor" and CompiledStep.refusal(objective.total, opt) is None:
+        whole = CompiledStep(objective.total, opt)
 
-    def step(batch):
+    def step(batch):  # -ELBO of the whole data set (as Pyro's loop differentiates it), per point
         if whole is not None:
-            return whole(*arguments(batch)[0]).item()
+            return whole(*arguments(batch)[0]).item() / num_data
         opt.zero_grad()
-        loss = objective(batch)
+        args, kwargs = arguments(batch)
+        loss = objective.total(*args, **kwargs)
         loss.backward()
         loop.average_gradients(params.tensors(), weight=_count(rows, batch))
         opt.step()
-        return loss.item()
+        return loss.item() / num_data
 
     if validate is None and valid_data is not None:
         valid = Rows(valid_data, batch_dims)

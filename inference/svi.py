@@ -13,7 +13,8 @@ cannot be minibatched is refused with an error naming the plate or site. The sha
 signal handling and the NaN guard; this file only defines one SVI step.
 
 ``loss`` names one of Trace_ELBO, TraceMeanField_ELBO, TraceEnum_ELBO, TraceGraph_ELBO and
-their Jit forms; ``JitTraceMeanField_ELBO`` is used with a fix: pyro-ppl 1.9.2 looks for its
+their Jit forms (or is an ELBO object, or a loss function as Pyro's ``SVI`` takes one);
+``JitTraceMeanField_ELBO`` is used with a fix: pyro-ppl 1.9.2 looks for its
 compiled function under the wrong attribute name and traces the model again on every step.
 """
 
@@ -83,8 +84,29 @@ def make_loss(
     max_plate_nesting: Optional[int] = None,
     vectorize_particles: Optional[bool] = None,
 ) -> pyro.infer.ELBO:
-    """Pyro's ELBO named ``loss``; particles vectorized by default when there are several."""
+    """Pyro's ELBO named ``loss``; particles vectorized by default when there are several.
+
+    An ELBO object or a loss function (``loss(model, guide, *args, **kwargs) -> tensor``, as
+    Pyro's ``SVI`` takes one) is returned as it is; the options then belong to it, and setting
+    them here is refused rather than ignored."""
     if not isinstance(loss, str):
+        given = {
+            "num_particles": num_particles if num_particles != 1 else None,
+            "max_plate_nesting": max_plate_nesting,
+            "vectorize_particles": vectorize_particles,
+        }
+        named = [name for name, value in given.items() if value is not None]
+        if named:
+            raise ValueError(
+                f"{', '.join(named)} go with a loss named by a string; the loss given,"
+                f" {getattr(loss, '__name__', type(loss).__name__)}, carries its own (e.g."
+                " pyro.infer.Trace_ELBO(num_particles=...)): set them there"
+            )
+        if not callable(loss):
+            raise TypeError(
+                f"loss must name one of {', '.join(LOSSES)}, or be a Pyro ELBO or a function"
+                f" loss(model, guide, *args, **kwargs), not {type(loss).__name__}"
+            )
         return loss
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -122,6 +144,9 @@ def fit(
     """Fit by SVI; the same steps as Pyro's own ``SVI.step`` loop on the same batches.
 
     Args:
+        loss: one of ``LOSSES`` by name, a Pyro ELBO object (which carries its own particles and
+            plate nesting), or a function ``loss(model, guide, *args, **kwargs) -> tensor``,
+            fitted as Pyro's ``SVI`` fits one (its value, backpropagated).
         data: what the model and guide are called with: a tensor, a tuple of positional arguments or
             a mapping of keyword arguments (tensors split into minibatches along ``batch_dims``, dim
             0 by default; other values passed whole; see ``inference.batching``).
@@ -160,6 +185,8 @@ def fit(
         compiled.refuse_schedule(loop_options.get("schedule"))
     rows = Rows(data, batch_dims)
     num_data = rows.num_data
+    if not isinstance(loss, str):  # refused before any work where the options do not apply
+        make_loss(loss, num_particles, max_plate_nesting, vectorize_particles)
     transform = loop_options.get("transform")
     plates, params = loop.prepare(model, guide, rows, batch_size, data_plate, transform)
     first = rows.slice(0, batch_size or num_data)
@@ -170,6 +197,7 @@ def fit(
             loss, num_particles, max_plate_nesting, model, guide, first
         )
     elbo = make_loss(loss, num_particles, max_plate_nesting, vectorize_particles)
+    elbo_vectorized = getattr(elbo, "vectorize_particles", None)
     if optim is None:
         # one torch Adam over every parameter: Pyro's default optimizer keeps one Adam per
         # parameter and re-collects them by tracing every step, which costs this loop about
@@ -177,15 +205,17 @@ def fit(
         optimizer = loop.adam(params.tensors(), lr=lr)
         if jit:
             step = _compiled_step(
-                model, guide, rows, batch_dims, loss, num_particles, optimizer, plates, jit
+                model, guide, rows, first, batch_dims, loss, num_particles, optimizer, plates, jit
             )
         else:
             num_params = len(pyro.get_param_store())
 
+            loss_and_grads = _loss_and_grads(elbo)
+
             def step(batch):
                 optimizer.zero_grad()
                 args, kwargs = arguments(batch)
-                value = elbo.loss_and_grads(scaled_model, scaled_guide, *args, **kwargs)
+                value = loss_and_grads(scaled_model, scaled_guide, *args, **kwargs)
                 if len(pyro.get_param_store()) != num_params:
                     raise RuntimeError(
                         "the model or guide created parameters after the first step, which the"
@@ -219,11 +249,10 @@ def fit(
         state = {"optim": _OptimState(optim), "parameters": params}
 
     if validate is None and valid_data is not None:
-        evaluator = make_loss(
-            loss.replace("Jit", "") if isinstance(loss, str) else loss,
-            num_particles,
-            max_plate_nesting,
-            vectorize_particles,
+        evaluator = (
+            make_loss(loss.replace("Jit", ""), num_particles, max_plate_nesting, elbo_vectorized)
+            if isinstance(loss, str)
+            else elbo
         )
 
         def validate():
@@ -241,11 +270,13 @@ def fit(
         **loop_options,
     )
     result.params = params.values()
-    result.extra.update(data_plates=list(plates), vectorize_particles=elbo.vectorize_particles)
+    result.extra.update(data_plates=list(plates), vectorize_particles=elbo_vectorized)
     return result
 
 
-def _compiled_step(model, guide, rows, batch_dims, loss, num_particles, optimizer, plates, jit):
+def _compiled_step(
+    model, guide, rows, example, batch_dims, loss, num_particles, optimizer, plates, jit
+):
     """The step of ``fit(jit="inductor")``: the reparameterized driver's compiled step, whose
     objective is this loss's surrogate with the same minibatch scaling."""
     from inference import reparam  # reparam builds on this module
@@ -260,8 +291,7 @@ def _compiled_step(model, guide, rows, batch_dims, loss, num_particles, optimize
             f'jit="inductor" compiles loss="Trace_ELBO" or "TraceMeanField_ELBO" with one'
             f" particle, not loss={loss!r} with num_particles={num_particles}; leave jit off"
         )
-    example = rows.slice(0, 2)
-    with same_random_state():
+    with same_random_state():  # on the first step's rows, the example
         reparam.check_reparameterizable(guide, example, model)
         objective = reparam.Objective(
             model,
@@ -273,15 +303,39 @@ def _compiled_step(model, guide, rows, batch_dims, loss, num_particles, optimize
             plates=plates,
             batch_dims=batch_dims,
         )
-    reason = compiled.CompiledStep.refusal(objective.loss, optimizer)
+    reason = compiled.CompiledStep.refusal(objective.total, optimizer)
     if reason is not None:
         raise ValueError(f'jit="inductor" cannot compile this step: {reason}')
-    whole = compiled.CompiledStep(objective.loss, optimizer)
+    whole = compiled.CompiledStep(objective.total, optimizer)
 
     def step(batch):  # -ELBO of the whole data set, per data point
-        return whole(*arguments(batch)[0]).item()
+        return whole(*arguments(batch)[0]).item() / rows.num_data
 
     return step
+
+
+def _loss_and_grads(loss) -> Callable:
+    """``loss_and_grads(model, guide, *args, **kwargs) -> float``: the ELBO's own, or for a
+    loss function what Pyro's ``SVI`` does with one: its value, backpropagated when it has a
+    gradient."""
+    if isinstance(loss, pyro.infer.ELBO):
+        return loss.loss_and_grads
+
+    def loss_and_grads(model, guide, *args, **kwargs):
+        value = loss(model, guide, *args, **kwargs)
+        if getattr(value, "requires_grad", False):
+            value.backward()
+            value = value.detach()
+        return float(value)
+
+    return loss_and_grads
+
+
+def _loss_value(loss, model, guide, *args, **kwargs) -> float:
+    """The value of an ELBO's or a loss function's loss (no gradient)."""
+    if isinstance(loss, pyro.infer.ELBO):
+        return loss.loss(model, guide, *args, **kwargs)
+    return float(loss(model, guide, *args, **kwargs))
 
 
 def _vectorizes(loss, num_particles, max_plate_nesting, model, guide, value) -> bool:
@@ -334,7 +388,7 @@ def elbo_per_datum(
     rows = Rows(data, batch_dims)
     num = rows.num_data
     if num <= batch_size:
-        total = -call(lambda *a, **k: elbo.loss(model, guide, *a, **k), rows.data)
+        total = -call(lambda *a, **k: _loss_value(elbo, model, guide, *a, **k), rows.data)
     else:
         plates = find_data_plates(model, guide, rows, probe_sizes(batch_size, num))
         scaled_model, scaled_guide = (
@@ -346,7 +400,7 @@ def elbo_per_datum(
             chunk = rows.slice(i, i + batch_size)
             args, kwargs = arguments(chunk)
             weight = rows.count(args, kwargs) / num
-            total -= weight * elbo.loss(scaled_model, scaled_guide, *args, **kwargs)
+            total -= weight * _loss_value(elbo, scaled_model, scaled_guide, *args, **kwargs)
     if not math.isfinite(total):
         raise FloatingPointError("the validation ELBO is not finite")
     return total / num

@@ -40,10 +40,17 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from inference.batching import Rows, arguments, check_count, same_random_state
+from inference.batching import Rows, arguments, check_count, run_program, same_random_state
 from inference.enumeration import Enumerated, validation_off
-from inference.evaluate import _enumerable, _rows, importance_sums, log_likelihood, row_log_prob
-from inference.particles import Particles, check_full_terms
+from inference.evaluate import (
+    _enumerable,
+    _rows,
+    importance_sums,
+    log_likelihood,
+    probe_rows,
+    row_log_prob,
+)
+from inference.particles import Particles, check_covers, check_full_terms
 
 
 @dataclass
@@ -92,7 +99,7 @@ def scores(
     ``point_mass`` names the site."""
     rows = _rows(x, None)
     check_count("num_samples", num_samples)
-    example = rows.slice(0, 4)
+    example, whole = probe_rows(rows, batch_size)
     if _enumerable(model, example):  # the exact log p(x), as evaluate computes it
         log_px = log_likelihood(model, guide, x, batch_size=batch_size, data_plate=data_plate)
         return Scores(log_px, torch.zeros_like(log_px), True, None)
@@ -100,8 +107,7 @@ def scores(
         raise ValueError(
             "the model has continuous latent variables: importance sampling needs a guide"
         )
-    _check_covers(model, guide, example)
-    particles = Particles(model, guide, example, data_plate)
+    particles = Particles(model, guide, example, data_plate, whole=whole)
     check_full_terms(particles, "an importance-sampled log p(x)")
     point_mass = _point_mass(guide, example)
     lse1, lse2 = importance_sums(particles, rows, num_samples, batch_size, particle_batch)
@@ -348,8 +354,8 @@ def _posterior_average(
             return model(*args, **kwargs)
 
     rows = Rows((value, *condition)) if condition else Rows(value)
-    example = rows.slice(0, 4)
-    _check_site(model, rows.slice(0, 2), site)
+    example, whole = probe_rows(rows, batch_size)
+    _check_site(model, example, site)
     exact = _enumerable(model, example)
     if exact:
         enum = Enumerated(swapped, None, example, data_plate)
@@ -363,8 +369,7 @@ def _posterior_average(
             "the model has continuous latent variables: importance sampling needs a guide"
         )
     else:
-        _check_covers(model, guide, example)
-        particles = Particles(swapped, guide, example, data_plate)
+        particles = Particles(swapped, guide, example, data_plate, whole=whole)
         check_full_terms(particles, "a posterior given part of the data")
         site_name = _point_mass(guide, example)
         if site_name is not None:
@@ -423,7 +428,8 @@ def _gibbs_chain(model, guide, x, observed, filled, site, num_steps, burn_in, co
     few = Rows((filled, *condition)).slice(0, 2)
     if _point_mass(guide, few) is not None:
         raise ValueError("the chain's proposals come from the guide, which is a point mass here")
-    _check_covers(model, guide, few)
+    with validation_off(), same_random_state():  # a probe: the draws stay the caller's
+        check_covers(*run_program(model, guide, few, validate=False))
     swap = _Swap(site, lambda fn, rows: fn)
 
     def run(value, fixed=None):
@@ -492,25 +498,6 @@ def _select_rows(take, new, old) -> torch.Tensor:
     return torch.where(take.reshape(-1, *([1] * (new.dim() - 1))), new, old)
 
 
-def _check_covers(model, guide, example) -> None:
-    """Raise a ValueError naming the first latent site of the model that the guide does not
-    sample: replayed, Pyro would draw it from the prior, and the weights would count its
-    prior density once too often."""
-    args, kwargs = arguments(example)
-    with validation_off(), same_random_state():  # a probe: the draws stay the caller's
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        replayed = poutine.replay(model, trace=guide_trace)
-        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-    for name, s in model_trace.nodes.items():
-        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s):
-            if name not in guide_trace.nodes:
-                raise ValueError(
-                    f"model site {name!r} is latent but the guide does not sample it: importance"
-                    " weights and the chain's proposals need a guide for every latent variable"
-                    " (a mixture's discrete latent is summed out exactly when it is the only one)"
-                )
-
-
 def _point_mass(guide, example) -> Optional[str]:
     """The first latent site of the guide that is a Delta, or None."""
     with validation_off(), same_random_state():  # a probe: the draws stay the caller's
@@ -570,7 +557,7 @@ def _broadcast(fn, shape, site):
 
 def _check_site(model, example, site):
     args, kwargs = arguments(example)
-    with validation_off():
+    with validation_off(), same_random_state():  # a probe: the draws stay the caller's
         trace = poutine.trace(model).get_trace(*args, **kwargs)
     if site not in trace.nodes:
         names = [n for n, s in trace.nodes.items() if s["type"] == "sample" and s["is_observed"]]

@@ -201,7 +201,7 @@ def test_compiled_objective_equals_the_eager_one(k, backend, device):
         assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
         for a, b in zip(results[0][1], results[1][1]):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    assert len(compiled.loss.traces) == 2
+    assert len(compiled.total.traces) == 2
 
 
 def test_jit_mean_field_compiles_once():
@@ -573,9 +573,12 @@ def test_compiled_step_takes_the_eager_drivers_steps(k, device):
     assert all(g is not None for g in eager_grads)
     assert all(g is None for g in grads)  # the compiled step ran: it sets no .grad
     assert curve == pytest.approx(eager_curve, rel=1e-5)
+    # atol 2e-6: the step differentiates the whole data's bound, as Pyro's loop does, so
+    # Adam's eps no longer damps a gradient at rounding level, and the two graphs' rounding
+    # moves such an entry by up to lr * 1e-4 over the run (1.2e-6 measured, K = 5)
     for name, value in eager.items():
         assert not torch.equal(value, start[name]), name
-        torch.testing.assert_close(compiled[name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled[name], value, rtol=1e-5, atol=2e-6)
 
 
 def test_compiled_step_resumes_exactly(tmp_path, pinned_threads):
@@ -603,7 +606,7 @@ def test_compiled_step_refusals_fall_back_to_the_compiled_objective():
     x = binary_batch()
     vae = small_vae()
     params = loop.parameters(vae.model, vae.guide, x[:2])
-    objective = reparam.Objective(vae.model, vae.guide, x[:2], 64, jit="inductor").loss
+    objective = reparam.Objective(vae.model, vae.guide, x[:2], 64, jit="inductor").total
     assert reparam.CompiledStep.refusal(objective, torch.optim.Adam(params)) is None
     cases = {
         "not torch's Adam": torch.optim.SGD(params, lr=0.1),
@@ -613,7 +616,8 @@ def test_compiled_step_refusals_fall_back_to_the_compiled_objective():
     }
     for reason, optimizer in cases.items():
         assert reason in reparam.CompiledStep.refusal(objective, optimizer)
-    fit_vae(x, vae, jit="inductor", optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    # SGD's step follows the gradient's scale: the whole data's ELBO, so 0.1 per data point
+    fit_vae(x, vae, jit="inductor", optimizer=lambda p: torch.optim.SGD(p, lr=0.1 / len(x)))
     assert all(p.grad is not None for p in vae.parameters())  # optimizer.step() ran
 
 

@@ -66,7 +66,8 @@ class _Lazy:
 pyro, torch, tdist = _Lazy("pyro"), _Lazy("torch"), _Lazy("torch.distributed")
 em, evaluate, loop = _Lazy("inference.em"), _Lazy("inference.evaluate"), _Lazy("inference.loop")
 reparam, svi, sparse = _Lazy("inference.reparam"), _Lazy("inference.svi"), _Lazy("inference.sparse")
-compiled = _Lazy("inference.compiled")
+compiled, batching = _Lazy("inference.compiled"), _Lazy("inference.batching")
+particles = _Lazy("inference.particles")
 files = _Lazy("inference.io")  # save_json, save_torch
 comparisons, data, plots = _Lazy("zoo.comparisons"), _Lazy("zoo.data"), _Lazy("zoo.plots")
 runs = _Lazy("zoo.runs")
@@ -1056,20 +1057,89 @@ def _metrics(model, config, num_samples, progress, splits=None) -> dict:
         return own  # the model scored the held-out data itself
     split = "test" if "test" in splits else "train"
     value = registry.as_data(registry.model_arguments(model, *splits[split], split))
-    log_px = evaluate.log_likelihood(
-        model.model, model.guide, value, num_samples=num_samples, progress=progress
-    )
-    shared = {f"{split}_log_likelihood": log_px.mean().item(), "units": "nats per data point"}
-    # over the data points: what a difference between two models is read against
-    if len(log_px) > 1:
-        shared[f"{split}_log_likelihood_std_error"] = (log_px.std() / len(log_px) ** 0.5).item()
-    if config["inference"] != "em":
-        shared[f"{split}_elbo"] = evaluate.elbo(model.model, model.guide, value).mean().item()
-        shared["log_likelihood_samples"] = num_samples
+    shared = {"units": "nats per data point"}
+    try:
+        log_px = evaluate.log_likelihood(
+            model.model, model.guide, value, num_samples=num_samples, progress=progress
+        )
+    except particles.GlobalLatents as error:  # a Bayesian model: whole-data scores instead
+        shared.update(_global_scores(model, config, value, split, num_samples, error))
+    else:
+        exact = evaluate.exact_by_enumeration(model.model, value)
+        shared[f"{split}_log_likelihood"] = log_px.mean().item()
+        shared[f"{split}_log_likelihood_method"] = (
+            "exact (the latent variables summed out by enumeration)"
+            if exact
+            else f"importance sampling, K={num_samples} draws of the guide"
+        )
+        # over the data points: what a difference between two models is read against
+        if len(log_px) > 1:
+            error = (log_px.std() / len(log_px) ** 0.5).item()
+            shared[f"{split}_log_likelihood_std_error"] = error
+        if not exact:
+            shared["log_likelihood_samples"] = num_samples
+        if config["inference"] != "em":
+            shared.update(_elbo(model, config, value, split, exact, log_px))
     shared[f"num_{split}"] = len(splits[split][0])
     if config.get("held_out_binarize"):
         shared[f"{split}_binarization"] = config["held_out_binarize"]
     return {**shared, **own}
+
+
+def _elbo(model, config, value, split, exact, log_px) -> dict:
+    """The held-out ELBO and how it was computed: log p(x) itself where every latent variable
+    is summed out by enumeration and the guide samples none; one draw of the guide per data
+    point otherwise; for a program that enumerates some latent variables and samples others,
+    TraceEnum_ELBO over the split (the mean only)."""
+    if exact and not evaluate.samples_latents(model.guide, value):
+        return {
+            f"{split}_elbo": log_px.mean().item(),
+            f"{split}_elbo_method": "exact: every latent variable summed out (TraceEnum_ELBO)",
+        }
+    try:
+        elbo = evaluate.elbo(model.model, model.guide, value).mean().item()
+        how = "one draw of the guide per data point"
+    except particles.Uncovered as error:
+        if not error.enumerated:
+            raise
+        loss = svi.make_loss("TraceEnum_ELBO")
+        elbo = svi.elbo_per_datum(model.model, model.guide, value, loss)
+        how = "TraceEnum_ELBO (enumerated sites summed out, the others drawn once)"
+    return {f"{split}_elbo": elbo, f"{split}_elbo_method": how}
+
+
+def _global_scores(model, config, value, split, num_samples, why) -> dict:
+    """The scores of a model whose guide has global latent variables (a Bayesian model under
+    an AutoGuide): its whole-data ELBO per data point, averaged over ``num_samples`` draws,
+    and the posterior of the globals; a per-point log-likelihood is left out, and says why."""
+    loss = (config.get("options") or {}).get("loss") or "Trace_ELBO"
+    draws = min(num_samples, 100)
+    elbo = svi.elbo_per_datum(
+        model.model,
+        model.guide,
+        value,
+        svi.make_loss(loss.replace("Jit", ""), num_particles=draws, vectorize_particles=False),
+    )
+    try:
+        plates = batching.data_plates(model.model, None, value, per_point=True, whole=True)
+        posterior = evaluate.posterior_summary(model.guide, value, plates=plates)
+    except ValueError as error:  # no data plate to tell the globals by
+        posterior = {"not_available": f"{type(error).__name__}: {error}"}
+    reason = (
+        f"left out: the guide's latent site {why.site!r} is global (outside the data plate"
+        f" {why.plate!r}), so there are no per-point importance weights; metrics.json holds the"
+        " whole-data ELBO and the posterior of the global sites instead. For a per-point"
+        " score, declare a metrics() hook on the model class, or fit a guide whose latent"
+        " variables are local to a data point"
+    )
+    print(f"zoo: the {split} log-likelihood per data point is {reason}", file=sys.stderr)
+    return {
+        f"{split}_elbo": elbo,
+        f"{split}_elbo_method": f"{loss} over the whole {split} split, {draws} draws of the guide",
+        f"{split}_log_likelihood": None,
+        f"{split}_log_likelihood_method": reason,
+        "posterior": posterior,
+    }
 
 
 def _figures(model, config, history, out: Path, info=None, splits=None) -> None:
