@@ -73,6 +73,8 @@ def log_likelihood(
         if rows.kind != "tensor":
             raise ValueError("exact log-likelihoods by enumeration take the data as one tensor")
         enum = Enumerated(model, guide, example, data_plate)
+        # enumeration runs with validation off: data outside the support are named here
+        check_support(model, None, rows.slice(0, batch_size))
         with validation_off():
             return torch.cat(
                 [enum.log_px(rows.slice(i, i + batch_size)) for i in range(0, n, batch_size)]

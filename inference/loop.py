@@ -124,6 +124,11 @@ def run(
     if max_steps is not None:
         check_count("max_steps", max_steps)
     rank, world = (tdist.get_rank(), tdist.get_world_size()) if _distributed() else (0, 1)
+    if batch_size < world:  # some rank's share of a batch would be empty
+        raise ValueError(
+            f"batch_size {batch_size} under torch.distributed with {world} processes: each"
+            f" process takes a share of every batch, so it needs at least {world} rows"
+        )
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(num_data / batch_size)
     position = {"epoch": 0, "step": 0, "perm": None, "batch_size": batch_size}
@@ -140,7 +145,15 @@ def run(
                 f"the checkpoint {path} was written with batch_size={was}; resume it with the"
                 f" same batch size, not {batch_size}"
             )
-        _restore(saved, state, generator)
+        try:
+            _restore(saved, state, generator)
+        except (KeyError, ValueError, RuntimeError) as error:  # torch's words name no file
+            reason = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise ValueError(
+                f"the checkpoint {path} was written by another model or optimizer than this"
+                f" fit's ({str(reason).splitlines()[0]}): resume a run with the model and"
+                " settings that wrote it"
+            ) from None
         position, history = saved["position"], saved["history"]
         best.update(
             objective=saved["best_objective"],
@@ -332,7 +345,7 @@ def _snapshot(state, generator, position, history, best):
     store = pyro.get_param_store()
     return {
         "state": {name: obj.state_dict() for name, obj in state.items()},
-        "pyro_params": {name: p.detach().clone() for name, p in store._params.items()},
+        "pyro_params": {name: store._params[name].detach().clone() for name in _own(state)},
         "rng": rng,
         "position": dict(position),
         "history": list(history),
@@ -373,11 +386,23 @@ def _copy_state(state):
     """A copy of the ``state`` objects and of every parameter in Pyro's param store."""
     copied = {name: _clone(obj.state_dict()) for name, obj in state.items()}
     store = pyro.get_param_store()
-    copied[_STORE] = {name: p.detach().clone() for name, p in store._params.items()}
+    copied[_STORE] = {name: store._params[name].detach().clone() for name in _own(state)}
     return copied
 
 
 _STORE = "_pyro_param_store"  # the key of the param store's values in a copied state
+
+
+def _own(state) -> List[str]:
+    """The names of the param store's parameters this fit optimizes: those its ``Parameters``
+    found in the program (another program's, such as an earlier stage's encoder, are not this
+    fit's to save or put back), or every one where the state holds no ``Parameters``."""
+    store = pyro.get_param_store()
+    found = [obj for obj in state.values() if isinstance(obj, Parameters)]
+    if not found:
+        return list(store._params)
+    ids = {id(leaf) for obj in found for leaf in obj.leaves.values()}
+    return [name for name, p in store._params.items() if id(p) in ids]
 
 
 def _clone(tree):
@@ -468,6 +493,9 @@ def with_lr_schedule(
 # ------------------------------------------------------------------------------------ helpers
 
 
+_BUFFER = "buffer:"  # the prefix of a module buffer's entry in ``Parameters.state_dict``
+
+
 class Parameters:
     """The leaf tensors a model and guide optimize, by name, with their constraints.
 
@@ -476,7 +504,8 @@ class Parameters:
     ``pyro.settings.set(module_local_params=True)``), plus the parameters of an ``nn.Module``
     that owns the model or guide and that no param site reports (a ``PyroModule`` method called
     outside Pyro's module context reads its ``PyroParam``s directly). Also the ``state`` object
-    the loop checkpoints and restores (early stopping), so module-local parameters travel too.
+    the loop checkpoints and restores (early stopping), so module-local parameters travel too,
+    and with them the buffers of an owning module (a step counter, running statistics).
     """
 
     def __init__(self, model, guide, value):
@@ -497,10 +526,13 @@ class Parameters:
             self.constraints[name] = store._constraints.get(name) or site["kwargs"].get(
                 "constraint", constraints.real
             )
+        self.buffers: Dict[str, torch.Tensor] = {}
         for fn in (model, guide):
             owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
             if not isinstance(owner, torch.nn.Module):
                 continue
+            for name, buffer in owner.named_buffers():  # a step counter, running statistics
+                self.buffers.setdefault(f"{type(owner).__name__}.{name}", buffer)
             for name, leaf in owner.named_parameters():
                 if id(leaf) not in seen and leaf.requires_grad:
                     seen.add(id(leaf))
@@ -538,12 +570,18 @@ class Parameters:
 
     def state_dict(self):
         # detached: Pyro hangs a weakref on some leaves, which a checkpoint cannot pickle
-        return {name: leaf.detach() for name, leaf in self._own().items()}
+        state = {name: leaf.detach() for name, leaf in self._own().items()}
+        # the owning modules' buffers travel too (a counter of training steps, say)
+        state.update({_BUFFER + name: b.detach().clone() for name, b in self.buffers.items()})
+        return state
 
     def load_state_dict(self, saved):
         with torch.no_grad():
             for name, leaf in self._own().items():
                 leaf.copy_(saved[name])
+            for name, buffer in self.buffers.items():
+                if _BUFFER + name in saved:  # checkpoints from before buffers were kept: none
+                    buffer.copy_(saved[_BUFFER + name])
 
 
 def prepare(
@@ -581,6 +619,7 @@ def prepare(
         params = Parameters(model, guide, first)
         if check is not None:
             check(first)
+        _check_latent_sizes(model, guide, first)
     try:
         check_support(model, guide, first)
     except ValueError:
@@ -596,6 +635,22 @@ def prepare(
             " see its parameters"
         )
     return plates, params
+
+
+def _check_latent_sizes(model, guide, value) -> None:
+    """Refuse a latent site with no entries (a size option of 0: z of shape (N, 0)): its
+    terms are empty sums, and the fit would look fine while fitting nothing."""
+    model_trace, guide_trace = run_program(model, guide, value, validate=False)
+    for trace in (guide_trace, model_trace):
+        for name, site in (trace.nodes if trace is not None else {}).items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            value = site["value"]
+            if isinstance(value, torch.Tensor) and value.numel() == 0:
+                raise ValueError(
+                    f"latent site {name!r} has no entries (shape {tuple(value.shape)}): a size"
+                    " of 0 (a latent dimension, a number of components) leaves nothing to fit"
+                )
 
 
 def parameters(model, guide, *args, **kwargs) -> List[torch.Tensor]:

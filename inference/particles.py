@@ -13,6 +13,7 @@ import math
 from typing import Optional, Tuple
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
@@ -122,6 +123,10 @@ class Particles:
                     data_plate,
                 )
             self.latents.append(name)
+        # the first latent site the guide holds at a point (a Delta): every draw the same value
+        self.point_mass = next(
+            (n for n in self.latents if _is_delta(guide_trace.nodes[n]["fn"])), None
+        )
         self.vectorized, self.why_sequential = True, None
         if vectorize is False:
             self.vectorized, self.why_sequential = False, "vectorize=False"
@@ -187,6 +192,12 @@ class Particles:
                     lp = lp.reshape((1,) * (ndim - lp.dim()) + tuple(lp.shape))
                     global_term = global_term + sign * lp.reshape(lp.shape[0], -1).sum(-1)
         return local.expand(k, -1), global_term  # (K, N), (K,)
+
+
+def _is_delta(fn) -> bool:
+    while isinstance(fn, (dist.Independent, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)
 
 
 def check_covers(model_trace, guide_trace) -> None:

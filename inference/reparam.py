@@ -111,6 +111,7 @@ class Objective:
         vectorize_particles=None,
     ):
         rows = Rows(example, batch_dims)
+        self.point_mass = None  # a guide site held at a point (K > 1: its particles agree)
         if num_particles == 1:
             if plates is None:
                 plates = data_plates(model, guide, example, data_plate, batch_dims)
@@ -135,6 +136,7 @@ class Objective:
                 model, guide, example, data_plate, batch_dims, vectorize=vectorize_particles
             )
             check_full_terms(particles, f"the IWAE bound (num_particles={num_particles})")
+            self.point_mass = particles.point_mass
 
             def total(*args, **kwargs):
                 value = kwargs if kwargs else args
@@ -255,6 +257,12 @@ def fit(
             vectorize_particles=vectorize_particles,
         )
 
+    if objective.point_mass is not None:
+        raise ValueError(
+            f"num_particles={num_particles}: guide site {objective.point_mass!r} is a point mass"
+            " (Delta), so the particles are copies of one value and the importance-weighted"
+            " bound is the ELBO at K times the cost; fit with num_particles=1"
+        )
     whole = None
     if jit == "inductor" and CompiledStep.refusal(objective.total, opt) is None:
         whole = CompiledStep(objective.total, opt)

@@ -40,7 +40,14 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from inference.batching import Rows, arguments, check_count, run_program, same_random_state
+from inference.batching import (
+    Rows,
+    arguments,
+    check_count,
+    check_support,
+    run_program,
+    same_random_state,
+)
 from inference.enumeration import Enumerated, validation_off
 from inference.evaluate import (
     _enumerable,
@@ -109,6 +116,7 @@ def scores(
         )
     particles = Particles(model, guide, example, data_plate, whole=whole)
     check_full_terms(particles, "an importance-sampled log p(x)")
+    check_support(model, guide, rows.slice(0, batch_size))
     point_mass = _point_mass(guide, example)
     lse1, lse2 = importance_sums(particles, rows, num_samples, batch_size, particle_batch)
     log_mean = lse1 - math.log(num_samples)
@@ -237,9 +245,14 @@ def denoise(
         )
     if flip is not None and not 0 <= flip < 0.5:
         raise ValueError(f"flip must be a probability in [0, 0.5), got {flip!r}")
-    if noise_scale is not None and not noise_scale > 0:
-        raise ValueError(f"noise_scale must be positive, got {noise_scale!r}")
+    if noise_scale is not None and not (noise_scale > 0 and math.isfinite(noise_scale)):
+        raise ValueError(f"noise_scale must be a positive finite number, got {noise_scale!r}")
     noisy = _check_rows_2d(noisy, "noisy")
+    if flip is not None and not ((noisy == 0) | (noisy == 1)).all():
+        raise ValueError(
+            "flip= is a noise model of binary data, and noisy holds values other than 0 and 1;"
+            " for continuous data use noise_scale="
+        )
     condition = _check_condition(condition, len(noisy))
 
     def transform(fn, rows):

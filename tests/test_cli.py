@@ -206,8 +206,11 @@ def test_vae_resume_from_the_cli(tmp_path, pinned_threads):
     assert cli.main([*base, "--epochs", "3", "--lr-decay", "0.5", "--out", str(decayed)]) == 0
     saved = torch.load(decayed / "checkpoint.pt", weights_only=True)
     assert saved["state"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4, rel=1e-12)
+    # left out, the run's own --lr-decay is carried; another value is refused
+    assert cli.main([*base, "--epochs", "3", "--resume", str(decayed)]) == 0
+    assert "--lr-decay 0.5" in json.loads((decayed / "config.json").read_text())["command"]
     with pytest.raises(SystemExit, match="--lr-decay 0.5; resume it with the same value"):
-        cli.main([*base, "--epochs", "3", "--resume", str(decayed)])
+        cli.main([*base, "--epochs", "3", "--lr-decay", "0.9", "--resume", str(decayed)])
     with pytest.raises(SystemExit, match="--epochs 3; resume it with the same value"):
         cli.main([*base, "--epochs", "4", "--lr-decay", "0.5", "--resume", str(decayed)])
 

@@ -182,9 +182,8 @@ def test_dropout_and_batch_norm_in_the_guide_are_pyros_loop(batch_size):
 # ------------------------------------------------------- reparam: Adam's eps, set-up batches
 
 
-def weak_covariate_program():
-    """y[n] ~ N(z[n] + b . x[n], 1) with a covariate 1e-6 the size of the other: its gradient
-    is so small that Adam's eps (1e-8) matters unless the loss is on Pyro's scale."""
+def linear_latent_program():
+    """y[n] ~ N(z[n] + b . x[n], 1), z[n] ~ N(0, 1), with the guide N(a y[n], s)."""
 
     def model(x, y):
         b = pyro.param("b", torch.zeros(2))
@@ -198,10 +197,16 @@ def weak_covariate_program():
         with pyro.plate("data", len(x)):
             pyro.sample("z", dist.Normal(a * y, s))
 
+    return model, guide
+
+
+def weak_covariate_program():
+    """``linear_latent_program`` with a covariate 1e-6 the size of the other: its gradient is
+    so small that Adam's eps (1e-8) matters unless the loss is on Pyro's scale."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 2, generator=g) * torch.tensor([1.0, 1e-6])
     y = x @ torch.tensor([0.5, 3e5]) + torch.randn(256, generator=g)
-    return model, guide, (x, y)
+    return (*linear_latent_program(), (x, y))
 
 
 def test_reparam_takes_pyros_adam_steps_on_a_small_gradient():
@@ -349,21 +354,10 @@ def simple_elbo(model, guide, *args, **kwargs):
 
 
 def regression_program():
-    def model(x, y):
-        b = pyro.param("b", torch.zeros(2))
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("y", dist.Normal(z + x @ b, 1.0), obs=y)
-
-    def guide(x, y):
-        a = pyro.param("a", torch.tensor(0.1))
-        s = pyro.param("s", torch.tensor(1.0), constraint=constraints.positive)
-        with pyro.plate("data", len(x)):
-            pyro.sample("z", dist.Normal(a * y, s))
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(48, 2, generator=g)
-    return model, guide, (x, x @ torch.tensor([1.0, -0.5]) + torch.randn(48, generator=g))
+    y = x @ torch.tensor([1.0, -0.5]) + torch.randn(48, generator=g)
+    return (*linear_latent_program(), (x, y))
 
 
 @pytest.mark.parametrize("optimizer", ["pyro", "default"])

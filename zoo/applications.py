@@ -24,7 +24,7 @@ from typing import Tuple
 import torch
 
 from inference import uses
-from inference.io import save_json, save_torch
+from inference.io import atomic_write_bytes, save_json, save_torch
 from zoo import plots, registry, runs
 
 
@@ -73,10 +73,25 @@ def parse_mask(text: str, shape: Tuple[int, int], seed: int = 0) -> torch.Tensor
 def _mask_file(text: str, shape: Tuple[int, int]) -> torch.Tensor:
     import numpy as np
 
+    from inference.io import UnreadableFile, load_tensors
+
     path = runs.run_path(text)
     if not path.is_file():
         raise ValueError(f"--mask {text}: no such file")
-    value = torch.load(path, weights_only=True) if text.endswith(".pt") else np.load(path)
+    wanted = "a boolean array (True where seen) saved by torch.save or numpy.save"
+    try:
+        if text.endswith(".pt"):
+            value = load_tensors(path, "mask")
+        else:
+            value = np.load(path, allow_pickle=False)
+    except UnreadableFile as error:
+        raise ValueError(f"--mask: {error}; it should hold {wanted}") from None
+    except (ValueError, OSError, EOFError):  # numpy's own words would suggest unpickling
+        head = path.read_bytes()[:6]
+        why = "a pickle of Python objects" if head[:1] == b"\x80" else "not a .npy array"
+        raise ValueError(f"--mask {text}: {why}; it should hold {wanted}") from None
+    if not isinstance(value, (torch.Tensor, np.ndarray)):  # an .npz archive, a dict of tensors
+        raise ValueError(f"--mask {text}: holds a {type(value).__name__}; it should hold {wanted}")
     mask = torch.as_tensor(value)
     if mask.dtype != torch.bool:
         raise ValueError(f"--mask {text}: a boolean array (True where seen), not {mask.dtype}")
@@ -87,16 +102,23 @@ def _mask_file(text: str, shape: Tuple[int, int]) -> torch.Tensor:
         raise ValueError(
             f"--mask {text}: shape {tuple(mask.shape)}, the rows need ({num}, {dim}) or ({dim},)"
         )
-    return mask[:num].clone()
+    mask = mask[:num].clone()
+    if mask.all():
+        raise ValueError(
+            f"--mask {text}: every entry is True (seen), so there is nothing to fill in; mark"
+            " the hidden entries False"
+        )
+    return mask
 
 
-def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=0,
+def score(model, config, run, split=None, outliers=(), num_samples=1000, seed=0,
           labels=True, corrected=False, data=None) -> dict:  # fmt: skip
     """Per-point log p(x) of a split (exact or with standard errors), a histogram, and with
     ``outliers`` (``noise``, ``upside-down`` or files of rows) the ROC AUC of -log p(x); with
     ``corrected`` also of the complexity-corrected score -log p(x) - ``complexity(x)``.
     ``data``: another data set's split, or a .csv / .npy file of rows (all of them), scored
     instead of the run's own (binarized as the run's held-out rows are)."""
+    split = split or default_split(config, data)
     x, arguments = _arguments(config, split, model, labels, data)
     value = registry.as_data(arguments)
     result = uses.scores(model.model, model.guide, value, num_samples=num_samples)
@@ -110,7 +132,7 @@ def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=
     header = "row,log_prob,std_error" + (",complexity" if corrected else "")
     lines = [header] + [",".join([str(i)] + [f"{v:.6f}" for v in row])
                         for i, row in enumerate(zip(*columns))]  # fmt: skip
-    (run / f"{tag}.csv").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(run / f"{tag}.csv", ("\n".join(lines) + "\n").encode())
     summary = {
         "data": data or config["data"],
         "split": split,
@@ -134,7 +156,7 @@ def score(model, config, run, split="test", outliers=(), num_samples=1000, seed=
             " labels (--hide-labels), if the model can go without them"
         )
     for name in outliers:
-        rows = _outliers(name, x, seed)
+        rows = _outliers(name, x, seed, config.get("held_out_binarize", config.get("binarize")))
         given = registry.model_arguments(model, rows, None, split)  # no labels, as the data
         anomalous = uses.scores(
             model.model, model.guide, registry.as_data(given), num_samples=num_samples
@@ -203,7 +225,7 @@ def interpolate(z0: torch.Tensor, z1: torch.Tensor, steps: int, path: str = "lin
     return torch.where(small, (1 - t) * z0 + t * z1, arc)
 
 
-def interpolations(model, config, run, pairs=((0, 1),), steps=9, split="test") -> dict:
+def interpolations(model, config, run, pairs=((0, 1),), steps=9, split=None) -> dict:
     """Encode each pair of rows of a split (the guide's mean code), walk between the codes
     linearly and along the great circle, decode every point; ``interpolation.pt`` holds the
     images, (pairs, 2 paths, steps, D), and ``interpolation.png`` shows them."""
@@ -213,6 +235,7 @@ def interpolations(model, config, run, pairs=((0, 1),), steps=9, split="test") -
             f"--interpolate needs a model that offers encode(x) and decode(z); {config['model']}"
             f" lacks {' and '.join(missing)}"
         )
+    split = split or default_split(config)
     x, _ = _arguments(config, split, model, labels=False)
     rows = sorted({i for pair in pairs for i in pair})
     if rows[-1] >= len(x):
@@ -235,12 +258,13 @@ def interpolations(model, config, run, pairs=((0, 1),), steps=9, split="test") -
     return summary
 
 
-def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=500, seed=0,
+def complete(model, config, run, mask, split=None, num_rows=1000, num_samples=500, seed=0,
              method="importance", num_steps=1000, labels=True, proposal="guide"):  # fmt: skip
     """Fill the hidden entries of ``num_rows`` rows of a split (by importance sampling, exact
     enumeration, or the Metropolis-within-Gibbs ``method="chain"`` of ``num_steps``); the
     hidden entries' log-loss (binary data) or squared error beside the training mean's, and a
     figure."""
+    split = split or default_split(config)
     x, condition = _data_and_condition(config, split, model, labels, num_rows)
     observed = parse_mask(mask, tuple(x.shape), seed).to(x.device)
     torch.manual_seed(seed)
@@ -277,10 +301,11 @@ def complete(model, config, run, mask, split="test", num_rows=1000, num_samples=
     return summary
 
 
-def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_rows=1000,
+def denoise(model, config, run, flip=None, noise_scale=None, split=None, num_rows=1000,
             num_samples=500, seed=0, labels=True):  # fmt: skip
     """Corrupt ``num_rows`` rows of a split by the stated noise, then clean them: the clean
     data's log-loss (binary) or squared error beside the noisy input's and a reconstruction's."""
+    split = split or default_split(config)
     clean, condition = _data_and_condition(config, split, model, labels, num_rows)
     g = torch.Generator().manual_seed(seed)
     if flip is not None:
@@ -289,8 +314,15 @@ def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_r
         from_input = noisy * (1 - flip) + (1 - noisy) * flip  # the best guess from the pixel alone
         setting = f"flip-{flip:g}"
     else:
+        if not (noise_scale > 0 and math.isfinite(noise_scale)):
+            raise ValueError(f"--noise-scale must be a positive finite number, not {noise_scale}")
         noise = torch.randn(clean.shape, generator=g).to(clean.device)
         noisy = clean + noise_scale * noise
+        if not torch.isfinite(noisy).all():
+            raise ValueError(
+                f"--noise-scale {noise_scale:g} makes the noisy data overflow {noisy.dtype}:"
+                " choose a scale on the order of the data's"
+            )
         from_input = noisy
         setting = f"noise-{noise_scale:g}"
     torch.manual_seed(seed)
@@ -298,6 +330,11 @@ def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_r
         model.model, model.guide, noisy, flip=flip, noise_scale=noise_scale,
         num_samples=num_samples, condition=condition,
     )  # fmt: skip
+    if not torch.isfinite(result.mean).all():
+        raise FloatingPointError(
+            f"the denoised rows are not finite under {setting}: the noise swamps what the model"
+            " can tell apart (a smaller --noise-scale, or more --num-samples)"
+        )
     everything = torch.ones_like(clean, dtype=torch.bool)
     summary = {"noise": setting, "split": split, "num_rows": len(clean), "exact": result.exact}
     summary["conditioned"] = bool(condition)
@@ -328,17 +365,40 @@ def denoise(model, config, run, flip=None, noise_scale=None, split="test", num_r
 # ---------------------------------------------------------------------------------- helpers
 
 
+def default_split(config, data=None) -> str:
+    """The split a use of the run reads when none is named: the test split, or for data from
+    a file (which has none: its rows are the training rows) "train"."""
+    return "train" if _is_file(config["data"] if data is None else data) else "test"
+
+
+def _is_file(name) -> bool:
+    return Path(str(name)).suffix in (".csv", ".npy")
+
+
 def _arguments(config, split, model, labels=True, data=None):
     """A split's rows as the run's scores see them, and the model's arguments for it (with
-    the split's labels, or without them); of ``data`` (a data set or a file) where given."""
+    the split's labels, or without them); of ``data`` (a data set or a file) where given.
+    --max-data cut the run's training rows only: a held-out split is read whole, as the fit's
+    own scores read it."""
     binarize = config.get("held_out_binarize", config.get("binarize"))
     name = config["data"] if data is None else data
-    is_file = Path(name).suffix in (".csv", ".npy")
+    if _is_file(name) and split != "train":
+        raise ValueError(
+            f"{name} is a data file: its rows have no {split!r} split (they are all the rows the"
+            " run was fitted on); pass --split train to use them as such"
+        )
+    max_data = config.get("max_data") if data is None and split == "train" else None
     try:
-        x, y = runs.split(name, "train" if is_file else split, binarize,
-                          None if data is not None else config.get("max_data"))  # fmt: skip
+        x, y = runs.split(name, split, binarize, max_data)
     except ValueError as error:
-        raise ValueError(f"{name} has no {split!r} split ({error}); try --split train") from None
+        if data is None:
+            raise ValueError(
+                f"the run's data ({name}, binarize {binarize!r}, as its config.json records"
+                f" them) cannot be read for the {split!r} split: {error}"
+            ) from None
+        raise ValueError(
+            f"--data {name}: {error} (rows are read as the run's own: binarize {binarize!r})"
+        ) from None
     if data is not None:
         own, _ = runs.split(config["data"], "train", binarize, 1)
         if x.shape[1:] != own.shape[1:]:
@@ -364,7 +424,9 @@ def _data_and_condition(config, split, model, labels, num_rows):
     return head[0], head[1:]
 
 
-def _outliers(name: str, x: torch.Tensor, seed: int) -> torch.Tensor:
+def _outliers(name: str, x: torch.Tensor, seed: int, binarize=None) -> torch.Tensor:
+    """Rows to score against ``x``: generated (noise, upside-down), or a file's, binarized as
+    the run's held-out rows are (``binarize``)."""
     g = torch.Generator().manual_seed(seed + 1)
     binary = bool(((x == 0) | (x == 1)).all())
     if name == "noise":  # images of independent pixels with the data's mean intensity
@@ -384,6 +446,14 @@ def _outliers(name: str, x: torch.Tensor, seed: int) -> torch.Tensor:
         raise ValueError(
             f"--outliers {name}: rows of {rows.shape[1]} features, the data has {x.shape[1]}"
         )
+    if binarize is not None:
+        try:
+            rows = data.binarize(rows, "threshold" if binarize == "dynamic" else binarize, seed=0)
+        except ValueError as error:
+            raise ValueError(
+                f"--outliers {name}: the run's rows are binarized ({binarize}) and these cannot"
+                f" be: {error}"
+            ) from None
     return rows
 
 

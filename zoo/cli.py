@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import json
 import math
@@ -99,6 +100,20 @@ def _seed(text: str) -> int:
     return value
 
 
+MAX_STEPS = 200  # interpolation points per path: a grid of that many columns draws in seconds
+MAX_PAIRS = 20  # and pairs (two rows of the grid each)
+
+
+def _bounded_int(low: int, high: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -156,7 +171,7 @@ def cmd_fit(args) -> int:
     """``zoo fit MODEL [flags]``: fit, then write the run directory."""
     spec = registry.get(args.model)
     argv = [args.model, *args.rest]
-    flags = _fit_parser(spec).parse_args(args.rest)
+    flags = _fit_parser(spec).parse_args(_with_run_settings(args.model, args.rest))
     defaults = _data_defaults(spec, flags)
     settings = _settings(spec, flags, defaults)
     out, resume = _fit_target(spec, flags)
@@ -174,15 +189,24 @@ def cmd_fit(args) -> int:
     fit.load_data()  # bad data or options are refused before the run directory is touched
     fit.build_model()
     claim = runs.open_for_writing(out, overwrite=flags.overwrite, resume=resume)
-    with claim if rank == 0 else contextlib.nullcontext():  # rank 0 writes the run directory
-        metrics = fit.run(rank)
+    try:
+        with claim if rank == 0 else contextlib.nullcontext():  # rank 0 writes the run folder
+            metrics = fit.run(rank)
+    except KeyboardInterrupt:  # the loop saved a checkpoint at the step it had finished
+        if rank == 0:
+            print(
+                f"zoo: interrupted; the run's checkpoint in {out} is saved: continue it with"
+                f" zoo fit {shlex.quote(args.model)} --resume {shlex.quote(str(out))}",
+                file=sys.stderr,
+            )
+        return 130
     if metrics is not None:
         _print_metrics(out, metrics)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    model, config = runs.restore(args.run)
+    model, config = runs.restore(args.run, trust=args.trust_model)
     run = runs.run_path(args.run)
     model = model.to(_run_device(config)) if isinstance(model, torch.nn.Module) else model
     metrics = _metrics(model, config, args.num_samples, not args.quiet)
@@ -207,7 +231,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    model, config = runs.restore(args.run)
+    model, config = runs.restore(args.run, trust=args.trust_model)
     run = runs.run_path(args.run)
     pyro.set_rng_seed(args.seed)
     if args.interpolate is not None:
@@ -244,11 +268,15 @@ def _pairs(text: str):
     pairs = []
     for part in text.split(";"):
         items = part.split(",")
-        if len(items) != 2 or not all(i.strip().isdigit() for i in items):
+        digits = all(i.strip().isascii() and i.strip().isdecimal() for i in items)
+        if len(items) != 2 or not digits:
             raise ValueError(
-                f"--interpolate takes pairs of row numbers like 0,1 or 0,1;5,9, not {text!r}"
+                "--interpolate takes pairs of row numbers like 0,1 or 0,1;5,9 (each 0 or more),"
+                f" not {text!r}"
             )
         pairs.append((int(items[0]), int(items[1])))
+    if len(pairs) > MAX_PAIRS:
+        raise ValueError(f"--interpolate: at most {MAX_PAIRS} pairs, not {len(pairs)}")
     return pairs
 
 
@@ -257,12 +285,17 @@ def cmd_use(args) -> int:
     (``zoo.applications``), written into the run directory."""
     from zoo import applications
 
-    model, config = runs.restore(args.run)
+    model, config = runs.restore(args.run, trust=args.trust_model)
     run = runs.run_path(args.run)
     model = model.to(_run_device(config)) if isinstance(model, torch.nn.Module) else model
     if isinstance(model, torch.nn.Module):
         model.eval()
     pyro.set_rng_seed(args.seed)
+    if args.hide_labels and not callable(getattr(model, "arguments", None)):
+        raise SystemExit(
+            f"zoo {args.command}: --hide-labels: {config['model']} takes no labels (its only"
+            " argument is the data), so there are none to hide; leave the flag out"
+        )
     shared = dict(split=args.split, num_samples=args.num_samples, seed=args.seed)
     shared["labels"] = not args.hide_labels
     try:
@@ -301,23 +334,22 @@ def cmd_compare(args) -> int:
     data_name = flags.data or comparisons.default_data(spec)
     stem = Path(spec.name.split(":")[-1]).name
     out = runs.run_path(flags.out or f"runs/compare-{stem}-{Path(data_name).stem}")
-    if (out / "table.md").exists() and not flags.overwrite:
-        raise SystemExit(
-            f"zoo: {out} already holds a comparison; pass --overwrite or another --out"
+    settings = {
+        k: getattr(flags, k) for k in comparisons.SETTINGS if getattr(flags, k, None) is not None
+    }
+    with runs.open_report(out, overwrite=flags.overwrite):
+        table = comparisons.compare(
+            spec.name,
+            data=data_name,
+            methods=flags.inference.split(",") if flags.inference else None,
+            seeds=range(flags.seeds),
+            budget=flags.budget,
+            out=out,
+            command="zoo compare " + " ".join(shlex.quote(a) for a in [args.model, *args.rest]),
+            progress=not flags.quiet,
+            model_options=_given_options(spec, flags),
+            **settings,
         )
-    settings = {k: getattr(flags, k) for k in comparisons.SETTINGS if getattr(flags, k, None)}
-    table = comparisons.compare(
-        spec.name,
-        data=data_name,
-        methods=flags.inference.split(",") if flags.inference else None,
-        seeds=range(flags.seeds),
-        budget=flags.budget,
-        out=out,
-        command="zoo compare " + " ".join(shlex.quote(a) for a in [args.model, *args.rest]),
-        progress=not flags.quiet,
-        model_options=_given_options(spec, flags),
-        **settings,
-    )
     print(table.read_text().split("\nNotes:")[0].split("\n###")[0].rstrip())
     print(f"\nreport: {out} (table.md, table.csv, log_likelihood_vs_time.png, rows.json)")
     return 0
@@ -353,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="importance samples per data point (models scored by importance sampling)",
     )
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    ev.set_defaults(func=cmd_evaluate)
+    _add_trust_flag(ev)
+    ev.set_defaults(func=_holding(cmd_evaluate))
     sample = sub.add_parser("sample", help="draw samples from a fitted model")
     sample.add_argument("run")
     sample.add_argument("--num-samples", type=_positive_int, default=100)
@@ -363,8 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of samples: decode the straight and the great-circle paths between the"
         " codes of test rows A and B (default 0,1), into interpolation.png / .pt",
     )  # fmt: skip
-    sample.add_argument("--steps", type=_positive_int, default=9, help="points per path")
-    sample.set_defaults(func=cmd_sample)
+    sample.add_argument(
+        "--steps", type=_bounded_int(2, MAX_STEPS), default=9,
+        help=f"points per path (2 to {MAX_STEPS})",
+    )  # fmt: skip
+    _add_trust_flag(sample)
+    sample.set_defaults(func=_holding(cmd_sample))
     uses = {
         "score": "per-point log p(x) of a split, a histogram, ROC AUC against --outliers",
         "complete": "fill hidden entries (--mask) from the posterior given the seen ones",
@@ -373,7 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in uses.items():
         use = sub.add_parser(name, help=text, description=text)
         use.add_argument("run")
-        use.add_argument("--split", default="test", help="the data split (default test)")
+        use.add_argument(
+            "--split", choices=("train", "test"),
+            help="the data split (default: test; train for a run fitted on a data file, whose"
+            " rows are all training rows)",
+        )  # fmt: skip
         use.add_argument(
             "--num-samples", type=_positive_int, default=1000 if name == "score" else 500,
             help="importance samples per row (models without an exact posterior)",
@@ -422,13 +463,33 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "denoise":
             use.add_argument("--flip", type=_unit_interval, help="bit-flip rate (binary data)")
             use.add_argument("--noise-scale", type=float, help="std. dev. of added Gaussian noise")
-        use.set_defaults(func=cmd_use)
+        _add_trust_flag(use)
+        use.set_defaults(func=_holding(cmd_use))
     data_cmd = sub.add_parser("data", help="data sets")
     data_sub = data_cmd.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser("fetch", help="download and verify a data set into the cache")
     fetch.add_argument("name", choices=catalog.NAMES)
     fetch.set_defaults(func=cmd_data_fetch)
     return parser
+
+
+def _holding(command):
+    """``command(args)`` on a fitted run, with the run held (``runs.recording``): one writer at
+    a time, and what it writes recorded as the run's."""
+
+    def held(args) -> int:
+        with runs.recording(args.run):
+            return command(args)
+
+    return held
+
+
+def _add_trust_flag(parser) -> None:
+    parser.add_argument(
+        "--trust-model", action="store_true",
+        help="import the model code the run's config.json names even where this zoo did not"
+        " record it (a run folder from elsewhere) or the file has changed since the fit",
+    )  # fmt: skip
 
 
 def _fit_parser(spec) -> argparse.ArgumentParser:
@@ -526,7 +587,8 @@ def _compare_parser(spec) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     knobs = parser.add_argument_group("settings (defaults in zoo.comparisons.Setup)")
-    for name, kind, text in comparisons.SETTING_FLAGS:
+    for name, kind, text in comparisons.SETTING_FLAGS:  # each a positive number
+        kind = {int: _positive_int, float: _positive_float}.get(kind, kind)
         knobs.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
     _add_model_options(parser, spec)
     return parser
@@ -562,9 +624,21 @@ def _flag_type(annotation):
         return _flag_type(next(a for a in args if a is not type(None)))
     if origin in (tuple, list):
         return (args[0] if args else str), "+"
-    if annotation in (int, float, str, bool):
+    if annotation in (int, float, str, bool, registry.number_or_text):
         return annotation, None
     return str, None
+
+
+def _check_applies(spec, given: dict, options: dict) -> None:
+    """Refuse a flag given where it does nothing (an option's ``applies_with``)."""
+    for option in spec.options():
+        needs = option.applies_with or {}
+        if option.name not in given or all(options.get(k) == v for k, v in needs.items()):
+            continue
+        flag = f"--{option.name.replace('_', '-')}"
+        wanted = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in needs.items())
+        now = ", ".join(f"{k} is {options.get(k)!r}" for k in needs)
+        raise SystemExit(f"zoo: {flag} applies with {wanted} only ({now}): leave it out")
 
 
 def _given_options(spec, args) -> dict:
@@ -633,6 +707,50 @@ def _settings(spec, flags, defaults=None) -> dict:
     return settings
 
 
+def _with_run_settings(model: str, rest: list) -> list:
+    """With ``--resume DIR``, the flags the run was fitted with (its command's, then each
+    earlier resume's) before those given now, which win: a resume continues with the run's
+    own settings unless told otherwise (and ``check_resume`` refuses what would change its
+    trajectory). The run's folder, --overwrite and an earlier --resume-lr are not carried."""
+    run = _flag_value(rest, "--resume")
+    if run is None:
+        return rest
+    try:
+        saved = runs.read_config(run)
+    except runs.RunError:  # the fit says what is wrong with the folder
+        return rest
+    if saved.get("model") != model:  # check_resume names the model the run holds
+        return rest
+    carried = []
+    for command in [saved.get("command", ""), *saved.get("resumes", [])]:
+        words = shlex.split(command)[3:]  # zoo fit MODEL ...
+        carried += _without(words, ("--resume", "--out", "--resume-lr"), ("--overwrite",))
+    return carried + list(rest)
+
+
+def _flag_value(words, flag: str):
+    for i, word in enumerate(words):
+        if word == flag and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def _without(words, valued, switches) -> list:
+    out, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in valued:
+            skip = True
+        elif word in switches or word.split("=", 1)[0] in valued:
+            continue
+        else:
+            out.append(word)
+    return out
+
+
 def _fit_target(spec, flags):
     """The run directory and whether the fit resumes it."""
     resume = getattr(flags, "resume", None)
@@ -672,10 +790,13 @@ class _Fit:
         if rank == 0:
             runs.Run(self.out).write_config(config)  # first, so that an interrupted run resumes
         started = time.time()
+        done = self._checkpointed_position()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", em.ConvergenceWarning)
             result = self.fit(config)
-            self.stage_results = self.fit_stages(config)
+            # a later stage fitted on what this one made is stale once this one moved on
+            moved = done is None or done != (len(result.history), 0)
+            self.stage_results = self.fit_stages(config, fresh=moved)
         for warning in caught:  # said once, plainly, and recorded in metrics.json below
             if issubclass(warning.category, em.ConvergenceWarning):
                 print(f"zoo: warning: {warning.message}", file=sys.stderr)
@@ -709,6 +830,7 @@ class _Fit:
             **_given_options(self.spec, self.flags),
         }
         self.options = self.spec.complete(given, self.info)
+        _check_applies(self.spec, _given_options(self.spec, self.flags), self.options)
         self.built_on, fitted = {}, {}
         for option in self.spec.options():
             path = self.options.get(option.name) if option.run else None
@@ -729,6 +851,11 @@ class _Fit:
         if not callable(getattr(self.spec.cls, "build_on", None)):
             raise SystemExit(f"zoo: {self.spec.name} declares {flag} but offers no build_on")
         run = runs.run_path(path)
+        if run.resolve() == self.out.resolve():  # --overwrite would destroy the input first
+            raise SystemExit(
+                f"zoo: {flag} {run} is this fit's own --out: the run built on must be another"
+                " folder than the one being written"
+            )
         if not (run / "params.pt").exists():
             raise SystemExit(f"zoo: {flag} {run}: no fitted run there (no params.pt)")
         model, config = runs.restore(run)
@@ -736,6 +863,13 @@ class _Fit:
             raise SystemExit(
                 f"zoo: {flag} needs a run fitted on {self.data_name}; {run} holds a"
                 f" {config['model']} fitted on {config['data']}"
+            )
+        if config.get("binarize") != self.binarize:
+            raise SystemExit(
+                f"zoo: {flag} {run} was fitted on {config['data']} binarized"
+                f" {config.get('binarize')!r}, this fit reads it binarized {self.binarize!r}:"
+                f" pass --binarize {config.get('binarize') or 'none'}, or build on a run of the"
+                " same binarization"
             )
         return model, runs.digest(run)
 
@@ -759,6 +893,9 @@ class _Fit:
             "options": options,
             "built_on": self.built_on,
             "data_defaults": self.defaults,
+            # the model's code: a user's file by absolute path and SHA-256, sealed by this
+            # user's zoo, so that a later restore imports that file only, unchanged
+            "model_source": runs.seal(registry.code_record(self.spec)),
             "command": "zoo fit " + " ".join(shlex.quote(a) for a in self.argv),
         }
         return self._resumed(config) if self.resume else config
@@ -824,14 +961,28 @@ class _Fit:
         except FloatingPointError as error:
             raise SystemExit(f"zoo: error: {error}{self._nan_hint()}") from None
 
-    def fit_stages(self, config) -> dict:
+    def _checkpointed_position(self):
+        """(epoch, step) of the main fit's checkpoint when resuming, else None."""
+        if not self.resume or self.flags.inference == "em":
+            return None
+        try:
+            position = runs.load_tensors(self.out / "checkpoint.pt", "checkpoint")["position"]
+        except runs.RunError:  # the fit's own resume names what is wrong with the file
+            return None
+        return position["epoch"], position["step"]
+
+    def fit_stages(self, config, fresh: bool = True) -> dict:
         """The model's further stages (``stages()``, a VQ-VAE's prior), each on the data the
         fitted model makes of the training (and validation) split, with the run's epochs,
-        batch size, rate and seed and a checkpoint of its own; {name: FitResult}."""
+        batch size, rate and seed and a checkpoint of its own; {name: FitResult}. ``fresh``:
+        the stages start over (the first stage took steps in this command, so what they were
+        fitted on before is gone), their old checkpoints removed; else they resume."""
         results = {}
         options = config["options"]
         for stage in registry.stages(self.model):
             checkpoint = self.out / f"checkpoint_{stage.name}.pt"
+            if fresh and self.resume:
+                checkpoint.unlink(missing_ok=True)
             valid = None
             if self.valid is not None:
                 valid = registry.stage_data(stage, self.arguments("valid", self.valid))
@@ -1215,7 +1366,27 @@ def _init_distributed(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _stop_with_parent()
     return device
+
+
+def _stop_with_parent() -> None:
+    """On Linux, have the kernel send this rank SIGTERM when its launcher dies (a kill -9 of
+    torchrun): the loop then saves a checkpoint at the step it finished and exits, instead of
+    running on, orphaned, holding the run's lock."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() == 1:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _none(value):
@@ -1255,8 +1426,43 @@ def _print_metrics(out: Path, metrics: dict) -> None:
         print(f"  {key}: {value:.6g}" if isinstance(value, float) else f"  {key}: {value}")
 
 
+def _raised_at(err: BaseException) -> str:
+    """ " in FILE, line N" of the last frame of the traceback in the program's own code (not
+    the zoo's, torch's or Pyro's), where there is one."""
+    import traceback
+
+    skip = (str(Path(__file__).parent), str(Path(loop.__file__).parent), "site-packages", "<")
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(skip)]
+    frames = [f for f in frames if "site-packages" not in f.filename]
+    return f" in {frames[-1].filename}, line {frames[-1].lineno}" if frames else ""
+
+
+def _os_error(err: OSError) -> str:
+    """An operating system's refusal in a sentence: what, where, and that nothing saved is
+    damaged (every file the zoo writes is written whole or not at all)."""
+    where = f" ({err.filename})" if err.filename else ""
+    full = err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    what = "the disk is full or a file-size limit was reached" if full else err.strerror or err
+    return (
+        f"{what}{where}. Files are written whole or not at all, so what was saved before is"
+        " intact; a fit continues from its last checkpoint with --resume once this is fixed"
+    )
+
+
+def _attached(argv: list) -> list:
+    """``--interpolate -1,2`` as ``--interpolate=-1,2``, so that a value that starts with a
+    minus sign reaches the flag's own check instead of argparse's "unrecognized arguments"."""
+    out = []
+    for word in argv:
+        if out and out[-1] == "--interpolate" and word[:2].startswith("-") and word[1:2].isdigit():
+            out[-1] = f"--interpolate={word}"
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _attached(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -1265,6 +1471,14 @@ def main(argv=None) -> int:
     except (data.DataError, ValueError, TypeError, FloatingPointError) as err:
         print(f"zoo: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # torch's, from inside a program (a user's model, say)
+        print(f"zoo: error: {type(err).__name__}{_raised_at(err)}: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the output was piped into a reader that stopped (head)
+        return 1
+    except OSError as err:  # a read-only folder, a full disk, a file-size limit
+        print(f"zoo: error: {_os_error(err)}", file=sys.stderr)
+        return 1
     finally:
         if tdist.is_available() and tdist.is_initialized():
             tdist.destroy_process_group()

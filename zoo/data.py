@@ -115,9 +115,14 @@ def columns(name: str) -> Optional[Tuple[str, ...]]:
     return {"faithful": ("eruptions (min)", "waiting (min)")}.get(name)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def load_file(path) -> torch.Tensor:
-    """A user's data: the rows of a .csv (numbers, comma-separated, an optional header line) or
-    a .npy file (a 2-d numeric array, read without pickles), as a float32 (N, D) tensor."""
+    """A user's data: the rows of a .csv (numbers, comma-separated, an optional header line, an
+    optional UTF-8 byte-order mark) or a .npy file (a 2-d array of real numbers or booleans,
+    read without pickles), as a float32 (N, D) tensor with D >= 1; refused, by what is wrong,
+    where it holds NaN, infinities, values beyond float32's range or complex numbers."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -125,17 +130,42 @@ def load_file(path) -> torch.Tensor:
         if path.suffix == ".npy":
             array = np.load(path, allow_pickle=False)
         else:
-            with open(path, newline="") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is no data
                 rows = [r for r in csv.reader(f) if r]
             if rows and not _is_number(rows[0][0]):
                 rows = rows[1:]  # a header line
             array = np.array([[float(v) for v in r] for r in rows], dtype=np.float64)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file of comma-separated numbers") from None
     except ValueError as error:
+        if path.suffix == ".npy":  # numpy's own words would advise unpickling it: never
+            head = path.read_bytes()[:6]
+            what = "a pickle of Python objects" if head[:1] == b"\x80" else "not a .npy array"
+            if head == b"\x93NUMPY":
+                what = "an array of Python objects, not of numbers"
+            raise DataError(f"{path}: {what} (save a 2-d numeric array with numpy.save)") from None
         raise DataError(f"{path}: not a table of numbers ({error})") from None
-    if array.ndim != 2 or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.number):
-        raise DataError(f"{path}: needs a non-empty 2-d table of numbers, got shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise DataError(f"{path}: holds {int((~np.isfinite(array)).sum())} NaN or infinite values")
+    if np.iscomplexobj(array):
+        raise DataError(f"{path}: holds complex numbers; the zoo's models take real ones")
+    if array.dtype == np.bool_:
+        array = array.astype(np.float32)  # True / False as 1 / 0, binary data as they are
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+        raise DataError(
+            f"{path}: needs a 2-d table of numbers (rows by features), got an array of shape"
+            f" {array.shape} and dtype {array.dtype}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise DataError(f"{path}: the table is empty (shape {array.shape}): no rows or no features")
+    array = array.astype(np.float64, copy=False)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        raise DataError(f"{path}: holds {int(bad.sum())} NaN or infinite values")
+    large = np.abs(array) > FLOAT32_MAX
+    if large.any():
+        raise DataError(
+            f"{path}: {int(large.sum())} values are beyond float32's range (largest"
+            f" {np.abs(array).max():.3g} > {FLOAT32_MAX:.3g}); rescale the data"
+        )
     return torch.from_numpy(array.astype(np.float32))
 
 

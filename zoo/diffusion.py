@@ -111,7 +111,10 @@ class DiffusionConfig:
     likelihood: str = field(
         default="bernoulli", metadata={"choices": LIKELIHOODS, "help": "binary or grey pixels"}
     )
-    levels: int = field(default=256, metadata={"help": "grey levels (--likelihood grey)"})
+    levels: int = field(
+        default=256,
+        metadata={"help": "grey levels", "applies_with": {"likelihood": "grey"}},
+    )
 
 
 @register(

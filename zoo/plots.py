@@ -19,6 +19,8 @@ import torch
 from matplotlib import font_manager
 from matplotlib.patches import Ellipse
 
+from inference.io import atomic_write
+
 # installed fonts with Japanese glyphs, by family, where matplotlib-fontja's is not there
 JAPANESE_FAMILIES = (
     "IPAexGothic",
@@ -320,6 +322,9 @@ def score_histograms(sets: dict, auroc: dict, title: str = "anomaly scores",
 
 
 def save(fig, path) -> None:
-    """Write ``fig`` as PNG and free its memory."""
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """Write ``fig`` as PNG (atomically: the old file or the new one, never half) and free its
+    memory."""
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

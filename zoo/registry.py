@@ -57,11 +57,13 @@ A model that offers none of the optional ones is fitted, scored by the shared me
 with a message naming it. Comparisons: ``comparison=`` of ``register`` (see ``zoo.comparisons``).
 """
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import inspect
 import sys
+import traceback
 import typing
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -117,6 +119,9 @@ class Option:
     data: Optional[str] = None  # a DataInfo attribute that sets it (not a flag)
     choices: Optional[Tuple[Any, ...]] = None
     run: bool = False  # the value is a fitted run's directory, handed to ``build_on``
+    # the other options' values this one applies with ({"likelihood": "grey"}): the flag given
+    # with others is refused rather than ignored
+    applies_with: Optional[Dict[str, Any]] = None
 
 
 @dataclass(frozen=True)
@@ -283,6 +288,42 @@ def get(name: str) -> Spec:
     )
 
 
+def installed(name: str) -> bool:
+    """Whether ``name`` is a zoo model or an installed entry point's: restoring it imports only
+    the zoo's and installed packages' code, never a file or module a run folder names."""
+    _load_builtin()
+    if name in _REGISTRY:
+        return True
+    _load_entry_points()
+    return name in _REGISTRY
+
+
+def code_record(spec: Spec) -> dict:
+    """What a run records of the code that defines its model: nothing to check for a zoo model
+    or an installed entry point's; for a user's file or module, its absolute path and the
+    SHA-256 of its bytes, so that a later restore imports that file only, and only unchanged."""
+    if installed(spec.name):
+        return {"kind": "installed", "name": spec.name}
+    where = spec.name.rpartition(":")[0]
+    module = sys.modules.get(spec.cls.__module__)
+    path = Path(getattr(module, "__file__", "") or "").resolve()
+    kind = "file" if where.endswith(".py") else "module"
+    return {
+        "kind": kind,
+        "name": spec.name,
+        "module": None if kind == "file" else where,
+        "class": spec.name.rpartition(":")[2],
+        "path": str(path),
+        "sha256": file_sha256(path),
+    }
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 # the zoo's modules that hold no model (every other public module of the package is imported,
 # and registers its models: a new model is one new file)
 _NOT_MODELS = {"cli", "comparisons", "data", "nets", "plots", "registry", "runs"}
@@ -321,10 +362,12 @@ def _user_spec(name: str) -> Spec:
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        with _importing(name, f"the model file {path}"):
+            spec.loader.exec_module(module)
     else:
         try:
-            module = importlib.import_module(where)
+            with _importing(name, f"the module {where}"):
+                module = importlib.import_module(where)
         except ImportError as error:
             raise ValueError(f"cannot import {where!r} for model {name!r}: {error}") from None
     cls = getattr(module, attr, None)
@@ -336,6 +379,40 @@ def _user_spec(name: str) -> Spec:
     return _spec_of(cls, name, f"file {where}" if where.endswith(".py") else f"module {where}")
 
 
+class UserCodeError(ValueError):
+    """A user's model file or module failed while it was imported."""
+
+
+@contextlib.contextmanager
+def _importing(name: str, what: str):
+    """Turn an exception (or a ``sys.exit``) raised by a user's code at import into a
+    ``UserCodeError`` that names the file and the line, not the zoo's traceback."""
+    try:
+        yield
+    except ImportError:
+        raise
+    except SystemExit as error:
+        raise UserCodeError(
+            f"{what} called sys.exit({error.code!r}) while it was imported for model {name!r}:"
+            " a model file must define its class without running a program at import (put"
+            " that under if __name__ == '__main__':)"
+        ) from None
+    except Exception as error:
+        ours = str(Path(__file__).parent)
+        frames = [
+            f
+            for f in traceback.extract_tb(error.__traceback__)
+            if not f.filename.startswith((ours, "<frozen"))
+        ]
+        where = f" (line {frames[-1].lineno} of {frames[-1].filename})" if frames else ""
+        if isinstance(error, SyntaxError):
+            where = f" (line {error.lineno} of {error.filename})"
+        raise UserCodeError(
+            f"{what} raised {type(error).__name__} while it was imported for model"
+            f" {name!r}{where}: {error}"
+        ) from None
+
+
 def _spec_of(cls, name: str, source: str) -> Spec:
     """A spec for a class that did not register itself: what it declares as class attributes
     (``drivers``, ``default_data``, ``default_binarize``, ``description``, ``Config``), else
@@ -345,6 +422,17 @@ def _spec_of(cls, name: str, source: str) -> Spec:
     ):
         raise ValueError(f"{name}: a model is a class with model and guide methods")
     drivers = getattr(cls, "drivers", None) or {"svi": {"loss": "Trace_ELBO"}}
+    if not isinstance(drivers, dict) or not all(isinstance(v, dict) for v in drivers.values()):
+        raise ValueError(
+            f"{name}: drivers must map driver names to their options, e.g. {{'svi': {{'loss':"
+            f" 'Trace_ELBO'}}}}, not {drivers!r}"
+        )
+    bad = sorted(set(drivers) - set(DRIVERS))
+    if bad:
+        raise ValueError(
+            f"{name} declares drivers={{{', '.join(map(repr, bad))}: ...}}, which the zoo does not"
+            f" have: the drivers are {', '.join(DRIVERS)}"
+        )
     doc = (inspect.getdoc(cls) or "").split("\n")[0]
     return Spec(
         name,
@@ -373,10 +461,22 @@ def _option(f: dataclasses.Field) -> Option:
         meta.get("data"),
         meta.get("choices"),
         bool(meta.get("run", False)),
+        meta.get("applies_with"),
     )
 
 
 _DATA_NAMES = {"x_dim": "dim", "dim": "dim", "num_classes": "num_classes"}
+
+
+def number_or_text(text: str):
+    """The value of an option with neither a type nor a default: an int or a float where the
+    text is one (as a user writing --init-scale 0.5 means), else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _signature_options(cls) -> Tuple[Option, ...]:
@@ -388,6 +488,6 @@ def _signature_options(cls) -> Tuple[Option, ...]:
         if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         default = None if p.default is inspect.Parameter.empty else p.default
-        kind = hints.get(p.name, type(default) if default is not None else str)
+        kind = hints.get(p.name, type(default) if default is not None else number_or_text)
         out.append(Option(p.name, kind, default, "", (), _DATA_NAMES.get(p.name)))
     return tuple(out)

@@ -74,7 +74,10 @@ class VQVAEConfig:
             "choices": _CODEBOOKS,
         },
     )
-    decay: float = field(default=0.99, metadata={"help": "decay of the moving averages"})
+    decay: float = field(
+        default=0.99,
+        metadata={"help": "decay of the moving averages", "applies_with": {"codebook": "ema"}},
+    )
     restart: bool = field(default=True, metadata={"help": "restart dead codes"})
     dead_below: float = field(
         default=0.03, metadata={"help": "a code used fewer times per step (on average) is dead"}
