@@ -179,6 +179,58 @@ def test_dropout_and_batch_norm_in_the_guide_are_pyros_loop(batch_size):
     assert vae.encoder.training and vae.encoder.norm.training and vae.encoder.drop.training
 
 
+def joined(a, b):
+    """``torch.cat`` of the last dims after broadcasting the others (y enumerated: (K, 1, C))."""
+    batch = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    return torch.cat([a.expand(*batch, a.shape[-1]), b.expand(*batch, b.shape[-1])], -1)
+
+
+class ExampleSSVAE(nn.Module):
+    """As Pyro's examples/vae/ss_vae_M2.py writes it: y ~ OneHotCategorical (observed where
+    labelled, enumerated where not), z ~ N(0, I), the pixels ~ Bernoulli(validate_args=False)
+    on grey values; the guide classifies and encodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.classify = nn.Linear(12, 3)
+        self.encode = nn.Linear(12 + 3, 4)
+        self.decode = nn.Linear(2 + 3, 12)
+
+    @config_enumerate
+    def model(self, x, y=None):
+        pyro.module("ss_vae", self)
+        with pyro.plate("data", len(x)):
+            y = pyro.sample("y", dist.OneHotCategorical(logits=x.new_zeros(len(x), 3)), obs=y)
+            z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), 2), 1.0).to_event(1))
+            probs = torch.sigmoid(self.decode(joined(z, y)))  # (..., N, X)
+            pyro.sample("x", dist.Bernoulli(probs, validate_args=False).to_event(1), obs=x)
+
+    @config_enumerate
+    def guide(self, x, y=None):
+        pyro.module("ss_vae", self)
+        with pyro.plate("data", len(x)):
+            if y is None:
+                y = pyro.sample("y", dist.OneHotCategorical(logits=self.classify(x)))
+            loc, log_scale = self.encode(joined(x, y)).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+
+def test_pyros_ss_vae_example_on_grey_pixels_is_pyros_loop():
+    """The unlabelled half: y enumerated in the guide, TraceEnum_ELBO, grey pixels under a
+    Bernoulli with validate_args=False; the labelled half: y observed. Both bit for bit."""
+    x = grey_pixels(24)
+    labels = torch.nn.functional.one_hot(torch.arange(24) % 3, 3).float()
+    for data, loss in (((x,), TraceEnum_ELBO), ((x, labels), Trace_ELBO)):
+        torch.manual_seed(1)
+        ref, ss = ExampleSSVAE(), ExampleSSVAE()
+        ss.load_state_dict(ref.state_dict())
+        expected = pyros_loop(ref.model, ref.guide, [data] * 4, seed=2, lr=0.01,
+                              loss=loss(max_plate_nesting=1))  # fmt: skip
+        svi.fit(ss.model, ss.guide, data, loss=loss(max_plate_nesting=1),
+                optim=pyro.optim.Adam({"lr": 0.01}), batch_size=None, num_epochs=4)  # fmt: skip
+        assert_same_params(store_values(), expected, rtol=0, atol=0)
+
+
 # ------------------------------------------------------- reparam: Adam's eps, set-up batches
 
 
