@@ -145,8 +145,14 @@ def run(
                 f"the checkpoint {path} was written with batch_size={was}; resume it with the"
                 f" same batch size, not {batch_size}"
             )
+        ranks = saved.get("rank_rng") or [saved["rng"]]
+        if len(ranks) != world:
+            raise ValueError(
+                f"the checkpoint {path} was written by {len(ranks)} process(es) and this fit runs"
+                f" on {world}: resume it on as many (each rank's random state is kept)"
+            )
         try:
-            _restore(saved, state, generator)
+            _restore(saved, state, generator, rank, world)
         except (KeyError, ValueError, RuntimeError) as error:  # torch's words name no file
             reason = error.args[0] if isinstance(error, KeyError) and error.args else error
             raise ValueError(
@@ -162,8 +168,13 @@ def run(
         )
 
     def save():
-        if path is not None and rank == 0:
-            save_torch(path, _snapshot(state, generator, position, history, best))
+        if path is None:
+            return
+        # every rank's random state (a collective: all ranks save at the same step), so that
+        # a resumed torchrun fit draws on each rank what the uninterrupted one would have
+        ranks = _gathered(_rng_state(generator)) if world > 1 else None
+        if rank == 0:
+            save_torch(path, _snapshot(state, generator, position, history, best, ranks))
 
     tuner = Threads(threads)
     interrupted = _SignalCatcher()
@@ -232,7 +243,7 @@ def run(
                     objective=f"{-running / len(losses):.4g}",
                     refresh=False,
                 )
-                if interrupted.signum is not None:
+                if _stop_everywhere(interrupted, world):
                     save()
                     interrupted.reraise()
                 if max_steps is not None and done_steps >= max_steps:
@@ -332,7 +343,8 @@ def _kept(path) -> str:
 # ------------------------------------------------------------------------------------ state
 
 
-def _snapshot(state, generator, position, history, best):
+def _rng_state(generator) -> dict:
+    """This process's random states: torch's (and CUDA's), the batches', Python's, numpy's."""
     np_state = np.random.get_state()
     rng = {
         "torch": torch.get_rng_state(),
@@ -342,6 +354,45 @@ def _snapshot(state, generator, position, history, best):
     }
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _gathered(value) -> list:
+    """``value`` (nested dicts, lists and tuples of tensors and plain values) of every
+    torch.distributed rank, in rank order (a collective). Tensors travel as numpy arrays:
+    all_gather_object's own tensor pickling fails on the byte tensors of random states."""
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, _map_tensors(value, lambda t: t.cpu().numpy()))
+    return [_map_tensors(v, torch.from_numpy, np.ndarray) for v in out]
+
+
+def _map_tensors(tree, fn, kind=torch.Tensor):
+    if isinstance(tree, kind):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn, kind) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_tensors(v, fn, kind) for v in tree)
+    return tree
+
+
+def _stop_everywhere(interrupted, world: int) -> bool:
+    """Whether to save and stop after this step: a signal here, or under torch.distributed on
+    any rank (agreed by one small all-reduce a step, so that every rank stops at the same step
+    and the checkpoint's collectives line up)."""
+    if world == 1:
+        return interrupted.signum is not None
+    flag = torch.tensor([0.0 if interrupted.signum is None else float(interrupted.signum)])
+    if tdist.get_backend() == "nccl":
+        flag = flag.cuda()
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    if flag.item() and interrupted.signum is None:
+        interrupted.signum = int(flag.item())  # stop as the signalled rank does
+    return bool(flag.item())
+
+
+def _snapshot(state, generator, position, history, best, ranks=None):
+    rng = _rng_state(generator)
     store = pyro.get_param_store()
     return {
         "state": {name: obj.state_dict() for name, obj in state.items()},
@@ -354,10 +405,12 @@ def _snapshot(state, generator, position, history, best):
         # the best validated parameters (and optimizer state), so that a resumed run still ends
         # on them; None without validation
         "best_state": best["state"],
+        # under torch.distributed: every rank's random states, in rank order
+        "rank_rng": ranks,
     }
 
 
-def _restore(saved, state, generator):
+def _restore(saved, state, generator, rank=0, world=1):
     missing = set(state) - set(saved["state"]) - {"parameters"}
     if missing:
         raise KeyError(f"the checkpoint has no state for {sorted(missing)}")
@@ -373,6 +426,8 @@ def _restore(saved, state, generator):
         for name, value in saved["pyro_params"].items():
             store._params[name].copy_(value)
     rng = saved["rng"]
+    if world > 1:
+        rng = saved["rank_rng"][rank]  # its length checked by run
     torch.set_rng_state(rng["torch"])
     generator.set_state(rng["batches"])
     random.setstate(rng["python"])

@@ -52,3 +52,45 @@ def run(rank, world, folder, x):
             torch.save(params, os.path.join(folder, "rank0.pt"))
     finally:
         tdist.destroy_process_group()
+
+
+class NoisyAutoencoder(DeterministicAutoencoder):
+    """The autoencoder with a Normal guide: each rank draws its own noise, so a resumed fit
+    is the uninterrupted one only if every rank's random state was kept."""
+
+    def guide(self, x):
+        pyro.module("ae", self)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(self.encoder(x), 0.5).to_event(1))
+
+
+def resume_runs(rank, world, folder, x):
+    """On each rank: a 2-epoch fit, then the same stopped after epoch 1 and resumed from its
+    checkpoint; rank 0 saves both ends."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    tdist.init_process_group(
+        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world
+    )
+    try:
+        ends = {}
+        for name, runs in (
+            ("straight", [(2, False, None)]),
+            ("resumed", [(2, False, 1), (2, True, None)]),
+        ):
+            checkpoint = os.path.join(folder, f"{name}.pt")
+            for num_epochs, resume, stop in runs:
+                if not resume:  # the same start on each rank, another noise stream per rank
+                    pyro.clear_param_store()
+                    net = NoisyAutoencoder()
+                    torch.manual_seed(100 + rank)
+                reparam.fit(
+                    net.model, net.guide, x, batch_size=16, num_epochs=num_epochs, lr=0.05,
+                    seed=0, checkpoint=checkpoint, resume=resume, threads=1,
+                    callback=None if stop is None else (lambda r, s=stop: r["epoch"] == s),
+                )  # fmt: skip
+                tdist.barrier()  # rank 0's checkpoint is written before any rank resumes
+            ends[name] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if rank == 0:
+            torch.save(ends, os.path.join(folder, "ends.pt"))
+    finally:
+        tdist.destroy_process_group()

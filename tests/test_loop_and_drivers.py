@@ -524,6 +524,23 @@ def test_distributed_matches_single_process(tmp_path):
         torch.testing.assert_close(distributed[name], value, atol=1e-5, rtol=1e-5)
 
 
+def test_a_distributed_fit_resumes_exactly(tmp_path):
+    """Two gloo ranks drawing their own noise: stopped after the first epoch and resumed, the
+    fit ends bit for bit where the uninterrupted one ends (each rank's random state is in the
+    checkpoint; with rank 0's alone, as before, rank 1 drew other noise after the resume)."""
+    import torch.multiprocessing as mp
+
+    from tests import _ddp_worker
+
+    x = binary_batch(48)
+    mp.spawn(_ddp_worker.resume_runs, args=(2, str(tmp_path), x), nprocs=2, join=True)
+    ends = torch.load(tmp_path / "ends.pt", weights_only=True)
+    for name, value in ends["straight"].items():
+        assert torch.equal(ends["resumed"][name], value), name
+    saved = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert len(saved["rank_rng"]) == 2
+
+
 def test_svi_fits_the_gmm_by_map_like_em():
     """The mixtures also fit through SVI: TraceEnum_ELBO with the empty guide is exact MAP."""
     from inference import em
