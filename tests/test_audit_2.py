@@ -516,3 +516,20 @@ def test_every_model_resumes_from_a_checkpoint_as_the_straight_run(
         monkeypatch.setattr(_mixture, "_instances", itertools.count())
         assert zoo("fit", name, *command) == 0
     assert_same_state(state(resumed), state(straight))
+
+
+def test_scores_and_denoising_refuse_data_outside_what_the_model_takes(base, capsys):
+    """misc/api-denoise-nonbinary-flip (grey data cleaned as flipped bits), misc/api-scores-x-
+    out-of-support (Pyro's support error with a tensor dump), uses/score-data-faithful (said
+    to have no test split)."""
+    from inference import uses
+
+    model, _ = runs.restore(base / "vae")
+    grey = torch.rand(5, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="flip= is a noise model of binary data"):
+        uses.denoise(model.model, model.guide, grey, flip=0.1)
+    with pytest.raises(ValueError, match="observed site 'x': .* outside the support"):
+        uses.scores(model.model, model.guide, grey, num_samples=5)
+    assert zoo("score", base / "vae", "--num-samples", "5", "--data", "faithful") != 0
+    message = said(capsys)
+    assert "--data faithful" in message and "no 'test' split" not in message, message

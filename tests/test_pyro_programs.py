@@ -264,7 +264,8 @@ def weak_covariate_program():
 def test_reparam_takes_pyros_adam_steps_on_a_small_gradient():
     """reparam.fit differentiates the ELBO of the whole data, as Pyro's loop does: Adam's
     steps on b[1] (gradient about 1e-6 per data point) are Pyro's. Dividing the loss by N
-    first gave an eps N times larger in effect: b[1] ended 9 % short here."""
+    first gave an eps N times larger in effect: b[1] ended 3.1 % short of Pyro's here (0.2689
+    against 0.2775 after 30 steps, measured with Adam's eps set to 256e-8, the same update)."""
     model, guide, data = weak_covariate_program()
     expected = pyros_loop(model, guide, [data] * 30, seed=2, lr=0.01, loss=TraceMeanField_ELBO())
     reparam.fit(model, guide, data, batch_size=None, num_epochs=30, lr=0.01,
