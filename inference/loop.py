@@ -461,13 +461,7 @@ def _own(state) -> List[str]:
 
 
 def _clone(tree):
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().clone()
-    if isinstance(tree, dict):
-        return {k: _clone(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_clone(v) for v in tree)
-    return tree
+    return _map_tensors(tree, lambda t: t.detach().clone())
 
 
 def _load_state(state, saved):

@@ -125,7 +125,7 @@ class Particles:
             self.latents.append(name)
         # the first latent site the guide holds at a point (a Delta): every draw the same value
         self.point_mass = next(
-            (n for n in self.latents if _is_delta(guide_trace.nodes[n]["fn"])), None
+            (n for n in self.latents if is_delta(guide_trace.nodes[n]["fn"])), None
         )
         self.vectorized, self.why_sequential = True, None
         if vectorize is False:
@@ -194,7 +194,8 @@ class Particles:
         return local.expand(k, -1), global_term  # (K, N), (K,)
 
 
-def _is_delta(fn) -> bool:
+def is_delta(fn) -> bool:
+    """Whether ``fn`` is a point mass (a Delta, possibly made Independent or masked)."""
     while isinstance(fn, (dist.Independent, dist.MaskedDistribution)):
         fn = fn.base_dist
     return isinstance(fn, dist.Delta)

@@ -57,7 +57,7 @@ from inference.evaluate import (
     probe_rows,
     row_log_prob,
 )
-from inference.particles import Particles, check_covers, check_full_terms
+from inference.particles import Particles, check_covers, check_full_terms, is_delta
 
 
 @dataclass
@@ -117,7 +117,7 @@ def scores(
     particles = Particles(model, guide, example, data_plate, whole=whole)
     check_full_terms(particles, "an importance-sampled log p(x)")
     check_support(model, guide, rows.slice(0, batch_size))
-    point_mass = _point_mass(guide, example)
+    point_mass = particles.point_mass
     lse1, lse2 = importance_sums(particles, rows, num_samples, batch_size, particle_batch)
     log_mean = lse1 - math.log(num_samples)
     # mean(w^2) / mean(w)^2 - 1 = Var(w) / mean(w)^2, computed in log space
@@ -384,7 +384,7 @@ def _posterior_average(
     else:
         particles = Particles(swapped, guide, example, data_plate, whole=whole)
         check_full_terms(particles, "a posterior given part of the data")
-        site_name = _point_mass(guide, example)
+        site_name = particles.point_mass
         if site_name is not None:
             raise ValueError(
                 f"guide site {site_name!r} is a point mass (Delta): every draw is the same value,"
@@ -518,12 +518,8 @@ def _point_mass(guide, example) -> Optional[str]:
             *((example,) if torch.is_tensor(example) else example)
         )
     for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"]:
-            fn = site["fn"]
-            while isinstance(fn, (dist.Independent, dist.MaskedDistribution)):
-                fn = fn.base_dist
-            if isinstance(fn, dist.Delta):
-                return name
+        if site["type"] == "sample" and not site["is_observed"] and is_delta(site["fn"]):
+            return name
     return None
 
 

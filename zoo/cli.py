@@ -1431,9 +1431,12 @@ def _raised_at(err: BaseException) -> str:
     the zoo's, torch's or Pyro's), where there is one."""
     import traceback
 
-    skip = (str(Path(__file__).parent), str(Path(loop.__file__).parent), "site-packages", "<")
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(skip)]
-    frames = [f for f in frames if "site-packages" not in f.filename]
+    skip = (str(Path(__file__).parent), str(Path(loop.__file__).parent), "<")
+    frames = [
+        f
+        for f in traceback.extract_tb(err.__traceback__)
+        if not f.filename.startswith(skip) and "site-packages" not in f.filename
+    ]
     return f" in {frames[-1].filename}, line {frames[-1].lineno}" if frames else ""
 
 
