@@ -5,6 +5,7 @@ Every write goes to a temporary file in the destination folder and is moved into
 never half of either, even if the process is killed mid-write.
 """
 
+import io
 import json
 import os
 import tempfile
@@ -31,9 +32,11 @@ def atomic_write(path: PathLike, write: Callable[[object], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:  # a write names no file
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
     return path
 
@@ -48,8 +51,13 @@ def save_json(path: PathLike, obj) -> Path:
 
 
 def save_torch(path: PathLike, obj) -> Path:
-    """``torch.save`` made atomic; load back with ``torch.load(path, weights_only=True)``."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` made atomic; load back with ``torch.load(path, weights_only=True)``.
+
+    Serialized in memory first: torch's own file writer turns a full disk or a file-size
+    limit into a RuntimeError ("unexpected pos"), a plain write into the OSError it is."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def _json_default(obj):

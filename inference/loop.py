@@ -308,13 +308,23 @@ class DivergenceWarning(UserWarning):
     """The training objective ran away by orders of magnitude: the learning rate is too high."""
 
 
+def diverged(history, now: float) -> bool:
+    """Whether the objective ``now`` (per data point, higher is better: an epoch's, or a
+    held-out ELBO after the fit) is worse than the first training step's by more than a
+    hundred times the larger of 1 and its size."""
+    if not history or "loss" not in history[0]:
+        return False
+    first = -history[0].get("first_loss", history[0]["loss"])
+    return now < first and abs(now - first) > 100 * max(1.0, abs(first))
+
+
 def _warn_if_diverging(history, record) -> None:
     """Warn once when an epoch's objective is a hundred times worse than the first step's."""
     if any(r.get("diverging") for r in history):
         return
     start = history[0] if history else record
     first, now = -start.get("first_loss", start["loss"]), record["objective"]
-    if now < first and abs(now - first) > 100 * max(1.0, abs(first)):
+    if diverged([start], now):
         record["diverging"] = True
         warnings.warn(
             f"the training objective fell from {first:.4g} (the first step) to {now:.4g} (epoch"

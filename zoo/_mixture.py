@@ -21,7 +21,7 @@ from pyro.distributions.util import is_validation_enabled
 from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch.distributions import transform_to
 
-from zoo.nets import check_number, check_sizes
+from zoo.nets import check_number, check_sizes, one_row
 
 # what both mixtures are compared by (zoo.comparisons): EM, and SVI on the same MAP objective
 # from EM's start, so that only the optimizer differs; SVI full-batch-like, at a mixture's rate
@@ -179,7 +179,10 @@ class Mixture(PyroModule):
                 " the Bernoulli mixture)"
             )
         if x.dim() != 2 or x.shape[-1] != self.config.dim:
-            raise ValueError(f"data must have shape (N, {self.config.dim}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"data must have shape (N, {self.config.dim}), got {tuple(x.shape)}"
+                + one_row(x, self.config.dim)
+            )
         if x.shape[0] == 0:
             raise ValueError("data is empty (N = 0)")
         if not is_validation_enabled():  # value checks cost a pass over the data

@@ -399,6 +399,14 @@ def _arguments(config, split, model, labels=True, data=None):
         raise ValueError(
             f"--data {name}: {error} (rows are read as the run's own: binarize {binarize!r})"
         ) from None
+    recorded = config.get("row_shape")
+    if data is None and recorded is not None and list(x.shape[1:]) != list(recorded):
+        raise ValueError(
+            f"the run's data ({name}, as its config.json records it) has rows of shape"
+            f" {tuple(x.shape[1:])}, but the run was fitted on rows of shape {tuple(recorded)}:"
+            " config.json's data was changed since the fit: set it back to the data its"
+            ' "command" names'
+        )
     if data is not None:
         own, _ = runs.split(config["data"], "train", binarize, 1)
         if x.shape[1:] != own.shape[1:]:

@@ -889,6 +889,9 @@ class _Fit:
             "binarize": self.binarize,
             "held_out_binarize": self.held_out,
             "max_data": self.flags.max_data,
+            # the shape of one row, so that a later command on a config.json whose data was
+            # changed says so instead of failing in the model
+            "row_shape": list(self.train[0].shape[1:]),
             "inference": self.flags.inference,
             "options": options,
             "built_on": self.built_on,
@@ -1018,7 +1021,8 @@ class _Fit:
         out = dict(
             **_run_settings(options),
             checkpoint=self.out / "checkpoint.pt",
-            resume=self.resume,
+            # a run stopped before its first checkpoint starts from the beginning
+            resume=self.resume and (self.out / "checkpoint.pt").exists(),
             progress=not self.flags.quiet,
             transform=_dynamic if self.binarize == "dynamic" else None,
             valid_data=None if valid is None else registry.as_data(valid),
@@ -1077,12 +1081,32 @@ class _Fit:
             metrics[f"best_valid_{name}"] = result.valid_objective
         if config["inference"] != "em":
             metrics["latent_usage"] = usage = _latent_usage(self.model, splits)
-            _warn_if_collapsed(usage, self.spec)
+            _warn_if_diverged(result.history, metrics) or _warn_if_collapsed(usage, self.spec)
         files.save_json(self.out / "metrics.json", metrics)
         _figures(self.model, config, result.history, self.out, self.info, splits)
         return metrics
 
 
+def _warn_if_diverged(history, metrics) -> bool:
+    """Say so when the held-out score ends a hundred times worse than the first training step
+    (the loop warns on the epochs' training objectives; a step after the last of them can
+    still run the parameters away), and record it in metrics.json."""
+    key = next((k for k in HELD_OUT_SCORES if metrics.get(k) is not None), None)
+    if key is None or any(r.get("diverging") for r in history):
+        return False
+    if not loop.diverged(history, metrics[key]):
+        return False
+    metrics["diverged"] = True
+    first = -history[0].get("first_loss", history[0]["loss"])
+    print(
+        f"zoo: warning: the fit diverged: {key} is {metrics[key]:.4g} per data point, against"
+        f" {first:.4g} at the first training step; refit with a lower --lr (and --overwrite)",
+        file=sys.stderr,
+    )
+    return True
+
+
+HELD_OUT_SCORES = ("test_elbo", "test_log_likelihood", "train_elbo", "train_log_likelihood")
 COLLAPSED_KL = 0.1  # nats per data point: a latent site that tells the decoder less is unused
 COLLAPSED_SPREAD = 0.05  # reconstructions varying less than this share of the data's: one image
 
@@ -1440,15 +1464,25 @@ def _raised_at(err: BaseException) -> str:
     return f" in {frames[-1].filename}, line {frames[-1].lineno}" if frames else ""
 
 
-def _os_error(err: OSError) -> str:
+def _os_error(err: OSError, command: str = "fit") -> str:
     """An operating system's refusal in a sentence: what, where, and that nothing saved is
     damaged (every file the zoo writes is written whole or not at all)."""
-    where = f" ({err.filename})" if err.filename else ""
+    name = Path(err.filename) if err.filename else None
+    if name is not None and name.name.startswith(".") and name.suffix == ".tmp":
+        name = name.with_name(name.name[1:].rsplit(".", 2)[0])  # the file it was to become
+    where = f" ({name})" if name is not None else ""
     full = err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
     what = "the disk is full or a file-size limit was reached" if full else err.strerror or err
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and name is not None:
+        what = f"{what}: the folder {name.parent} cannot be written (read-only, or not yours)"
+    again = (
+        "a fit continues from its last checkpoint with --resume once this is fixed"
+        if command == "fit"
+        else "run the command again once this is fixed"
+    )
     return (
         f"{what}{where}. Files are written whole or not at all, so what was saved before is"
-        " intact; a fit continues from its last checkpoint with --resume once this is fixed"
+        f" intact; {again}"
     )
 
 
@@ -1480,7 +1514,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the output was piped into a reader that stopped (head)
         return 1
     except OSError as err:  # a read-only folder, a full disk, a file-size limit
-        print(f"zoo: error: {_os_error(err)}", file=sys.stderr)
+        print(f"zoo: error: {_os_error(err, args.command)}", file=sys.stderr)
         return 1
     finally:
         if tdist.is_available() and tdist.is_initialized():

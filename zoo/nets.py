@@ -53,8 +53,13 @@ def check_rows(x, dim: int) -> int:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2 or x.shape[-1] != dim:
-        raise ValueError(f"x must have shape (N, {dim}), got {tuple(x.shape)}")
+        raise ValueError(f"x must have shape (N, {dim}), got {tuple(x.shape)}{one_row(x, dim)}")
     return x.shape[0]
+
+
+def one_row(x, dim: int) -> str:
+    """The hint for a single row given without its row axis, else nothing."""
+    return f": one row is x[None], of shape (1, {dim})" if tuple(x.shape) == (dim,) else ""
 
 
 def check_sizes(config, *names: str) -> None:

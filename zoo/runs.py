@@ -157,8 +157,10 @@ def _check_claim(path: Path, overwrite: bool, resume: bool) -> bool:
     if resume:
         if not is_run(path):
             raise RunError(f"nothing to resume: {path} holds no zoo run")
-        if not (path / "checkpoint.pt").exists():
+        if not (path / "checkpoint.pt").exists() and (path / "params.pt").exists():
             raise RunError(f"nothing to resume: {path / 'checkpoint.pt'} does not exist")
+        # no checkpoint and no parameters: stopped before its first checkpoint, the run starts
+        # from the beginning on its own settings
         return False
     return _replaceable(path, others, overwrite, is_run(path), ("zoo run", "run"))
 
