@@ -198,3 +198,20 @@ def test_steal_is_read_from_the_eighth_field_of_the_cpu_line(tmp_path, monkeypat
     assert cpu_ticks(str(tmp_path / "missing")) is None
     assert steal_fraction((34, 1000), (84, 1200)) == pytest.approx(0.25)
     assert math.isnan(steal_fraction(None, (84, 1200)))
+
+
+def test_kill_resume_benchmark_quick(tmp_path, monkeypatch):
+    """The VQ-VAE (two stages) stopped once by kill -9 and once by SIGINT at moments inside its
+    fit, resumed, ends on the uninterrupted fit's parameters; the table is made from the JSON."""
+    _quick("kill_resume.py", tmp_path)
+    report = json.loads((tmp_path / "kill_resume-quick.json").read_text())
+    (entry,) = report["models"]
+    assert entry["model"] == "vqvae"
+    assert [s["signal"] for s in entry["stops"]] == ["SIGKILL", "SIGINT"]
+    for stop in entry["stops"]:
+        assert stop["identical"] and stop["tensors"] > 10 and stop["ranks_stopped"], stop
+        assert stop["resume_rc"] == 0
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import kill_resume
+
+    assert kill_resume.markdown(report) == (tmp_path / "kill_resume-quick.md").read_text()
