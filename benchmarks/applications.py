@@ -77,7 +77,8 @@ def _finished_rows(args, name: str) -> dict:
 def task_mask(args, data) -> Path:
     """The seen pixels of the CVAE's quadrant task on the test split (one quadrant per image,
     drawn with the task's own seed), saved for `zoo complete --mask FILE`."""
-    from zoo import cvae, runs
+    from zoo import runs
+    from zoo.models import cvae
 
     x, _ = runs.split(data, "test", "static")
     side = int(round(x.shape[1] ** 0.5))

@@ -1,5 +1,5 @@
 """
-The diffusion model (zoo/diffusion.py) against the VAE at the same training budget, and its
+The diffusion model (zoo/models/diffusion.py) against the VAE at the same training budget, and its
 ELBO as the hierarchy deepens.
 
     python benchmarks/diffusion_nll.py --epochs 3            # MNIST table (minutes on a CPU)
@@ -63,7 +63,7 @@ def depth_rows(epochs: int, steps_list, schedules):
 
     from inference import reparam
     from zoo import data
-    from zoo.diffusion import Diffusion, DiffusionConfig
+    from zoo.models.diffusion import Diffusion, DiffusionConfig
 
     x, _ = data.load("digits", "train", "threshold")
     x_test, _ = data.load("digits", "test", "threshold")

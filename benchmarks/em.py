@@ -45,8 +45,8 @@ from _rates import MachineState, best_time, matmul_rate  # noqa: E402
 from inference import em  # noqa: E402
 from inference.sparse import SparseRows, t_matmul  # noqa: E402
 from zoo import data  # noqa: E402
-from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
-from zoo.gmm import GaussianMixture  # noqa: E402
+from zoo.models.bernoulli_mixture import BernoulliMixture, BMMConfig  # noqa: E402
+from zoo.models.gmm import GaussianMixture  # noqa: E402
 
 PUBLISHED_MOB_K500 = -137.64
 

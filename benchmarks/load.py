@@ -49,7 +49,7 @@ def step_em(quick: bool) -> float:
     from inference import em
     from inference.sparse import SparseRows
     from zoo import data
-    from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig
+    from zoo.models.bernoulli_mixture import BernoulliMixture, BMMConfig
 
     x, _ = data.load("mnist", split="train", binarize="static")
     x = x[:6000] if quick else x
@@ -65,7 +65,7 @@ def step_em(quick: bool) -> float:
 def step_nuts(quick: bool) -> float:
     from inference import mcmc
     from zoo import data
-    from zoo.gmm import GaussianMixture
+    from zoo.models.gmm import GaussianMixture
 
     x, _ = data.load("faithful")
     built = GaussianMixture(num_components=2, dim=2).bayesian(x)
@@ -82,7 +82,7 @@ def step_vae(quick: bool) -> float:
 
     from inference import reparam
     from zoo import data
-    from zoo.vae import VAE, VAEConfig
+    from zoo.models.vae import VAE, VAEConfig
 
     x, _ = data.load("mnist", split="train", binarize="static")
     x = x[: 2048 if quick else 20000]

@@ -1,5 +1,5 @@
 """
-NUTS on the Bayesian GMM of Old Faithful (``zoo.gmm.bayesian_model``, K = 2, 11 unknowns, the
+NUTS on the Bayesian GMM of Old Faithful (``zoo.models.gmm.bayesian_model``, K = 2, 11 unknowns, the
 standardized 218 training rows): the zoo's driver against the samplers a user would pick instead,
 all measured in one run on this machine; prints a table, saves JSON and Markdown.
 
@@ -53,7 +53,7 @@ from _rates import cpu_ticks, load_average, numpyro_available, steal_fraction  #
 
 from inference import mcmc  # noqa: E402
 from zoo import data  # noqa: E402
-from zoo.gmm import bayesian_model  # noqa: E402
+from zoo.models.gmm import bayesian_model  # noqa: E402
 
 K = 2
 

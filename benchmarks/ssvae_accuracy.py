@@ -33,7 +33,7 @@ import _zoo_runs  # noqa: E402
 import torch  # noqa: E402
 
 from zoo import data  # noqa: E402
-from zoo.nets import mlp  # noqa: E402
+from zoo.models.nets import mlp  # noqa: E402
 
 PYRO = {100: 93.19, 600: 94.37, 1000: 94.87, 3000: 95.82}  # tutorial, with the auxiliary loss
 PYRO_BASELINE = {100: 77.12, 600: 87.16, 1000: 88.63, 3000: 91.08}  # labelled data only

@@ -48,7 +48,7 @@ from _rates import (  # noqa: E402
 
 from inference import loop, reparam, svi  # noqa: E402
 from zoo import data  # noqa: E402
-from zoo.vae import VAE, VAEConfig  # noqa: E402
+from zoo.models.vae import VAE, VAEConfig  # noqa: E402
 
 LAYERS = ((784, 400), (400, 20), (400, 20), (20, 400), (400, 784))  # (in, out) of each layer
 

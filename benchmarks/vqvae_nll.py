@@ -1,6 +1,7 @@
 """
-The VQ-VAE (zoo/vqvae.py) in nats per image beside the VAE: the bound with the uniform prior of
-stage 1 and with the learned PixelCNN prior of stage 2, its two terms, and the codebook's use.
+The VQ-VAE (zoo/models/vqvae.py) in nats per image beside the VAE: the bound with the uniform
+prior of stage 1 and with the learned PixelCNN prior of stage 2, its two terms, and the
+codebook's use.
 
     python benchmarks/vqvae_nll.py --epochs 10             # MNIST, both stages (~15 min, 2 cores)
     python benchmarks/vqvae_nll.py --quick --out /tmp/x    # 8x8 digits, what the tests run

@@ -118,7 +118,7 @@ def test_a_conditional_model_is_completed_given_its_labels(cvae_run, tmp_path):
     is the one ``inference.uses`` gives with condition=(one-hot labels,), it beats the mean
     image, and it beats the completion given every label moved by one (the condition is
     read row by row). Without labels the CVAE refuses; a mask file is read as given."""
-    from zoo.cvae import one_hot
+    from zoo.models.cvae import one_hot
 
     argv = ["complete", str(cvae_run), "--mask", "bottom-half", "--num-rows", "200"]
     assert cli.main(argv) == 0

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoo import _mixture, cli, runs
+from zoo import cli, runs
+from zoo.models import _mixture
 
 PPCA_FILE = Path(__file__).parent / "user_models" / "ppca.py"
 PPCA_SOURCE = PPCA_FILE.read_text()

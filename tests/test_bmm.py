@@ -8,7 +8,7 @@ import torch
 from inference import em, evaluate
 from tests.conftest import requires_mnist
 from zoo import data
-from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig, ProductBernoulli
+from zoo.models.bernoulli_mixture import BernoulliMixture, BMMConfig, ProductBernoulli
 
 
 def test_product_bernoulli_equals_pyro_bernoulli_when_enumerated():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import requires_mnist
-from zoo import cli, cvae, registry, runs
+from zoo import cli, registry, runs
+from zoo.models import cvae
 
 FITS = [
     ["gmm", "--data", "faithful"],
@@ -101,7 +102,7 @@ def test_help_answers_before_torch_and_pyro_load():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
     from zoo import VAE, data
-    from zoo.vae import VAE as same
+    from zoo.models.vae import VAE as same
 
     assert VAE is same and cli.catalog.NAMES is data.NAMES
 
@@ -381,7 +382,7 @@ def test_fit_m1_m2_stacks_on_a_fitted_vae(tmp_path, capsys):
     with pytest.raises(SystemExit, match="built on the fitted run"):
         cli.main([*argv, "--epochs", "3", "--resume", str(run)])
     assert cli.main([*ssvae, "--stack-on", str(run), "--out", str(tmp_path / "x")]) == 2
-    assert "stacks on a zoo.vae.VAE" in capsys.readouterr().err
+    assert "stacks on a zoo.models.vae.VAE" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no fitted run there"):
         cli.main([*ssvae, "--stack-on", str(tmp_path), "--out", str(tmp_path / "y")])
 

@@ -16,9 +16,10 @@ from scipy.stats import multivariate_normal
 
 from inference import compare, em, evaluate, mcmc, svi
 from inference.loop import run as loop_run
-from zoo import bernoulli_mixture, cli, comparisons, data, gmm, registry
+from zoo import cli, comparisons, data, registry
 
 # ------------------------------------------------------------------------------- the runner
+from zoo.models import bernoulli_mixture, gmm
 
 
 def test_recorder_excludes_paused_time_and_keeps_the_budget():

@@ -4,7 +4,7 @@ import torch
 
 from inference import evaluate, reparam, svi
 from zoo import data
-from zoo.cvae import CVAE, Baseline, CVAEConfig, one_hot, quadrant_task
+from zoo.models.cvae import CVAE, Baseline, CVAEConfig, one_hot, quadrant_task
 
 
 def digits(num=400):

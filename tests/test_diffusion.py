@@ -1,4 +1,4 @@
-"""The diffusion model (zoo/diffusion.py) against closed forms and its own chain: the forward
+"""The diffusion model (zoo/models/diffusion.py) against closed forms and its own chain: the forward
 marginals and posteriors, the per-level KL, the sampled-level estimator's expectation, the
 ELBO below log p(x) where log p(x) can be computed, training, the command line."""
 
@@ -12,7 +12,7 @@ from torch.distributions import Normal, kl_divergence
 
 from inference import evaluate, reparam
 from zoo import cli, data
-from zoo.diffusion import Diffusion, DiffusionConfig, fixed_gamma
+from zoo.models.diffusion import Diffusion, DiffusionConfig, fixed_gamma
 
 
 def _model(schedule="cosine", steps=20, x_dim=64, timesteps=1, hidden=(32,), seed=0):

@@ -95,7 +95,7 @@ def test_api_reference_documents_the_drivers_and_models(site):
         ("inference.reparam", "fit"),
         ("inference.evaluate", "log_likelihood"),
         ("inference.uses", "complete"),
-        ("zoo.vae", "VAE"),
+        ("zoo.models.vae", "VAE"),
         ("zoo.registry", "register"),
     ]:
         page = (api / f"{module}.html").read_text()

@@ -182,8 +182,8 @@ def test_default_chunk_size_follows_what_the_model_says_it_materializes():
     """The Bernoulli mixture's E-step is a matrix product: K values per row (plus K
     responsibilities), not K x D, so it is given far larger chunks than a model that says
     nothing, which is assumed to make 4 K D values per row (the earlier fixed rule)."""
-    from zoo.bernoulli_mixture import BernoulliMixture, BMMConfig
-    from zoo.gmm import GaussianMixture
+    from zoo.models.bernoulli_mixture import BernoulliMixture, BMMConfig
+    from zoo.models.gmm import GaussianMixture
 
     bmm = BernoulliMixture(BMMConfig(num_components=10, dim=784))
     assert em._default_chunk_size(bmm.model, 10, 784) == 2**22 // 20

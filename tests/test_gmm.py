@@ -8,7 +8,7 @@ from sklearn.mixture import GaussianMixture as SklearnGMM
 
 from inference import em, evaluate
 from zoo import data
-from zoo.gmm import GaussianMixture, GMMConfig
+from zoo.models.gmm import GaussianMixture, GMMConfig
 
 
 def make_data(num=200, seed=0):

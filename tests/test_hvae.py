@@ -6,7 +6,7 @@ from pyro import poutine
 
 from inference import evaluate, reparam
 from zoo import data
-from zoo.hvae import HVAE, HVAEConfig, precision_weighted
+from zoo.models.hvae import HVAE, HVAEConfig, precision_weighted
 
 
 def digits(num=400):

@@ -11,7 +11,7 @@ from pyro.infer import Trace_ELBO
 
 from inference import batching, evaluate, loop, reparam, svi
 from tests._models import PPCA, delta_guide_for_mean, gaussian_with_global_mean
-from zoo.vae import VAE, VAEConfig
+from zoo.models.vae import VAE, VAEConfig
 
 
 def binary_batch(num=64, dim=12, seed=0):
@@ -545,7 +545,7 @@ def test_svi_fits_the_gmm_by_map_like_em():
     """The mixtures also fit through SVI: TraceEnum_ELBO with the empty guide is exact MAP."""
     from inference import em
     from zoo import data
-    from zoo.gmm import GaussianMixture
+    from zoo.models.gmm import GaussianMixture
 
     x, _ = data.make_gaussian_mixture(300, seed=3)
     by_em = GaussianMixture(num_components=3, dim=2)

@@ -21,9 +21,9 @@ import torch
 from inference import em, evaluate, loop, reparam, svi
 from tests.conftest import requires_mnist
 from zoo import cli, data, runs
-from zoo.bernoulli_mixture import BernoulliMixture
-from zoo.gmm import GaussianMixture
-from zoo.vae import VAE, VAEConfig
+from zoo.models.bernoulli_mixture import BernoulliMixture
+from zoo.models.gmm import GaussianMixture
+from zoo.models.vae import VAE, VAEConfig
 
 GMM = ["fit", "gmm", "--data", "faithful", "--quiet"]
 VAE_DIGITS = ["fit", "vae", "--data", "digits", "--epochs", "1", "--z-dim", "2", "--hidden", "8"]

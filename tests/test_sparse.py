@@ -6,8 +6,8 @@ import torch
 from inference import em
 from inference.sparse import SparseRows, t_matmul
 from zoo import data
-from zoo.bernoulli_mixture import BernoulliMixture
-from zoo.gmm import GaussianMixture
+from zoo.models.bernoulli_mixture import BernoulliMixture
+from zoo.models.gmm import GaussianMixture
 
 # the tests make CSR tensors of their own, of which torch warns once that they are "in beta"
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")

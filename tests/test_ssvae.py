@@ -11,9 +11,9 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from inference import svi
 from zoo import data
-from zoo.nets import mlp
-from zoo.ssvae import SSVAE, SSVAEConfig
-from zoo.vae import VAE, VAEConfig
+from zoo.models.nets import mlp
+from zoo.models.ssvae import SSVAE, SSVAEConfig
+from zoo.models.vae import VAE, VAEConfig
 
 
 def small_model(alpha=46.0, enumerate=True):

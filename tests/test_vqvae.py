@@ -14,7 +14,7 @@ from pyro.infer import SVI, Trace_ELBO
 
 from inference import evaluate, reparam, svi
 from zoo import cli, data
-from zoo.vqvae import VQVAE, CodePrior, straight_through
+from zoo.models.vqvae import VQVAE, CodePrior, straight_through
 
 
 def digits(num=64):

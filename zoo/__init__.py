@@ -31,7 +31,7 @@ def __getattr__(name):
     """``from zoo import VAE``: the model's module is imported when it is first asked for, so
     that importing the package (``zoo --help``) does not load torch and Pyro."""
     if name in _WHERE:
-        return getattr(importlib.import_module(f"zoo.{_WHERE[name]}"), name)
+        return getattr(importlib.import_module(f"zoo.models.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")
 
 

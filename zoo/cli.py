@@ -45,6 +45,7 @@ import typing
 import warnings
 from pathlib import Path
 
+from inference import drivers  # the driver table: names only until a driver is used
 from zoo import catalog, registry  # light: the models load when one is asked for
 
 
@@ -73,7 +74,7 @@ files = _Lazy("inference.io")  # save_json, save_torch
 comparisons, data, plots = _Lazy("zoo.comparisons"), _Lazy("zoo.data"), _Lazy("zoo.plots")
 runs = _Lazy("zoo.runs")
 
-LOOP = ("svi", "reparam")  # the drivers that run the training loop (inference.loop)
+LOOP = drivers.LOOP  # the drivers that run the training loop (inference.loop)
 
 
 # ------------------------------------------------------------------------------ argument types
@@ -123,10 +124,25 @@ def _positive_int(text: str) -> int:
 
 # The shared fit flags: (name, type, default, the drivers it applies to, help). A flag given
 # for another driver is refused; the defaults fill in those that apply and were not given.
+class _Default:
+    """A flag's default read from the drivers' own ``fit`` signatures (``inference.drivers``)
+    when it is needed, never a copy: the driver option it stands for."""
+
+    def __init__(self, option: str):
+        self.option = option
+
+    def value(self, names):
+        return drivers.default(self.option, names)
+
+
+def _default(default, names):
+    return default.value(names) if isinstance(default, _Default) else default
+
+
 FIT_FLAGS = (
-    ("epochs", _positive_int, 10, LOOP, "passes over the training rows"),
-    ("batch_size", _positive_int, 128, LOOP, "minibatch size"),
-    ("lr", _positive_float, 1e-3, LOOP, "Adam's learning rate"),
+    ("epochs", _positive_int, _Default("num_epochs"), LOOP, "passes over the training rows"),
+    ("batch_size", _positive_int, _Default("batch_size"), LOOP, "minibatch size"),
+    ("lr", _positive_float, _Default("lr"), LOOP, "Adam's learning rate"),
     (
         "lr_decay",
         _unit_interval,
@@ -139,10 +155,22 @@ FIT_FLAGS = (
     ("max_steps", _positive_int, None, LOOP, "stop after N steps (smoke runs)"),
     ("eval_samples", _positive_int, 100, LOOP, "importance samples for the held-out scores"),
     ("loss", str, None, ("svi",), "Pyro's ELBO (default: the model's)"),
-    ("iwae", _positive_int, 1, ("reparam",), "importance-weighted bound with K particles"),
-    ("tol", _positive_float, 1e-4, ("em",), "stop when the mean log-likelihood gains less"),
-    ("max_iter", _positive_int, 500, ("em",), "EM iterations"),
-    ("n_init", _positive_int, 1, ("em",), "restarts; the best is kept"),
+    (
+        "iwae",
+        _positive_int,
+        _Default("num_particles"),
+        ("reparam",),
+        "importance-weighted bound with K particles",
+    ),
+    (
+        "tol",
+        _positive_float,
+        _Default("tol"),
+        ("em",),
+        "stop when the mean log-likelihood gains less",
+    ),
+    ("max_iter", _positive_int, _Default("max_iter"), ("em",), "EM iterations"),
+    ("n_init", _positive_int, _Default("n_init"), ("em",), "restarts; the best is kept"),
     ("sparse", str, "auto", ("em",), "EM on sparse rows: auto, yes or no"),
 )
 _CHOICES = {"sparse": ("auto", "yes", "no")}  # and "loss": svi.LOSSES, read when used
@@ -516,10 +544,11 @@ def _fit_parser(spec) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     shared = parser.add_argument_group("the drivers (each flag names those it applies to)")
-    for name, kind, default, drivers, text in FIT_FLAGS:
-        if not set(drivers) & set(spec.drivers):
+    for name, kind, default, applies, text in FIT_FLAGS:
+        if not set(applies) & set(spec.drivers):
             continue  # a flag for drivers the model does not take: argparse refuses it
-        shown = f"{text} [{'|'.join(drivers)}" + (f"; default {default}]" if default else "]")
+        default = _default(default, applies)
+        shown = f"{text} [{'|'.join(applies)}" + (f"; default {default}]" if default else "]")
         shared.add_argument(
             f"--{name.replace('_', '-')}",
             type=kind,
@@ -687,15 +716,16 @@ def _settings(spec, flags, defaults=None) -> dict:
             "zoo: EM fits have no checkpoint to resume (they restart in seconds to minutes);"
             " fit again, with --overwrite to replace the run"
         )
-    for name, _, default, drivers, _ in table:
+    for name, _, default, applies, _ in table:
         value = getattr(flags, name, None)
-        if value is not None and driver not in drivers:
+        if value is not None and driver not in applies:
             raise SystemExit(
-                f"zoo: --{name.replace('_', '-')} applies to --inference {'|'.join(drivers)},"
+                f"zoo: --{name.replace('_', '-')} applies to --inference {'|'.join(applies)},"
                 f" and {spec.name} is fitted by --inference {driver} here"
             )
-        if driver in drivers:
-            settings[name] = defaults.get(name, default) if value is None else value
+        if driver in applies:
+            given = defaults.get(name, _default(default, (driver,)))
+            settings[name] = given if value is None else value
     if settings.get("resume_lr") is not None and settings.get("resume") is None:
         raise SystemExit("zoo: --resume-lr continues a run from its checkpoint: pass --resume too")
     if settings.get("resume_lr") is not None:
@@ -946,7 +976,8 @@ class _Fit:
         if driver == "em":
             value = sparse.SparseRows(value) if options["sparse"] else value
             settings = {k: options[k] for k in ("tol", "max_iter", "n_init", "seed")}
-            return em.fit(
+            return drivers.fit(
+                "em",
                 self.model.model,
                 self.model.guide,
                 value,
@@ -955,12 +986,12 @@ class _Fit:
                 **declared,
             )
         loop_options = self.loop_options(options)
-        fit = svi.fit if driver == "svi" else reparam.fit
         declared["jit"] = options["jit"]
         if driver == "reparam":
             declared["num_particles"] = options["iwae"]
+        model, guide = self.model.model, self.model.guide
         try:
-            return fit(self.model.model, self.model.guide, value, **declared, **loop_options)
+            return drivers.fit(driver, model, guide, value, **declared, **loop_options)
         except FloatingPointError as error:
             raise SystemExit(f"zoo: error: {error}{self._nan_hint()}") from None
 
@@ -1000,10 +1031,14 @@ class _Fit:
                 description=stage.name,
             )
             value = registry.stage_data(stage, self.arguments("train", self.train))
-            fit = svi.fit if stage.driver == "svi" else reparam.fit
             try:
-                results[stage.name] = fit(
-                    stage.model, stage.guide, registry.as_data(value), **stage.options, **loop
+                results[stage.name] = drivers.fit(
+                    stage.driver,
+                    stage.model,
+                    stage.guide,
+                    registry.as_data(value),
+                    **stage.options,
+                    **loop,
                 )
             except FloatingPointError as error:
                 raise SystemExit(f"zoo: error in stage {stage.name!r}: {error}") from None

@@ -56,7 +56,7 @@ import pyro
 import torch
 
 from inference import compare as runner
-from inference import em, evaluate, mcmc, reparam, svi
+from inference import drivers, em, evaluate, mcmc, reparam, svi
 from inference.io import save_json
 from zoo import registry, runs
 
@@ -65,11 +65,14 @@ from zoo import registry, runs
 class Setup:
     """Everything a comparison needs beyond the methods; the model may change the defaults."""
 
-    max_iter: int = 500  # EM / reference iterations
-    tol: float = 1e-6  # EM / reference tolerance on the mean log-likelihood
-    epochs: int = 10  # the loop's drivers
-    batch_size: int = 128
-    lr: float = 1e-3
+    max_iter: int = field(default_factory=lambda: drivers.default("max_iter"))  # EM
+    # EM's and the references' tolerance on the mean log-likelihood: tighter than EM's own
+    # default (inference.em.fit's tol), so that methods are compared at their optima
+    tol: float = 1e-6
+    # the loop's drivers: their own defaults (inference.drivers)
+    epochs: int = field(default_factory=lambda: drivers.default("num_epochs"))
+    batch_size: int = field(default_factory=lambda: drivers.default("batch_size", drivers.LOOP))
+    lr: float = field(default_factory=lambda: drivers.default("lr", drivers.LOOP))
     chains: int = 2  # NUTS
     nuts_warmup: int = 150
     nuts_samples: int = 150
@@ -290,7 +293,8 @@ def _driver_run(task: _Task, method: Dict, seed: int, recorder) -> Dict:
     if driver == "em":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", em.ConvergenceWarning)
-            result = em.fit(
+            result = drivers.fit(
+                "em",
                 model.model,
                 model.guide,
                 value,
@@ -301,14 +305,14 @@ def _driver_run(task: _Task, method: Dict, seed: int, recorder) -> Dict:
                 **options,
             )
     else:
-        fit = svi.fit if driver == "svi" else reparam.fit
         guide = (
             svi.score_function(model.guide)
             if method.get("guide") == "score_function"
             else model.guide
         )
         batch_size = min(setup.batch_size, len(task.train[0]))
-        result = fit(
+        result = drivers.fit(
+            driver,
             model.model,
             guide,
             value,

@@ -70,7 +70,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Protocol, Tuple
 
-DRIVERS = ("em", "svi", "reparam")
+from inference.drivers import LOOP
+from inference.drivers import NAMES as DRIVERS  # the driver table's names (inference.drivers)
+
 ENTRY_POINTS = "zoo.models"
 
 
@@ -197,8 +199,8 @@ class Stage:
     options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.driver not in ("reparam", "svi"):
-            raise ValueError(f"stage {self.name!r}: driver must be 'reparam' or 'svi'")
+        if self.driver not in LOOP:
+            raise ValueError(f"stage {self.name!r}: driver must be one of {', '.join(LOOP)}")
 
 
 def stages(model) -> Tuple[Stage, ...]:
@@ -324,19 +326,19 @@ def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-# the zoo's modules that hold no model (every other public module of the package is imported,
-# and registers its models: a new model is one new file)
-_NOT_MODELS = {"cli", "comparisons", "data", "nets", "plots", "registry", "runs"}
+# the zoo's models: every module of zoo/models/ but the shared helpers (a name starting with
+# "_") and nets.py; a new model is one new file there
+_HELPERS = {"nets"}
 
 
 def _load_builtin() -> None:
     import pkgutil
 
-    import zoo
+    from zoo import models
 
-    for module in pkgutil.iter_modules(zoo.__path__):
-        if not module.name.startswith("_") and module.name not in _NOT_MODELS:
-            importlib.import_module(f"zoo.{module.name}")
+    for module in pkgutil.iter_modules(models.__path__):
+        if not module.name.startswith("_") and module.name not in _HELPERS:
+            importlib.import_module(f"zoo.models.{module.name}")
 
 
 _loaded_entry_points = []

@@ -44,7 +44,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from zoo.nets import GaussianEncoder, check_rows, check_sizes, mlp
+from zoo.models.nets import GaussianEncoder, check_rows, check_sizes, mlp
 from zoo.registry import register
 
 _PAPER_Z = (64, 32, 16, 8, 4)
@@ -143,7 +143,7 @@ class HVAE(nn.Module):
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="linear")
                 nn.init.zeros_(layer.bias)
         self.kl_weight = 1.0
-        self._pyro_name = name  # stable: checkpoints are keyed by it (see zoo.vae)
+        self._pyro_name = name  # stable: checkpoints are keyed by it (see zoo.models.vae)
 
     @property
     def num_layers(self) -> int:

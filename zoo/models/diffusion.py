@@ -78,7 +78,7 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-from zoo.nets import check_rows, check_sizes, mlp
+from zoo.models.nets import check_rows, check_sizes, mlp
 from zoo.registry import register
 
 SCHEDULES = ("cosine", "linear", "learned")
@@ -174,7 +174,7 @@ class Diffusion(nn.Module):
             self.gamma_steps = nn.Parameter(torch.zeros(config.steps))
         else:
             self.register_buffer("_gamma", fixed_gamma(config.schedule, config.steps), False)
-        self._pyro_name = name  # stable: checkpoints are keyed by it (see zoo.vae)
+        self._pyro_name = name  # stable: checkpoints are keyed by it (see zoo.models.vae)
 
     # ------------------------------------------------------------------ the schedule
 

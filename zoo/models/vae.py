@@ -24,7 +24,14 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from zoo.nets import DIGITS_DEFAULTS, GaussianEncoder, check_number, check_rows, check_sizes, mlp
+from zoo.models.nets import (
+    DIGITS_DEFAULTS,
+    GaussianEncoder,
+    check_number,
+    check_rows,
+    check_sizes,
+    mlp,
+)
 from zoo.registry import register
 
 

@@ -54,7 +54,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from zoo.nets import check_number, check_rows, check_sizes
+from zoo.models.nets import check_number, check_rows, check_sizes
 from zoo.registry import Stage, register
 
 _CODEBOOKS = ("ema", "loss")

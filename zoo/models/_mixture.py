@@ -21,7 +21,7 @@ from pyro.distributions.util import is_validation_enabled
 from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch.distributions import transform_to
 
-from zoo.nets import check_number, check_sizes, one_row
+from zoo.models.nets import check_number, check_sizes, one_row
 
 # what both mixtures are compared by (zoo.comparisons): EM, and SVI on the same MAP objective
 # from EM's start, so that only the optimizer differs; SVI full-batch-like, at a mixture's rate

@@ -54,9 +54,9 @@ from pyro import poutine
 from pyro.distributions.util import broadcast_shape
 from torch import nn
 
-from zoo.nets import DIGITS_DEFAULTS, check_number, check_rows, check_sizes, mlp
+from zoo.models.nets import DIGITS_DEFAULTS, check_number, check_rows, check_sizes, mlp
+from zoo.models.vae import VAE, VAEConfig
 from zoo.registry import register
-from zoo.vae import VAE, VAEConfig
 
 _POINT_MASS = -3.0e4  # logit of the classes a labelled row cannot take: exp() is exactly 0
 
@@ -171,7 +171,7 @@ class SSVAE(nn.Module):
         self.decoder = mlp([config.z_dim + c, *reversed(config.hidden), h_dim])
         if config.likelihood == "gaussian":
             self.log_scale = nn.Parameter(torch.zeros(h_dim))  # (H,), one per feature
-        self._pyro_name = name  # stable: checkpoints are keyed by it (see zoo.vae)
+        self._pyro_name = name  # stable: checkpoints are keyed by it (see zoo.models.vae)
 
     # ------------------------------------------------------------------ model and guide
 
@@ -238,7 +238,7 @@ class SSVAE(nn.Module):
         (``VAE.active_units``: Var_x E_q[u | x] > threshold); the collapsed ones keep M1's
         prior. ``kwargs`` set the M2 part (hidden, z_dim, alpha, ...)."""
         if not isinstance(m1, VAE) or m1.config.likelihood != "bernoulli":
-            raise ValueError("M1+M2 stacks on a zoo.vae.VAE with a Bernoulli decoder")
+            raise ValueError("M1+M2 stacks on a zoo.models.vae.VAE with a Bernoulli decoder")
         units = m1.active_units(x, threshold)
         if len(units) == 0:
             raise ValueError("no unit of the VAE is active on x: it has nothing to give M2")

@@ -27,9 +27,9 @@ from pyro.distributions.util import broadcast_shape, is_validation_enabled
 from pyro.nn import PyroParam
 
 from inference import sparse
-from zoo._mixture import COMPARISON_METHODS, COMPARISON_SETTINGS, Mixture
-from zoo._mixture import relabel as _relabel
-from zoo.nets import check_number
+from zoo.models._mixture import COMPARISON_METHODS, COMPARISON_SETTINGS, Mixture
+from zoo.models._mixture import relabel as _relabel
+from zoo.models.nets import check_number
 from zoo.registry import register
 
 
@@ -278,5 +278,5 @@ _NUTS_MAX_DIM = 5000  # continuous unknowns NUTS is asked to explore on a CPU in
 
 def relabel(draws: dict, num_iters: int = 5) -> tuple:
     """Undo label switching in draws of ``bayesian_model``, matching components by their pixel
-    probabilities (see ``zoo._mixture.relabel``)."""
+    probabilities (see ``zoo.models._mixture.relabel``)."""
     return _relabel(draws, "probs", COMPONENT_SITES, num_iters)

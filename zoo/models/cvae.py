@@ -26,7 +26,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from zoo.nets import DIGITS_DEFAULTS, GaussianEncoder, check_sizes, mlp
+from zoo.models.nets import DIGITS_DEFAULTS, GaussianEncoder, check_sizes, mlp
 from zoo.registry import register
 
 _QUADRANT_SEEDS = {"train": 0, "valid": 1, "test": 2}  # which quadrants show, fixed per split
@@ -82,7 +82,7 @@ class CVAE(nn.Module):
             # the deterministic network to beat, trained after the CVAE by ``after_fit`` (the
             # ELBO gives it no gradient: the optimizers step only parameters that have one)
             self.baseline = Baseline(config.x_dim, config.hidden)
-        self._pyro_name = name  # stable: checkpoints are keyed by it (see zoo.vae)
+        self._pyro_name = name  # stable: checkpoints are keyed by it (see zoo.models.vae)
 
     def model(self, x: Optional[torch.Tensor], y: torch.Tensor, mask=None):
         pyro.module(self._pyro_name, self)

@@ -21,9 +21,9 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
-from zoo._mixture import COMPARISON_METHODS, COMPARISON_SETTINGS, Mixture
-from zoo._mixture import relabel as _relabel
-from zoo.nets import check_number
+from zoo.models._mixture import COMPARISON_METHODS, COMPARISON_SETTINGS, Mixture
+from zoo.models._mixture import relabel as _relabel
+from zoo.models.nets import check_number
 from zoo.registry import register
 
 
@@ -321,5 +321,5 @@ COMPONENT_SITES = ("weights", "locs", "scales", "corr")
 
 def relabel(draws: dict, num_iters: int = 5) -> tuple:
     """Undo label switching in draws of ``bayesian_model``, matching components by their
-    locations (see ``zoo._mixture.relabel``)."""
+    locations (see ``zoo.models._mixture.relabel``)."""
     return _relabel(draws, "locs", COMPONENT_SITES, num_iters)
