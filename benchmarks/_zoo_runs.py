@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zoo import cli, runs  # noqa: E402
+from zoo import cli, fitting, runs  # noqa: E402
 
 
 def fit(command, run: Path, reuse: bool = False) -> dict:
@@ -20,8 +20,7 @@ def fit(command, run: Path, reuse: bool = False) -> dict:
         if recorded == "zoo " + " ".join(shlex.quote(a) for a in command):
             print(f"reusing {run}")
             return json.loads(metrics.read_text())
-    if cli.main(command) != 0:
-        raise SystemExit(f"run failed: zoo {' '.join(command)}")
+    fitting.fit_run(cli.fit_request(command))  # the pipeline zoo fit runs, as a function
     return json.loads((Path(run) / "metrics.json").read_text())
 
 

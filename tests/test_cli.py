@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import requires_mnist
-from zoo import cli, registry, runs
+from zoo import cli, fitting, registry, report, runs
 from zoo.models import cvae
 
 FITS = [
@@ -324,13 +324,13 @@ def test_long_run_learning_curve_zooms_on_the_late_epochs():
         {"epoch": e, "objective": -100 - 100 / e, "valid_objective": -102 - 100 / e}
         for e in range(1, 61)
     ]
-    fig = cli._learning_curve(history, {"model": "vae", "data": "mnist"})
+    fig = report.learning_curve(history, {"model": "vae", "data": "mnist"})
     axis = fig.axes[0]
     assert axis.get_xscale() == "log"
     low, high = axis.get_ylim()
     # the first tenth (epochs 1-6) is off the scale, the rest fits with a margin
     assert -102 - 100 / 6 < low < -102 - 100 / 7 and -100 - 100 / 60 < high < -100
-    short = cli._learning_curve(history[:10], {"model": "vae", "data": "mnist"})
+    short = report.learning_curve(history[:10], {"model": "vae", "data": "mnist"})
     assert short.axes[0].get_xscale() == "linear"
 
 
@@ -338,14 +338,16 @@ def test_jit_flag_picks_the_compiler():
     """--jit alone is torch.jit (as before it took a value); --jit inductor is TorchInductor."""
     parser = cli._fit_parser(registry.get("vae"))
     assert parser.parse_args([]).jit is None
-    assert cli._settings(registry.get("vae"), parser.parse_args([]))["jit"] is False
+    vae = registry.get("vae")
+    settings = fitting.driver_settings(vae, cli.fit_request(["fit", "vae"]))
+    assert settings["jit"] is False
     assert parser.parse_args(["--jit", "--iwae", "5"]).jit == "jit"
     assert parser.parse_args(["--jit", "inductor"]).jit == "inductor"
     with pytest.raises(SystemExit):
         parser.parse_args(["--jit", "xla"])
     # the SVI driver compiles its step too (svi.fit refuses what it cannot compile)
-    svi_flags = parser.parse_args(["--inference", "svi", "--jit", "inductor"])
-    assert cli._settings(registry.get("vae"), svi_flags)["jit"] == "inductor"
+    svi_flags = cli.fit_request(["fit", "vae", "--inference", "svi", "--jit", "inductor"])
+    assert fitting.driver_settings(vae, svi_flags)["jit"] == "inductor"
 
 
 def test_fit_m1_m2_stacks_on_a_fitted_vae(tmp_path, capsys):
