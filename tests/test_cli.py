@@ -404,3 +404,21 @@ def test_a_flag_the_model_or_driver_does_not_take_is_refused_by_name(tmp_path, c
     with pytest.raises(SystemExit, match="--epochs applies to --inference svi|reparam"):
         cli.main(["fit", "gmm", "--epochs", "3", "--out", str(out)])
     assert not out.exists()
+
+
+def test_a_check_is_an_exit_code_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """main turns a ValueError raised by a check (a ``raise`` statement) into a message and exit
+    code 2; a ValueError or TypeError from an operation that failed is a bug, and propagates."""
+    from zoo import data
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2\n3,nan\n" * 5)
+    assert cli.main(["fit", "gmm", "--data", str(bad), "--out", str(tmp_path / "one")]) == 2
+    assert "zoo: error: " in capsys.readouterr().err and not (tmp_path / "one").exists()
+
+    def broken(*args, **kwargs):
+        return int("not a number")  # an operation's ValueError: a bug
+
+    monkeypatch.setattr(data, "load", broken)
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        cli.main(["fit", "gmm", "--data", "faithful", "--out", str(tmp_path / "bug")])

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import sys
+import typing
 from pathlib import Path
 
 import matplotlib.figure
@@ -190,3 +191,61 @@ def test_the_cli_runs_comparisons_and_registry_name_no_model(module):
         for word in {name, spec.cls.__name__, module_name}:
             assert word.lower() not in words, (module.__name__, word)
     assert dataclasses.is_dataclass(registry.Spec)
+
+
+POSTPONED = """from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+
+@dataclasses.dataclass
+class Config:
+    z_dim: int = 1
+    scale: float = 0.5
+    hidden: Tuple[int, ...] = (4,)
+    label: Optional[str] = None
+
+
+class WithConfig:
+    Config = Config
+    drivers = {"svi": {}}
+
+    def __init__(self, config):
+        self.config = config
+
+    def model(self, x):
+        with pyro.plate("data", len(x)):
+            noise = dist.Normal(0.0, self.config.scale).expand([x.shape[1]]).to_event(1)
+            pyro.sample("x", noise, obs=x)
+
+    def guide(self, x):
+        pass
+
+
+class WithInit(WithConfig):
+    Config = None
+
+    def __init__(self, z_dim: int = 1, scale: float = 0.5):
+        self.config = Config(z_dim=z_dim, scale=scale)
+"""
+
+
+def test_postponed_annotations_reach_the_model_as_their_types(tmp_path):
+    """A user file that starts with ``from __future__ import annotations``: its config fields
+    and its __init__'s parameters are strings until resolved; ``--z-dim 3`` arrived as '3'."""
+    path = tmp_path / "postponed.py"
+    path.write_text(POSTPONED)
+    for name in ("WithConfig", "WithInit"):
+        spec = registry.get(f"{path}:{name}")
+        kinds = {o.name: o.type for o in spec.options()}
+        assert kinds["z_dim"] is int and kinds["scale"] is float, kinds
+        flags = cli._fit_parser(spec).parse_args(["--z-dim", "3", "--scale", "0.25"])
+        assert flags.z_dim == 3 and flags.scale == 0.25
+        if name == "WithConfig":
+            assert kinds["hidden"] == typing.Tuple[int, ...]
+            assert cli._fit_parser(spec).parse_args(["--hidden", "5", "6"]).hidden == [5, 6]

@@ -704,6 +704,16 @@ def _os_error(err: OSError, command: str = "fit") -> str:
     )
 
 
+def _refused(err: BaseException) -> bool:
+    """Whether ``err`` was raised by a ``raise`` statement (a check of the zoo's, Pyro's or
+    torch's on the input: its message is for the user), not by an operation that failed (a
+    bug, whose traceback is kept)."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and (frames[-1].line or "").lstrip().startswith("raise")
+
+
 def _attached(argv: list) -> list:
     """``--interpolate -1,2`` as ``--interpolate=-1,2``, so that a value that starts with a
     minus sign reaches the flag's own check instead of argparse's "unrecognized arguments"."""
@@ -724,6 +734,8 @@ def main(argv=None) -> int:
     except (runs.RunError, fitting.FitError) as err:
         raise SystemExit(f"zoo: {err}") from None
     except (data.DataError, ValueError, TypeError, FloatingPointError) as err:
+        if not _refused(err):  # an operation failed, not a check: a bug keeps its traceback
+            raise
         print(f"zoo: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # torch's, from inside a program (a user's model, say)

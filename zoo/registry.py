@@ -150,7 +150,12 @@ class Spec:
         the model itself, such as a stacked model's parts) is not one."""
         if self.config is not None:
             fields = dataclasses.fields(self.config)
-            return tuple(_option(f) for f in fields if f.init and not f.metadata.get("internal"))
+            hints = _type_hints(self.config)  # postponed annotations ("int") resolved
+            return tuple(
+                _option(f, hints.get(f.name, f.type))
+                for f in fields
+                if f.init and not f.metadata.get("internal")
+            )
         return _signature_options(self.cls)
 
     def complete(self, options: Dict[str, Any], info: DataInfo) -> Dict[str, Any]:
@@ -449,14 +454,24 @@ def _spec_of(cls, name: str, source: str) -> Spec:
     )
 
 
-def _option(f: dataclasses.Field) -> Option:
+def _type_hints(obj) -> dict:
+    """``typing.get_type_hints``: annotations as types, also in a file that starts with
+    ``from __future__ import annotations`` (where they are strings); {} where one cannot be
+    resolved (the option then reads its text as a number or text)."""
+    try:
+        return typing.get_type_hints(obj)
+    except Exception:  # a name the module does not define: the raw annotations stay
+        return {}
+
+
+def _option(f: dataclasses.Field, kind=None) -> Option:
     default = f.default if f.default is not dataclasses.MISSING else None
     if f.default_factory is not dataclasses.MISSING:
         default = f.default_factory()
     meta = f.metadata or {}
     return Option(
         f.name,
-        f.type,
+        f.type if kind is None else kind,
         default,
         meta.get("help", ""),
         tuple(meta.get("flags", ())),
@@ -484,7 +499,7 @@ def number_or_text(text: str):
 def _signature_options(cls) -> Tuple[Option, ...]:
     """The options of a user's class: its __init__'s parameters with a default or a type;
     ``x_dim``/``dim`` and ``num_classes`` are filled from the data when not given."""
-    hints = typing.get_type_hints(cls.__init__) if cls.__init__ is not object.__init__ else {}
+    hints = _type_hints(cls.__init__) if cls.__init__ is not object.__init__ else {}
     out = []
     for p in inspect.signature(cls.__init__).parameters.values():
         if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
