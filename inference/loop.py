@@ -300,7 +300,6 @@ def run(
         stop_reason=stop_reason,
         valid_objective=kept.get("valid_objective"),
         best_epoch=kept["epoch"],
-        extra={"best_epoch": kept["epoch"]},
     )
 
 

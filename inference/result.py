@@ -18,7 +18,10 @@ class FitResult:
             Pyro's store does not hold), detached copies.
         history: one record per iteration (EM) or epoch: at least ``step``, ``objective`` and
             ``time`` (seconds since the fit started).
-        converged: whether the stopping tolerance was met (False: ran out of iterations).
+        converged: EM: whether the tolerance was met (False: it reached ``max_iter`` first).
+            The training loop: whether it ran what it was asked, all its epochs or until early
+            stopping (False: ``max_steps`` cut it short); it has no tolerance, so True says
+            nothing about the objective having settled (read ``history`` for that).
         stop_reason: a short human-readable reason.
         valid_objective: the validation score of the returned parameters, when there was one.
         best_epoch: the epoch (or iteration) whose parameters are returned.
