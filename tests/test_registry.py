@@ -249,3 +249,33 @@ def test_postponed_annotations_reach_the_model_as_their_types(tmp_path):
         if name == "WithConfig":
             assert kinds["hidden"] == typing.Tuple[int, ...]
             assert cli._fit_parser(spec).parse_args(["--hidden", "5", "6"]).hidden == [5, 6]
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_the_hooks_a_model_offers_have_the_declared_signatures(name):
+    """Each ``ModelHooks`` method a registered model defines takes the declared parameters (in
+    order; more only with defaults), so that the callers, which read hooks by those names and
+    call them so, reach every model alike; an undeclared hook name is refused."""
+    import inspect
+
+    cls = registry.get(name).cls
+    for hook in sorted(registry.HOOKS):
+        declared = getattr(registry.ModelHooks, hook)
+        own = getattr(cls, hook, None)
+        if own is None or not callable(declared) or own is declared:
+            continue
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        want = [
+            p.name
+            for p in inspect.signature(declared).parameters.values()
+            if p.name != "self" and p.kind not in variadic
+        ]
+        have = [p for p in inspect.signature(own).parameters.values() if p.name != "self"]
+        declared_params = inspect.signature(declared).parameters.values()
+        if any(p.kind == p.VAR_POSITIONAL for p in declared_params):
+            continue  # the model's own arguments (validation_score(*arguments))
+        assert [p.name for p in have[: len(want)]] == want, (hook, have)
+        extra = [p for p in have[len(want) :] if p.kind not in variadic]
+        assert all(p.default is not p.empty for p in extra), (hook, extra)
+    with pytest.raises(KeyError, match="not a hook ModelHooks declares"):
+        registry.hook(cls, "sampel")

@@ -344,7 +344,7 @@ def denoise(model, config, run, flip=None, noise_scale=None, split=None, num_row
     if not result.exact:  # uses.DegenerateWeights said so too
         summary["weights_degenerate"] = summary["median_ess"] < 0.05 * num_samples
     summary.update(_errors(clean, result.mean, from_input, everything, "denoised", "noisy_input"))
-    reconstruct = getattr(model, "reconstruct", None)
+    reconstruct = registry.hook(model, "reconstruct")
     if callable(reconstruct) and flip is not None and not condition:
         with torch.no_grad():
             again = _errors(

@@ -230,14 +230,15 @@ def cmd_sample(args) -> int:
             raise SystemExit(f"zoo sample: {error}") from None
         print(f"wrote {run / 'interpolation.pt'} ({summary['steps']} steps, pairs {pairs})")
         return 0
-    hook = getattr(model, "sample", None)
-    if not callable(hook):
+    hook = registry.hook(model, "sample")
+    if hook is None:
         raise SystemExit(f"zoo: {config['model']} offers no sample(num_samples): nothing to draw")
     drawn = hook(args.num_samples)
     x, z = drawn if isinstance(drawn, tuple) else (drawn, None)
     saved = {"x": x.detach().cpu(), **({} if z is None else {"z": z.detach().cpu()})}
     files.save_torch(run / "samples.pt", saved)
-    figure = getattr(model, "sample_figure", lambda x, z: None)(x, z)
+    own = registry.hook(model, "sample_figure")
+    figure = own(x, z) if own else None
     side = int(round(x.shape[-1] ** 0.5))
     if figure is None and x.dim() == 2 and side * side == x.shape[-1]:
         figure = plots.image_grid(x, title=f"samples from {config['model']}")
@@ -275,7 +276,7 @@ def cmd_use(args) -> int:
     if isinstance(model, torch.nn.Module):
         model.eval()
     pyro.set_rng_seed(args.seed)
-    if args.hide_labels and not callable(getattr(model, "arguments", None)):
+    if args.hide_labels and registry.hook(model, "arguments") is None:
         raise SystemExit(
             f"zoo {args.command}: --hide-labels: {config['model']} takes no labels (its only"
             " argument is the data), so there are none to hide; leave the flag out"

@@ -273,8 +273,8 @@ def _driver_options(task: _Task, model, method: Dict) -> Dict:
     """The driver's options: the spec's, the model's ``driver_options``, then the method's."""
     driver = method["driver"]
     options = dict(task.spec.drivers.get(driver, {}))
-    hook = getattr(model, "driver_options", None)
-    options.update(hook(driver) if callable(hook) else {})
+    hook = registry.hook(model, "driver_options")
+    options.update(hook(driver) if hook else {})
     skip = ("driver", "description", "options", "guide", "start", "warm_up")
     options.update({k: v for k, v in method.items() if k not in skip})
     return options
@@ -334,11 +334,11 @@ def _driver_run(task: _Task, method: Dict, seed: int, recorder) -> Dict:
 def _scorer(task: _Task, model):
     """The held-out score of ``model`` (a function) and how it is computed."""
     held_out = _arguments(model, task.test, "test")
-    own = getattr(model, "log_likelihood", None)
+    own = registry.hook(model, "log_likelihood")
     if callable(own):
         return (lambda: own(held_out).mean().item()), "exact"
     k = task.setup.num_samples
-    bound = getattr(model, "elbo", None)
+    bound = registry.hook(model, "elbo")
     if callable(bound):  # the model's own bound (a diffusion model's: no exact score)
         return (lambda: bound(held_out, k).mean().item()), f"the model's ELBO (K={k})"
 
@@ -356,11 +356,11 @@ def _row_extras(task: _Task, model) -> Dict:
     accuracy of ``classify`` on the held-out labels, and the component locations."""
     x_test, y_test = task.test
     out = {}
-    if y_test is not None and callable(getattr(model, "predict", None)):
+    if y_test is not None and registry.hook(model, "predict"):
         out["accuracy"] = evaluate.clustering_accuracy(
             y_test, model.predict(x_test), mapping="majority"
         )
-    elif y_test is not None and callable(getattr(model, "classify", None)):
+    elif y_test is not None and registry.hook(model, "classify"):
         out["accuracy"] = (model.classify(x_test) == y_test).float().mean().item()
     locs = getattr(model, "locs", None)
     if isinstance(locs, torch.Tensor) and locs.numel() <= 1000:
@@ -422,8 +422,8 @@ def sample_posterior(
 
 def _posterior(model, x, chains, warmup, samples, seed, recorder, progress):
     """(the posterior of ``inference.mcmc.sample_posterior``, the model's ``bayesian(x)``)."""
-    hook = getattr(model, "bayesian", None)
-    if not callable(hook):
+    hook = registry.hook(model, "bayesian")
+    if hook is None:
         raise ValueError(f"{type(model).__name__} offers no bayesian(x): nothing for NUTS")
     bayes = hook(x)
     posterior = mcmc.sample_posterior(

@@ -366,7 +366,7 @@ class Fit:
 
     def _restore_input(self, option, path):
         flag = f"--{option.name.replace('_', '-')}"
-        if not callable(getattr(self.spec.cls, "build_on", None)):
+        if registry.hook(self.spec.cls, "build_on") is None:
             raise FitError(f"{self.spec.name} declares {flag} but offers no build_on")
         run = runs.run_path(path)
         if run.resolve() == self.out.resolve():  # --overwrite would destroy the input first
@@ -426,8 +426,8 @@ class Fit:
         for EM whether it runs on sparse rows."""
         driver = self.request.inference
         options = dict(self.spec.drivers[driver])
-        hook = getattr(self.model, "driver_options", None)
-        options.update(hook(driver) if callable(hook) else {})
+        hook = registry.hook(self.model, "driver_options")
+        options.update(hook(driver) if hook else {})
         if driver == "svi" and self.settings.get("loss"):
             options["loss"] = self.settings["loss"]
         if driver == "em":
@@ -552,12 +552,12 @@ class Fit:
             lr_schedule=_lr_schedule(options, self.settings.get("resume_lr")),
             description=f"{self.spec.name} on {self.data_name} ({self.request.inference})",
         )
-        score = getattr(self.model, "validation_score", None)
-        self.validated = callable(score) and valid is not None
+        score = registry.hook(self.model, "validation_score")
+        self.validated = score is not None and valid is not None
         if self.validated:  # early stopping watches the model's own score
             out["validate"] = lambda: score(*valid)
-        hook = getattr(self.model, "fit_options", None)
-        out.update(hook(options["epochs"]) if callable(hook) else {})
+        hook = registry.hook(self.model, "fit_options")
+        out.update(hook(options["epochs"]) if hook else {})
         return out
 
     def _nan_hint(self) -> str:
@@ -572,8 +572,8 @@ class Fit:
 
     def write(self, config, result, started) -> dict:
         """After the fit: the model's ``after_fit``, then params, history, metrics, figures."""
-        hook = getattr(self.model, "after_fit", None)
-        if callable(hook):
+        hook = registry.hook(self.model, "after_fit")
+        if hook:
             keys = ("epochs", "batch_size", "lr", "seed")
             hook(self.arguments("train", self.train), {k: config["options"].get(k) for k in keys})
         runs.save_parameters(self.model, self.out / "params.pt")
@@ -637,7 +637,7 @@ def _sparse(choice: str, model, arguments) -> bool:
     """Whether EM runs on ``SparseRows(x)``: for a model whose products take CSR data
     (``takes_sparse_data``); 'auto' picks it for data that are mostly zeros and large enough
     for it to pay (on MNIST, 13 % ones: 1.6-3x faster iterations, benchmarks/results/em.md)."""
-    takes = getattr(model, "takes_sparse_data", False)
+    takes = registry.attribute(model, "takes_sparse_data", False)
     if choice == "no" or (choice == "auto" and not takes):
         return False
     if not takes:

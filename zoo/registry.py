@@ -19,38 +19,11 @@ dataclass (a zoo model: ``cls(Config(**options))``), or the typed parameters of 
 (other spellings), ``choices`` and ``data``: the name of a ``DataInfo`` attribute that sets the
 field (``"dim"``: the data's width; ``"num_classes"``), which is then not a flag.
 
-What a model may offer, discovered by name (``ZooModel``; every one is optional but ``model``
-and ``guide``; one meaning per name across models):
-
-- ``sample(num_samples, **condition)``: new data (an (N, D) tensor; mixtures also return z);
-- ``arguments(x, y, split)``: the model's arguments for a split (default ``(x,)``), such as
-  (x, labels with most hidden) for the training split of a semi-supervised model;
-- ``from_data(options, info)`` (classmethod): options completed from the data (sizes, a
-  likelihood for binary data); raises ValueError when the data do not suit the model;
-- ``build_on(options, fitted, x)`` (classmethod): the model built on fitted runs, for options
-  declared with ``metadata={"run": True}`` (their values are run directories; ``fitted`` maps
-  each such option to the restored model, ``x`` is the training rows);
-- ``fit_options(num_epochs)``: extra options for the training loop (a KL warm-up schedule);
-- ``driver_options(driver)``: the driver's options when they depend on the config;
-- ``validation_score(*arguments)``: what early stopping watches instead of the validation
-  ELBO (higher is better; the semi-supervised VAE's accuracy), and ``validation_label`` when
-  it is on a scale of its own (the learning curve gives it a second axis);
-- ``objective_label``: what the drivers maximize, where it is not the ELBO (a classification
-  term added, a KL warm-up), for the learning curve's axis;
-- ``after_fit(arguments, settings)``: work after the driver has finished (a baseline network
-  trained for the same epochs; ``settings``: epochs, batch_size, lr, seed);
-- ``metrics(splits, num_samples, progress)``: scores, a dict of numbers; ``splits`` maps
-  "train" and "test" (where the data have one) to ``(x, y)``, y None where unlabelled. They are
-  added to the shared scores (``inference.evaluate``: held-out log-likelihood, ELBO), which
-  are left out when the model reports a ``*_log_likelihood`` or ``*_elbo`` of its own;
-- ``log_likelihood(x)``: the exact log p(x) per row; ``elbo(x, num_samples)``: the model's own
-  ELBO per row (the comparisons' held-out score where there is no exact one);
-- ``stages()``: further programs fitted after the model's own, each a ``Stage`` on data the
-  fitted model makes (a VQ-VAE's PixelCNN prior on the codes of the training images), by the
-  same driver loop with the run's epochs, batch size, rate and seed;
-- ``figures(splits, history, info)``: ``{file name: matplotlib Figure}``;
-- ``sample_figure(x, z)``: how to show its samples (default: an image grid for square images);
-- ``encode``, ``reconstruct``, ``predict`` / ``classify``.
+What a model may offer beyond ``model`` and ``guide`` is declared once, with its signature and
+meaning, by ``ModelHooks`` below; the CLI, the fit pipeline, the reports and the comparisons
+read a hook through ``hook(model, name)`` (a callable or None) or ``attribute(model, name,
+default)``, which refuse a name ``ModelHooks`` does not declare. One meaning per name across
+models.
 
 A model that offers none of the optional ones is fitted, scored by the shared metrics
 (``inference.evaluate``) and drawn by the shared figures; what needs an offer it lacks is refused
@@ -83,6 +56,99 @@ class ZooModel(Protocol):
     def model(self, *args, **kwargs): ...
 
     def guide(self, *args, **kwargs): ...
+
+
+class ModelHooks:
+    """Every optional hook a model may offer, with its signature and meaning; a model offers
+    none, some or all of them (plain methods and attributes of its class: no base class)."""
+
+    takes_sparse_data: bool = False  # EM may hand it ``SparseRows`` (CSR chunks) of its data
+    objective_label: Optional[str] = None  # what the drivers maximize, where not the ELBO
+    validation_label: Optional[str] = None  # the scale of validation_score, where its own
+
+    def sample(self, num_samples: int, **condition):
+        """New data: an (N, D) tensor (mixtures return (x, z))."""
+
+    def arguments(self, x, y, split: str) -> tuple:
+        """The model's arguments for a split (default ``(x,)``): (x, labels with most hidden)
+        for the training split of a semi-supervised model."""
+
+    @classmethod
+    def from_data(cls, options: dict, info: "DataInfo") -> dict:
+        """Options completed from the data (sizes, a likelihood for binary data); ValueError
+        when the data do not suit the model."""
+
+    @classmethod
+    def build_on(cls, options: dict, fitted: dict, x):
+        """The model built on fitted runs, for options declared ``metadata={"run": True}``:
+        ``fitted`` maps each to its restored model; ``x``: the training rows."""
+
+    def fit_options(self, num_epochs: int) -> dict:
+        """Extra options for the training loop (a KL warm-up schedule)."""
+
+    def driver_options(self, driver: str) -> dict:
+        """The driver's options where they depend on the config."""
+
+    def validation_score(self, *arguments) -> float:
+        """What early stopping watches instead of the validation ELBO (higher is better)."""
+
+    def after_fit(self, arguments: tuple, settings: dict) -> None:
+        """Work after the driver has finished (a baseline network trained for the same epochs;
+        ``settings``: epochs, batch_size, lr, seed)."""
+
+    def metrics(self, splits: dict, num_samples: int, progress: bool) -> dict:
+        """Scores, a dict of numbers; ``splits`` maps "train" and "test" to ``(x, y)``. They
+        join the shared scores, which are left out where it reports a ``*_log_likelihood`` or
+        ``*_elbo`` of its own."""
+
+    def log_likelihood(self, x):
+        """The exact log p(x) per row."""
+
+    def elbo(self, x, num_samples: int):
+        """Its own ELBO per row (the comparisons' held-out score where there is no exact one)."""
+
+    def stages(self) -> tuple:
+        """Further programs fitted after its own, each a ``Stage`` on data the fitted model
+        makes (a VQ-VAE's PixelCNN prior on the codes of the training images)."""
+
+    def figures(self, splits: dict, history: list, info: "DataInfo") -> dict:
+        """``{file name: matplotlib Figure}``."""
+
+    def sample_figure(self, x, z):
+        """How to show its samples (default: an image grid for square images)."""
+
+    def encode(self, x):
+        """The guide's parameters of q(z | x) per row."""
+
+    def reconstruct(self, x):
+        """x through the guide's mean code and the decoder."""
+
+    def predict(self, x):
+        """A cluster or class per row (mixtures: the most probable component)."""
+
+    def classify(self, x):
+        """A class per row (a semi-supervised model's classifier)."""
+
+    def bayesian(self, x) -> dict:
+        """The Bayesian version of the model for NUTS: {"model", "to_params", ...}."""
+
+
+HOOKS = frozenset(n for n in vars(ModelHooks) if not n.startswith("_"))
+
+
+def hook(model, name: str) -> Optional[Callable]:
+    """The model's hook ``name`` (a ``ModelHooks`` method) where it offers one, else None."""
+    if name not in HOOKS:
+        raise KeyError(f"{name!r} is not a hook ModelHooks declares")
+    value = getattr(model, name, None)
+    return value if callable(value) else None
+
+
+def attribute(model, name: str, default=None):
+    """The model's attribute ``name`` (a ``ModelHooks`` attribute), else ``default``."""
+    if name not in HOOKS:
+        raise KeyError(f"{name!r} is not an attribute ModelHooks declares")
+    return getattr(model, name, default)
 
 
 @dataclass(frozen=True)
@@ -165,8 +231,8 @@ class Spec:
         for option in self.options():
             if option.data is not None and getattr(info, option.data) is not None:
                 out[option.name] = getattr(info, option.data)
-        hook = getattr(self.cls, "from_data", None)
-        return hook(out, info) if callable(hook) else out
+        from_data = hook(self.cls, "from_data")
+        return from_data(out, info) if from_data else out
 
     def build(self, options: Dict[str, Any]):
         """The model for these (complete) options."""
@@ -210,8 +276,8 @@ class Stage:
 
 def stages(model) -> Tuple[Stage, ...]:
     """The model's further stages (``stages()``), none when it offers none."""
-    hook = getattr(model, "stages", None)
-    out = tuple(hook()) if callable(hook) else ()
+    offered = hook(model, "stages")
+    out = tuple(offered()) if offered else ()
     for stage in out:
         if not isinstance(stage, Stage):
             raise TypeError(f"stages() must return registry.Stage objects, got {stage!r}")
@@ -226,8 +292,8 @@ def stage_data(stage: Stage, arguments: tuple) -> tuple:
 
 def model_arguments(model, x, y, split: str) -> tuple:
     """The model's arguments for a split: its own ``arguments(x, y, split)``, else ``(x,)``."""
-    hook = getattr(model, "arguments", None)
-    return tuple(hook(x, y, split)) if callable(hook) else (x,)
+    own = hook(model, "arguments")
+    return tuple(own(x, y, split)) if own else (x,)
 
 
 def as_data(arguments: tuple):

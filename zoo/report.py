@@ -120,8 +120,8 @@ def metrics(model, config, num_samples, progress, splits=None) -> dict:
     if isinstance(model, torch.nn.Module):
         model.eval()
     splits = device_splits(model, config) if splits is None else splits
-    hook = getattr(model, "metrics", None)
-    own = dict(hook(splits, num_samples, progress)) if callable(hook) else {}
+    hook = registry.hook(model, "metrics")
+    own = dict(hook(splits, num_samples, progress)) if hook else {}
     if any(key.endswith(("_log_likelihood", "_elbo")) for key in own):
         return own  # the model scored the held-out data itself
     split = "test" if "test" in splits else "train"
@@ -223,7 +223,7 @@ def figures(model, config, history, out: Path, info=None, splits=None) -> None:
         plots.save(fig, out / "log_likelihood.png")
     else:
         plots.save(learning_curve(history, config, model), out / "learning_curve.png")
-    hook = getattr(model, "figures", None)
+    hook = registry.hook(model, "figures")
     if callable(hook):
         splits = device_splits(model, config) if splits is None else splits
         with torch.no_grad():
@@ -238,7 +238,7 @@ def learning_curve(history, config, model=None):
     model's own validation score on a scale of its own (``validation_label``: an accuracy)
     gets its own axis."""
     k = (config.get("options") or {}).get("iwae") or 1
-    own = getattr(model, "objective_label", None)
+    own = registry.attribute(model, "objective_label")
     label = own or ("ELBO" if k == 1 else f"IWAE bound (K={k})")
     fig = plots.curve(
         history,
@@ -252,7 +252,7 @@ def learning_curve(history, config, model=None):
     if history and "valid_objective" in history[0]:
         epochs = [r["epoch"] for r in history]
         valid = [r["valid_objective"] for r in history]
-        named = getattr(model, "validation_label", None)  # a score on a scale of its own
+        named = registry.attribute(model, "validation_label")  # a score on a scale of its own
         if named:
             other = axis.twinx()
             other.plot(epochs, valid, color="tab:orange", label=named)
