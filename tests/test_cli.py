@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import requires_mnist
 from zoo import cli, fitting, registry, report, runs
+from zoo import flags as zoo_flags
 from zoo.models import cvae
 
 FITS = [
@@ -336,7 +337,7 @@ def test_long_run_learning_curve_zooms_on_the_late_epochs():
 
 def test_jit_flag_picks_the_compiler():
     """--jit alone is torch.jit (as before it took a value); --jit inductor is TorchInductor."""
-    parser = cli._fit_parser(registry.get("vae"))
+    parser = zoo_flags.fit_parser(registry.get("vae"))
     assert parser.parse_args([]).jit is None
     vae = registry.get("vae")
     settings = fitting.driver_settings(vae, cli.fit_request(["fit", "vae"]))

@@ -17,6 +17,7 @@ from scipy.stats import multivariate_normal
 from inference import compare, em, evaluate, mcmc, svi
 from inference.loop import run as loop_run
 from zoo import cli, comparisons, data, registry
+from zoo import flags as zoo_flags
 
 # ------------------------------------------------------------------------------- the runner
 from zoo.models import bernoulli_mixture, gmm
@@ -367,7 +368,7 @@ def test_vae_comparison_rows_and_score_function_variance(tmp_path):
     # the recorded command is one the CLI accepts, tuples included
     command = (tmp_path / "command.txt").read_text().split()
     assert "--hidden" in command and command[command.index("--hidden") + 1] == "64"
-    args = cli._compare_parser(registry.get("vae")).parse_args(command[3:])
+    args = zoo_flags.compare_parser(registry.get("vae")).parse_args(command[3:])
     assert args.hidden == [64] and args.z_dim == 8 and args.gradient_draws == 30
 
 

@@ -17,6 +17,7 @@ import torch
 
 from inference import reparam, svi
 from zoo import cli, comparisons, registry, runs
+from zoo import flags as zoo_flags
 
 USER_FILE = "tests/user_models/ppca.py"
 
@@ -244,11 +245,11 @@ def test_postponed_annotations_reach_the_model_as_their_types(tmp_path):
         spec = registry.get(f"{path}:{name}")
         kinds = {o.name: o.type for o in spec.options()}
         assert kinds["z_dim"] is int and kinds["scale"] is float, kinds
-        flags = cli._fit_parser(spec).parse_args(["--z-dim", "3", "--scale", "0.25"])
+        flags = zoo_flags.fit_parser(spec).parse_args(["--z-dim", "3", "--scale", "0.25"])
         assert flags.z_dim == 3 and flags.scale == 0.25
         if name == "WithConfig":
             assert kinds["hidden"] == typing.Tuple[int, ...]
-            assert cli._fit_parser(spec).parse_args(["--hidden", "5", "6"]).hidden == [5, 6]
+            assert zoo_flags.fit_parser(spec).parse_args(["--hidden", "5", "6"]).hidden == [5, 6]
 
 
 @pytest.mark.parametrize("name", registry.names())

@@ -33,33 +33,14 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import json
-import math
 import shlex
 import sys
-import typing
 from pathlib import Path
 
 from inference import drivers  # the driver table: names only until a driver is used
-from zoo import catalog, registry  # light: the models load when one is asked for
-
-
-class _Lazy:
-    """A module imported on its first use, so that ``zoo --help`` and argument errors answer
-    before torch, Pyro and matplotlib load (seconds on a busy machine)."""
-
-    def __init__(self, name: str):
-        self._name, self._module = name, None
-
-    def __getattr__(self, attr):
-        if self._module is None:
-            import matplotlib
-
-            matplotlib.use("Agg")  # the CLI only writes files; set before pyplot is imported
-            self._module = importlib.import_module(self._name)
-        return getattr(self._module, attr)
-
+from zoo import catalog, flags, registry  # light: the models load when one is asked for
+from zoo._lazy import Lazy as _Lazy
 
 pyro, torch, tdist = _Lazy("pyro"), _Lazy("torch"), _Lazy("torch.distributed")
 em, evaluate, loop = _Lazy("inference.em"), _Lazy("inference.evaluate"), _Lazy("inference.loop")
@@ -76,58 +57,8 @@ LOOP = drivers.LOOP  # the drivers that run the training loop (inference.loop)
 # ------------------------------------------------------------------------------ argument types
 
 
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:  # numpy's seeds, which pyro.set_rng_seed sets too
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
-    return value
-
-
 MAX_STEPS = 200  # interpolation points per path: a grid of that many columns draws in seconds
 MAX_PAIRS = 20  # and pairs (two rows of the grid each)
-
-
-def _bounded_int(low: int, high: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-# how the command line reads each of the drivers' settings (zoo.fitting.SETTINGS); str if not
-_SETTING_TYPES = {
-    **dict.fromkeys(
-        ("epochs", "batch_size", "patience", "max_steps", "eval_samples"), _positive_int
-    ),
-    **dict.fromkeys(("iwae", "max_iter", "n_init"), _positive_int),
-    "lr": _positive_float,
-    "tol": _positive_float,
-    "lr_decay": _unit_interval,
-}
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -152,9 +83,9 @@ def cmd_list(args) -> int:
 def cmd_fit(args) -> int:
     """``zoo fit MODEL [flags]``: the flags as a ``fitting.FitRequest``, then ``fit_run``."""
     spec = registry.get(args.model)
-    flags = _fit_parser(spec).parse_args(_with_run_settings(args.model, args.rest))
+    parsed = flags.fit_parser(spec).parse_args(flags.with_run_settings(args.model, args.rest))
     try:
-        metrics = fitting.fit_run(_request(args.model, flags, [args.model, *args.rest]))
+        metrics = fitting.fit_run(_request(args.model, parsed, [args.model, *args.rest]))
     except fitting.Interrupted as stop:
         if not tdist.is_initialized() or tdist.get_rank() == 0:
             print(
@@ -164,7 +95,7 @@ def cmd_fit(args) -> int:
             )
         return 130
     if metrics is not None:
-        report.print_metrics(fitting.fit_target(spec, flags)[0], metrics)
+        report.print_metrics(fitting.fit_target(spec, parsed)[0], metrics)
     return 0
 
 
@@ -179,13 +110,13 @@ def fit_request(command) -> "fitting.FitRequest":
     if len(command) < 2 or command[0] != "fit":
         raise ValueError(f"not a zoo fit command: {command}")
     model, rest = str(command[1]), [str(a) for a in command[2:]]
-    flags = _fit_parser(registry.get(model)).parse_args(_with_run_settings(model, rest))
-    return _request(model, flags, [model, *rest])
+    parsed = flags.fit_parser(registry.get(model)).parse_args(flags.with_run_settings(model, rest))
+    return _request(model, parsed, [model, *rest])
 
 
-def _request(model: str, flags, words) -> "fitting.FitRequest":
-    fields = {name: getattr(flags, name) for name in _REQUEST_FLAGS if hasattr(flags, name)}
-    given = {k: v for k, v in vars(flags).items() if k not in _REQUEST_FLAGS and v is not None}
+def _request(model: str, parsed, words) -> "fitting.FitRequest":
+    fields = {name: getattr(parsed, name) for name in _REQUEST_FLAGS if hasattr(parsed, name)}
+    given = {k: v for k, v in vars(parsed).items() if k not in _REQUEST_FLAGS and v is not None}
     return fitting.FitRequest(model, **fields, given=given, command=list(words))
 
 
@@ -315,24 +246,24 @@ def cmd_compare(args) -> int:
     """``zoo compare MODEL [flags]``: the model's comparison methods (or its drivers), every
     seed, on one split; a table, a plot and the rows."""
     spec = registry.get(args.model)
-    flags = _compare_parser(spec).parse_args(args.rest)
-    data_name = flags.data or comparisons.default_data(spec)
+    parsed = flags.compare_parser(spec).parse_args(args.rest)
+    data_name = parsed.data or comparisons.default_data(spec)
     stem = Path(spec.name.split(":")[-1]).name
-    out = runs.run_path(flags.out or f"runs/compare-{stem}-{Path(data_name).stem}")
+    out = runs.run_path(parsed.out or f"runs/compare-{stem}-{Path(data_name).stem}")
     settings = {
-        k: getattr(flags, k) for k in comparisons.SETTINGS if getattr(flags, k, None) is not None
+        k: getattr(parsed, k) for k in comparisons.SETTINGS if getattr(parsed, k, None) is not None
     }
-    with runs.open_report(out, overwrite=flags.overwrite):
+    with runs.open_report(out, overwrite=parsed.overwrite):
         table = comparisons.compare(
             spec.name,
             data=data_name,
-            methods=flags.inference.split(",") if flags.inference else None,
-            seeds=range(flags.seeds),
-            budget=flags.budget,
+            methods=parsed.inference.split(",") if parsed.inference else None,
+            seeds=range(parsed.seeds),
+            budget=parsed.budget,
             out=out,
             command="zoo compare " + " ".join(shlex.quote(a) for a in [args.model, *args.rest]),
-            progress=not flags.quiet,
-            model_options=fitting.FitRequest(spec.name, given=vars(flags)).model_options(spec),
+            progress=not parsed.quiet,
+            model_options=fitting.FitRequest(spec.name, given=vars(parsed)).model_options(spec),
             **settings,
         )
     print(table.read_text().split("\nNotes:")[0].split("\n###")[0].rstrip())
@@ -365,27 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run")
     ev.add_argument(
         "--num-samples",
-        type=_positive_int,
+        type=flags.positive_int,
         default=5000,
         help="importance samples per data point (models scored by importance sampling)",
     )
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_trust_flag(ev)
+    flags.add_trust_flag(ev)
     ev.set_defaults(func=_holding(cmd_evaluate))
     sample = sub.add_parser("sample", help="draw samples from a fitted model")
     sample.add_argument("run")
-    sample.add_argument("--num-samples", type=_positive_int, default=100)
-    sample.add_argument("--seed", type=_seed, default=0)
+    sample.add_argument("--num-samples", type=flags.positive_int, default=100)
+    sample.add_argument("--seed", type=flags.seed, default=0)
     sample.add_argument(
         "--interpolate", nargs="?", const="0,1", metavar="A,B[;C,D]",
         help="instead of samples: decode the straight and the great-circle paths between the"
         " codes of test rows A and B (default 0,1), into interpolation.png / .pt",
     )  # fmt: skip
     sample.add_argument(
-        "--steps", type=_bounded_int(2, MAX_STEPS), default=9,
+        "--steps", type=flags.bounded_int(2, MAX_STEPS), default=9,
         help=f"points per path (2 to {MAX_STEPS})",
     )  # fmt: skip
-    _add_trust_flag(sample)
+    flags.add_trust_flag(sample)
     sample.set_defaults(func=_holding(cmd_sample))
     uses = {
         "score": "per-point log p(x) of a split, a histogram, ROC AUC against --outliers",
@@ -401,10 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
             " rows are all training rows)",
         )  # fmt: skip
         use.add_argument(
-            "--num-samples", type=_positive_int, default=1000 if name == "score" else 500,
+            "--num-samples", type=flags.positive_int, default=1000 if name == "score" else 500,
             help="importance samples per row (models without an exact posterior)",
         )  # fmt: skip
-        use.add_argument("--seed", type=_seed, default=0)
+        use.add_argument("--seed", type=flags.seed, default=0)
         use.add_argument(
             "--hide-labels", action="store_true",
             help="hand the model the split without its labels (a model that takes labels as a"
@@ -425,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                 " et al. 2020), which discounts how simple an input is",
             )  # fmt: skip
         else:
-            use.add_argument("--num-rows", type=_positive_int, default=1000)
+            use.add_argument("--num-rows", type=flags.positive_int, default=1000)
         if name == "complete":
             use.add_argument(
                 "--mask", required=True,
@@ -438,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help="importance sampling with the guide (exact for mixtures), or the"
                 " Metropolis-within-Gibbs chain (exact in the limit)",
             )  # fmt: skip
-            use.add_argument("--num-steps", type=_positive_int, default=1000, help="chain steps")
+            use.add_argument(
+                "--num-steps", type=flags.positive_int, default=1000, help="chain steps"
+            )
             use.add_argument(
                 "--proposal", choices=("guide", "prior"), default="guide",
                 help="importance sampling: z from the guide on the filled rows, or from the"
@@ -446,9 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                 " a condition, not the seen pixels, carries the information)",
             )  # fmt: skip
         if name == "denoise":
-            use.add_argument("--flip", type=_unit_interval, help="bit-flip rate (binary data)")
+            use.add_argument("--flip", type=flags.unit_interval, help="bit-flip rate (binary data)")
             use.add_argument("--noise-scale", type=float, help="std. dev. of added Gaussian noise")
-        _add_trust_flag(use)
+        flags.add_trust_flag(use)
         use.set_defaults(func=_holding(cmd_use))
     data_cmd = sub.add_parser("data", help="data sets")
     data_sub = data_cmd.add_subparsers(dest="data_command", required=True)
@@ -467,197 +400,6 @@ def _holding(command):
             return command(args)
 
     return held
-
-
-def _add_trust_flag(parser) -> None:
-    parser.add_argument(
-        "--trust-model", action="store_true",
-        help="import the model code the run's config.json names even where this zoo did not"
-        " record it (a run folder from elsewhere) or the file has changed since the fit",
-    )  # fmt: skip
-
-
-def _fit_parser(spec) -> argparse.ArgumentParser:
-    """The flags of ``zoo fit`` for one model: the shared ones, then the model's options."""
-    lines = [
-        f"on {name}: "
-        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items() if k != "_unless")
-        for name, chosen in spec.data_defaults.items()
-    ]
-    epilog = "the model's defaults per data set (flags you give win): " + "; ".join(lines)
-    parser = argparse.ArgumentParser(
-        prog=f"zoo fit {spec.name}",
-        description=spec.description,
-        allow_abbrev=False,
-        epilog=epilog if lines else None,
-    )
-    _add_data_flags(parser, spec)
-    parser.add_argument(
-        "--inference", choices=tuple(spec.drivers), default=next(iter(spec.drivers))
-    )
-    parser.add_argument("--out", help="run directory (default: runs/MODEL-DATA)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run")
-    parser.add_argument("--seed", type=_seed, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    shared = parser.add_argument_group("the drivers (each flag names those it applies to)")
-    for name, default, applies, text in fitting.SETTINGS:
-        if not set(applies) & set(spec.drivers):
-            continue  # a flag for drivers the model does not take: argparse refuses it
-        kind = _SETTING_TYPES.get(name, str)
-        default = fitting._default(default, applies)
-        shown = f"{text} [{'|'.join(applies)}" + (f"; default {default}]" if default else "]")
-        shared.add_argument(
-            f"--{name.replace('_', '-')}",
-            type=kind,
-            choices=sorted(svi.LOSSES) if name == "loss" else fitting.CHOICES.get(name),
-            help=shown,
-        )
-    if set(LOOP) & set(spec.drivers):
-        _add_loop_flags(shared, "reparam" in spec.drivers)
-    _add_model_options(parser, spec)
-    return parser
-
-
-def _add_loop_flags(group, reparameterized: bool) -> None:
-    """--jit (for the reparameterized driver), --resume and --resume-lr."""
-    if reparameterized:
-        group.add_argument(
-            "--jit",
-            nargs="?",
-            const="jit",
-            choices=compiled.BACKENDS,
-            help="compile the ELBO or IWAE bound (models without data-dependent branches): with"
-            " torch.jit, or --jit inductor by TorchInductor, which compiles the whole step with"
-            " the default Adam (needs a C++ compiler on CPU) [reparam; svi: inductor, for"
-            " Trace_ELBO or TraceMeanField_ELBO]. Shorter epochs: benchmarks/results/vae_speed.md",
-        )
-    group.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        metavar="RUN",
-        help="continue the run in --out (or in RUN) from its checkpoint, with the same settings"
-        " [svi|reparam]",
-    )
-    group.add_argument(
-        "--resume-lr",
-        type=_positive_float,
-        metavar="LR",
-        help="with --resume: continue at rate LR from the last good checkpoint (after a NaN"
-        " stop, say); config.json records the change",
-    )
-
-
-def _add_data_flags(parser, spec) -> None:
-    parser.add_argument("--data", help="a data set (zoo list) or a .csv / .npy file of rows")
-    parser.add_argument(
-        "--binarize",
-        default="default",
-        choices=("default", "none", "static", "dynamic", "threshold"),
-        help=f"of the pixels (default for this model: {spec.default_binarize or 'none'};"
-        " dynamic draws new pixels every epoch and scores on one fixed draw)",
-    )
-    parser.add_argument("--max-data", type=_positive_int, help="the first N training rows")
-
-
-def _compare_parser(spec) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=f"zoo compare {spec.name}", description=spec.description, allow_abbrev=False
-    )
-    methods = comparisons.method_names(spec)
-    parser.add_argument("--data", help="data set (default: the model's first for comparisons)")
-    parser.add_argument("--inference", help=f"comma-separated, of {','.join(methods)}")
-    parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 per method")
-    parser.add_argument("--budget", type=_positive_float, help="seconds of fitting per fit")
-    parser.add_argument("--out", help="report directory (default: runs/compare-MODEL-DATA)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    knobs = parser.add_argument_group("settings (defaults in zoo.comparisons.Setup)")
-    for name, kind, text in comparisons.SETTING_FLAGS:  # each a positive number
-        kind = {int: _positive_int, float: _positive_float}.get(kind, kind)
-        knobs.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
-    _add_model_options(parser, spec)
-    return parser
-
-
-def _add_model_options(parser, spec) -> None:
-    """A flag for each of the model's options, less those the data set."""
-    group = parser.add_argument_group(f"{spec.name} options")
-    for option in spec.options():
-        if option.data is None:
-            _add_option(group, option)
-
-
-def _add_option(group, option) -> None:
-    kind, nargs = _flag_type(option.type)
-    flags = [f"--{option.name.replace('_', '-')}", *option.flags]
-    default = f" (default {option.default})" if option.default is not None else ""
-    text = (option.help or "") + default
-    if kind is bool:
-        group.add_argument(
-            *flags, dest=option.name, action=argparse.BooleanOptionalAction, help=text or None
-        )
-        return
-    extra = {"choices": option.choices} if option.choices else {}
-    group.add_argument(*flags, dest=option.name, type=kind, nargs=nargs, help=text or None, **extra)
-
-
-def _flag_type(annotation):
-    """(element type, nargs) of an option's annotation: int, float, str, bool, Optional[T],
-    Tuple[T, ...]."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:  # Optional[T]
-        return _flag_type(next(a for a in args if a is not type(None)))
-    if origin in (tuple, list):
-        return (args[0] if args else str), "+"
-    if annotation in (int, float, str, bool, registry.number_or_text):
-        return annotation, None
-    return str, None
-
-
-def _with_run_settings(model: str, rest: list) -> list:
-    """With ``--resume DIR``, the flags the run was fitted with (its command's, then each
-    earlier resume's) before those given now, which win: a resume continues with the run's
-    own settings unless told otherwise (and ``check_resume`` refuses what would change its
-    trajectory). The run's folder, --overwrite and an earlier --resume-lr are not carried."""
-    run = _flag_value(rest, "--resume")
-    if run is None:
-        return rest
-    try:
-        saved = runs.read_config(run)
-    except runs.RunError:  # the fit says what is wrong with the folder
-        return rest
-    if saved.get("model") != model:  # check_resume names the model the run holds
-        return rest
-    carried = []
-    for command in [saved.get("command", ""), *saved.get("resumes", [])]:
-        words = shlex.split(command)[3:]  # zoo fit MODEL ...
-        carried += _without(words, ("--resume", "--out", "--resume-lr"), ("--overwrite",))
-    return carried + list(rest)
-
-
-def _flag_value(words, flag: str):
-    for i, word in enumerate(words):
-        if word == flag and i + 1 < len(words):
-            return words[i + 1]
-        if word.startswith(flag + "="):
-            return word.split("=", 1)[1]
-    return None
-
-
-def _without(words, valued, switches) -> list:
-    out, skip = [], False
-    for word in words:
-        if skip:
-            skip = False
-        elif word in valued:
-            skip = True
-        elif word in switches or word.split("=", 1)[0] in valued:
-            continue
-        else:
-            out.append(word)
-    return out
 
 
 # ---------------------------------------------------------------------------------- one fit
