@@ -110,8 +110,27 @@ def run(
         description: what the progress bar says is running.
     """
     rows = data if isinstance(data, Rows) else Rows(data, batch_dims)
-    num_data = rows.num_data
-    batch_size = num_data if batch_size is None else batch_size
+    batch_size = rows.num_data if batch_size is None else batch_size
+    _check_run(batch_size, num_epochs, patience, validate, max_steps)
+    loop = _Loop(rows, state, batch_size, num_epochs, seed, checkpoint)
+    if resume:
+        loop.resume()
+    loop.options = dict(validate=validate, patience=patience, transform=transform,
+                        callback=callback, schedule=schedule, max_steps=max_steps)  # fmt: skip
+    tuner, interrupted = Threads(threads), _SignalCatcher()
+    bar = tqdm(
+        total=num_epochs * loop.steps_per_epoch,
+        initial=loop.done_steps,
+        disable=not progress or loop.rank != 0,
+        desc=description,
+        leave=False,
+    )
+    with interrupted, bar, tuner:
+        loop.train(step, bar, tuner, interrupted)
+    return loop.result()
+
+
+def _check_run(batch_size, num_epochs, patience, validate, max_steps) -> None:
     check_count("batch_size", batch_size)
     check_count("num_epochs", num_epochs)
     if patience is not None:
@@ -123,36 +142,59 @@ def run(
             )
     if max_steps is not None:
         check_count("max_steps", max_steps)
-    rank, world = (tdist.get_rank(), tdist.get_world_size()) if _distributed() else (0, 1)
+    world = tdist.get_world_size() if _distributed() else 1
     if batch_size < world:  # some rank's share of a batch would be empty
         raise ValueError(
             f"batch_size {batch_size} under torch.distributed with {world} processes: each"
             f" process takes a share of every batch, so it needs at least {world} rows"
         )
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(num_data / batch_size)
-    position = {"epoch": 0, "step": 0, "perm": None, "batch_size": batch_size}
-    history, best = [], {"objective": -math.inf, "state": None, "epoch": 0}
-    path = Path(checkpoint) if checkpoint is not None else None
 
-    if resume:
+
+class _Loop:
+    """The state of one ``run``: where it stands (epoch, step, the epoch's permutation), the
+    history, the best validated epoch, the batch generator and the checkpoint."""
+
+    def __init__(self, rows, state, batch_size, num_epochs, seed, checkpoint):
+        self.rows, self.state, self.batch_size, self.num_epochs = (
+            rows,
+            state,
+            batch_size,
+            num_epochs,
+        )
+        self.rank, self.world = (
+            (tdist.get_rank(), tdist.get_world_size()) if _distributed() else (0, 1)
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps_per_epoch = math.ceil(rows.num_data / batch_size)
+        self.position = {"epoch": 0, "step": 0, "perm": None, "batch_size": batch_size}
+        self.history, self.best = [], {"objective": -math.inf, "state": None, "epoch": 0}
+        self.path = Path(checkpoint) if checkpoint is not None else None
+        self.stop_reason, self.converged = f"finished {num_epochs} epochs", True
+
+    @property
+    def done_steps(self) -> int:
+        return self.position["epoch"] * self.steps_per_epoch + self.position["step"]
+
+    def resume(self) -> None:
+        """Restore the checkpoint: parameters, optimizer, random states, position, history."""
+        path = self.path
         if path is None or not path.exists():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
         saved = load_tensors(path, "checkpoint")
-        was = saved["position"].get("batch_size", batch_size)
-        if was != batch_size:  # the epoch's remaining steps would be someone else's batches
+        was = saved["position"].get("batch_size", self.batch_size)
+        if was != self.batch_size:  # the epoch's remaining steps would be someone else's batches
             raise ValueError(
                 f"the checkpoint {path} was written with batch_size={was}; resume it with the"
-                f" same batch size, not {batch_size}"
+                f" same batch size, not {self.batch_size}"
             )
         ranks = saved.get("rank_rng") or [saved["rng"]]
-        if len(ranks) != world:
+        if len(ranks) != self.world:
             raise ValueError(
                 f"the checkpoint {path} was written by {len(ranks)} process(es) and this fit runs"
-                f" on {world}: resume it on as many (each rank's random state is kept)"
+                f" on {self.world}: resume it on as many (each rank's random state is kept)"
             )
         try:
-            _restore(saved, state, generator, rank, world)
+            _restore(saved, self.state, self.generator, self.rank, self.world)
         except (KeyError, ValueError, RuntimeError) as error:  # torch's words name no file
             reason = error.args[0] if isinstance(error, KeyError) and error.args else error
             raise ValueError(
@@ -160,147 +202,166 @@ def run(
                 f" fit's ({str(reason).splitlines()[0]}): resume a run with the model and"
                 " settings that wrote it"
             ) from None
-        position, history = saved["position"], saved["history"]
-        best.update(
+        self.position, self.history = saved["position"], saved["history"]
+        self.best.update(
             objective=saved["best_objective"],
             epoch=saved["best_epoch"],
             state=saved.get("best_state"),  # absent from checkpoints written before it was kept
         )
 
-    def save():
-        if path is None:
+    def save(self) -> None:
+        if self.path is None:
             return
         # every rank's random state (a collective: all ranks save at the same step), so that
         # a resumed torchrun fit draws on each rank what the uninterrupted one would have
-        ranks = _gathered(_rng_state(generator)) if world > 1 else None
-        if rank == 0:
-            save_torch(path, _snapshot(state, generator, position, history, best, ranks))
+        ranks = _gathered(_rng_state(self.generator)) if self.world > 1 else None
+        if self.rank == 0:
+            snapshot = _snapshot(
+                self.state, self.generator, self.position, self.history, self.best, ranks
+            )
+            save_torch(self.path, snapshot)
 
-    tuner = Threads(threads)
-    interrupted = _SignalCatcher()
-    total_steps = num_epochs * steps_per_epoch
-    done_steps = position["epoch"] * steps_per_epoch + position["step"]
-    bar = tqdm(
-        total=total_steps,
-        initial=done_steps,
-        disable=not progress or rank != 0,
-        desc=description,
-        leave=False,
-    )
-    start = time.perf_counter() - (history[-1]["time"] if history else 0.0)
-    stop_reason, converged = f"finished {num_epochs} epochs", True
-    with interrupted, bar, tuner:
-        while position["epoch"] < num_epochs:
-            if position["perm"] is None:  # the whole data each step: rows in their order, as
-                # a model with a parameter per row (a local, non-amortized guide) needs
-                whole = batch_size >= num_data
-                position["perm"] = (
-                    torch.arange(num_data)
-                    if whole
-                    else torch.randperm(num_data, generator=generator)
-                )
-            if schedule is not None:
-                schedule(position["epoch"])  # 0-based epoch about to run (or to continue)
-            losses, running = [], 0.0
-            tuner.restart_clock()
-            while position["step"] < steps_per_epoch:
-                i = position["step"] * batch_size
-                idx = position["perm"][i : i + batch_size]
-                idx = idx.tensor_split(world)[rank] if world > 1 else idx
-                batch = rows.take(idx)
-                if transform is not None:
-                    batch = transform(batch, generator)
-                try:
-                    loss = float(step(batch))
-                except ValueError as error:  # Pyro's checks on values made from NaN parameters
-                    where = f"epoch {position['epoch'] + 1}, step {position['step'] + 1}"
-                    bad = _nonfinite_parameters(state)
-                    text = str(error)
-                    if bad:
-                        what = f"parameters {bad[:3]} are no longer finite"
-                    elif "found invalid values" in text and "nan" in text:
-                        what = "the parameters grew so large that the model computes NaN"
-                    else:
-                        raise
-                    raise FloatingPointError(
-                        f"{what} at {where}, so the model failed"
-                        f" ({text.splitlines()[0][:160]}){_kept(path)}"
-                    ) from error
-                if not math.isfinite(loss):
-                    where = f"epoch {position['epoch'] + 1}, step {position['step'] + 1}"
-                    raise FloatingPointError(f"the loss is {loss} at {where}{_kept(path)}")
-                losses.append(loss)
-                running += loss
-                tuner.tick()
-                position["step"] += 1
-                done_steps += 1
-                bar.update(1)
-                # the epoch's objective so far, as the summary and the history report it
-                # (higher is better: minus the mean loss of the epoch's steps); shown when the
-                # bar next redraws (tqdm's interval): a redraw at every step costs about 0.1 ms
-                bar.set_postfix(
-                    epoch=position["epoch"] + 1,
-                    objective=f"{-running / len(losses):.4g}",
-                    refresh=False,
-                )
-                if _stop_everywhere(interrupted, world):
-                    save()
-                    interrupted.reraise()
-                if max_steps is not None and done_steps >= max_steps:
-                    break
-            record = {
-                "step": position["epoch"] + 1,
-                "epoch": position["epoch"] + 1,
-                "loss": sum(losses) / max(1, len(losses)),
-                "time": time.perf_counter() - start,
-            }
-            record["objective"] = -record["loss"]
-            if not history and losses:
-                record["first_loss"] = losses[0]  # the reference for the divergence warning
-            bad = _nonfinite_parameters(state)
-            if bad:  # a step with a finite loss can still leave NaN behind (a NaN gradient)
-                raise FloatingPointError(
-                    f"parameters {bad[:3]} are no longer finite after epoch {record['epoch']}"
-                    f"{_kept(path)}"
-                )
-            _warn_if_diverging(history, record)
-            if validate is not None:
-                record["valid_objective"] = float(validate())
-            history.append(record)
-            position.update(epoch=position["epoch"] + 1, step=0, perm=None, batch_size=batch_size)
-            if validate is not None and record["valid_objective"] > best["objective"]:
-                best.update(
-                    objective=record["valid_objective"],
-                    epoch=record["epoch"],
-                    state=_copy_state(state),
-                )
-            save()
-            if callback is not None and callback(dict(record)) is True:
-                stop_reason, converged = (
-                    f"stopped by the callback after epoch {record['epoch']}",
-                    False,
-                )
+    def train(self, step, bar, tuner, interrupted) -> None:
+        """Epochs until the last, a stop by the callback, max_steps or early stopping."""
+        self.start = time.perf_counter() - (self.history[-1]["time"] if self.history else 0.0)
+        while self.position["epoch"] < self.num_epochs:
+            losses = self.epoch(step, bar, tuner, interrupted)
+            if self.end_epoch(losses):
                 break
-            if max_steps is not None and done_steps >= max_steps:
-                stop_reason, converged = f"reached max_steps={max_steps}", False
+
+    def epoch(self, step, bar, tuner, interrupted) -> list:
+        """The epoch's remaining steps (all of them, unless max_steps comes first): its losses."""
+        position, options = self.position, self.options
+        if position["perm"] is None:  # the whole data each step: rows in their order, as a
+            # model with a parameter per row (a local, non-amortized guide) needs
+            num_data = self.rows.num_data
+            whole = self.batch_size >= num_data
+            position["perm"] = (
+                torch.arange(num_data)
+                if whole
+                else torch.randperm(num_data, generator=self.generator)
+            )
+        if options["schedule"] is not None:
+            options["schedule"](position["epoch"])  # 0-based epoch about to run (or continue)
+        losses, running = [], 0.0
+        tuner.restart_clock()
+        while position["step"] < self.steps_per_epoch:
+            losses.append(self.one_step(step))
+            running += losses[-1]
+            tuner.tick()
+            position["step"] += 1
+            bar.update(1)
+            # the epoch's objective so far, as the summary and the history report it (higher
+            # is better: minus the mean loss of the epoch's steps); shown when the bar next
+            # redraws (tqdm's interval): a redraw at every step costs about 0.1 ms
+            bar.set_postfix(
+                epoch=position["epoch"] + 1,
+                objective=f"{-running / len(losses):.4g}",
+                refresh=False,
+            )
+            if _stop_everywhere(interrupted, self.world):
+                self.save()
+                interrupted.reraise()
+            if options["max_steps"] is not None and self.done_steps >= options["max_steps"]:
                 break
-            if patience is not None and record["epoch"] - best["epoch"] >= patience:
-                stop_reason = f"early stopping: no better validation for {patience} epochs"
-                break
-    kept = history[-1]
-    if best["state"] is not None and best["epoch"] != history[-1]["epoch"]:
-        _load_state(state, best["state"])  # end on the best validated parameters
-        stop_reason += f"; kept epoch {best['epoch']}"
-        kept = history[best["epoch"] - 1]
-    return FitResult(
-        objective=kept["objective"],  # of the parameters returned, not of the last epoch
-        params={},
-        history=history,
-        converged=converged,
-        stop_reason=stop_reason,
-        valid_objective=kept.get("valid_objective"),
-        best_epoch=kept["epoch"],
-    )
+        return losses
+
+    def one_step(self, step) -> float:
+        """One step on the next batch (this rank's share of it): its loss per data point."""
+        position = self.position
+        i = position["step"] * self.batch_size
+        idx = position["perm"][i : i + self.batch_size]
+        idx = idx.tensor_split(self.world)[self.rank] if self.world > 1 else idx
+        batch = self.rows.take(idx)
+        if self.options["transform"] is not None:
+            batch = self.options["transform"](batch, self.generator)
+        try:
+            loss = float(step(batch))
+        except ValueError as error:  # Pyro's checks on values made from NaN parameters
+            bad = _nonfinite_parameters(self.state)
+            text = str(error)
+            if bad:
+                what = f"parameters {bad[:3]} are no longer finite"
+            elif "found invalid values" in text and "nan" in text:
+                what = "the parameters grew so large that the model computes NaN"
+            else:
+                raise
+            raise FloatingPointError(
+                f"{what} at {self.where()}, so the model failed"
+                f" ({text.splitlines()[0][:160]}){_kept(self.path)}"
+            ) from error
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss} at {self.where()}{_kept(self.path)}")
+        return loss
+
+    def where(self) -> str:
+        return f"epoch {self.position['epoch'] + 1}, step {self.position['step'] + 1}"
+
+    def end_epoch(self, losses) -> bool:
+        """The epoch's record, checks, validation and checkpoint; True where the fit stops."""
+        position, options, history = self.position, self.options, self.history
+        record = {
+            "step": position["epoch"] + 1,
+            "epoch": position["epoch"] + 1,
+            "loss": sum(losses) / max(1, len(losses)),
+            "time": time.perf_counter() - self.start,
+        }
+        record["objective"] = -record["loss"]
+        if not history and losses:
+            record["first_loss"] = losses[0]  # the reference for the divergence warning
+        bad = _nonfinite_parameters(self.state)
+        if bad:  # a step with a finite loss can still leave NaN behind (a NaN gradient)
+            raise FloatingPointError(
+                f"parameters {bad[:3]} are no longer finite after epoch {record['epoch']}"
+                f"{_kept(self.path)}"
+            )
+        _warn_if_diverging(history, record)
+        validate = options["validate"]
+        if validate is not None:
+            record["valid_objective"] = float(validate())
+        history.append(record)
+        position.update(epoch=position["epoch"] + 1, step=0, perm=None, batch_size=self.batch_size)
+        if validate is not None and record["valid_objective"] > self.best["objective"]:
+            self.best.update(
+                objective=record["valid_objective"],
+                epoch=record["epoch"],
+                state=_copy_state(self.state),
+            )
+        self.save()
+        return self.stops(record)
+
+    def stops(self, record) -> bool:
+        options, epoch = self.options, record["epoch"]
+        if options["callback"] is not None and options["callback"](dict(record)) is True:
+            self.stop_reason = f"stopped by the callback after epoch {epoch}"
+            self.converged = False
+            return True
+        if options["max_steps"] is not None and self.done_steps >= options["max_steps"]:
+            self.stop_reason, self.converged = f"reached max_steps={options['max_steps']}", False
+            return True
+        patience = options["patience"]
+        if patience is not None and epoch - self.best["epoch"] >= patience:
+            self.stop_reason = f"early stopping: no better validation for {patience} epochs"
+            return True
+        return False
+
+    def result(self) -> FitResult:
+        """The result, on the best validated parameters where there was validation."""
+        history, best = self.history, self.best
+        kept = history[-1]
+        if best["state"] is not None and best["epoch"] != history[-1]["epoch"]:
+            _load_state(self.state, best["state"])  # end on the best validated parameters
+            self.stop_reason += f"; kept epoch {best['epoch']}"
+            kept = history[best["epoch"] - 1]
+        return FitResult(
+            objective=kept["objective"],  # of the parameters returned, not of the last epoch
+            params={},
+            history=history,
+            converged=self.converged,
+            stop_reason=self.stop_reason,
+            valid_objective=kept.get("valid_objective"),
+            best_epoch=kept["epoch"],
+        )
 
 
 class DivergenceWarning(UserWarning):
