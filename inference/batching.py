@@ -394,6 +394,58 @@ def probe_sizes(batch_size: int, num_data: int) -> Tuple[int, int]:
     return batch_size, min(second, num_data)
 
 
+def _runs_on_sizes(model, guide, rows, sizes, whole, hint) -> list:
+    """[(size, traces)] of the program run on the first ``size`` rows for each size; a failure
+    on fewer rows than the whole data is said as what it is (a program that cannot be
+    minibatched), with ``hint`` as the remedy."""
+    runs = []
+    for size in sizes:
+        try:  # the first run creates the parameters, as the first step would
+            with same_random_state() if runs else private_draws():
+                traces = run_program(model, guide, rows.slice(0, size))
+        except Exception as error:
+            if runs and whole and size < runs[0][0]:
+                break  # called on these rows only: the first run tells the plates
+            if not runs and not runs_on(model, guide, rows.data):
+                raise  # it fails on the whole data as well: the program's own error
+            which = (
+                f"fail on a minibatch of {size} rows"
+                if not runs
+                else f"run on {sizes[0]} rows but fail on a minibatch of {size}"
+            )
+            raise ValueError(
+                f"the model and guide {which} ({type(error).__name__}: {error}). The driver"
+                " calls them on minibatches of the data (split along the batch dims): a"
+                " parameter or plate sized for other rows (a local, non-amortized parameter; a"
+                " size fixed from outside the data) cannot be minibatched. Make the program"
+                " follow the rows it is given" + hint
+            ) from error
+        runs.append((size, traces))
+    return runs
+
+
+def _self_subsampling(runs, found, tracking, num_data, per_point) -> list:
+    """The plates of a fixed full size whose subsample is the rows they are given (Pyro's
+    svi_torch example: pyro.plate("data", N, subsample_size=len(batch))): Pyro scales them by
+    N / B itself, so they are data plates that need no further scaling; their N is checked."""
+    subsamples = [_plate_sizes(traces, subsampled=True) for _, traces in runs]
+    own = sorted(
+        name
+        for name in set.intersection(*(set(f) for f in subsamples)) - set(tracking)
+        if len(runs) > 1 and all(f[name] == {size} for f, (size, _) in zip(subsamples, runs))
+    )
+    for name in own:
+        full = found[0][name]
+        if not per_point and full != {num_data}:
+            raise ValueError(
+                f"pyro.plate({name!r}) subsamples the rows it is given from a full size of"
+                f" {sorted(full)[0]}, but the data have {num_data} rows: Pyro would scale"
+                f" each minibatch to {sorted(full)[0]} data points. Give the plate the number"
+                " of rows of the whole data as its size"
+            )
+    return own
+
+
 def find_data_plates(
     model: Callable,
     guide: Optional[Callable],
@@ -419,54 +471,14 @@ def find_data_plates(
     fit in one chunk), so a program that fails on fewer (an argument with an entry per row
     that is not a tensor) is read off the run on all of them: its plates of that size.
     """
-    every = whole
-    whole = "" if per_point else ", or fit on the whole data at once (batch_size=None)"
-    runs = []
-    for size in sizes:
-        try:  # the first run creates the parameters, as the first step would
-            with same_random_state() if runs else private_draws():
-                traces = run_program(model, guide, rows.slice(0, size))
-        except Exception as error:
-            if runs and every and size < runs[0][0]:
-                break  # called on these rows only: the first run tells the plates
-            if not runs and not runs_on(model, guide, rows.data):
-                raise  # it fails on the whole data as well: the program's own error
-            which = (
-                f"fail on a minibatch of {size} rows"
-                if not runs
-                else f"run on {sizes[0]} rows but fail on a minibatch of {size}"
-            )
-            raise ValueError(
-                f"the model and guide {which} ({type(error).__name__}: {error}). The driver"
-                " calls them on minibatches of the data (split along the batch dims): a"
-                " parameter or plate sized for other rows (a local, non-amortized parameter; a"
-                " size fixed from outside the data) cannot be minibatched. Make the program"
-                " follow the rows it is given" + whole
-            ) from error
-        runs.append((size, traces))
+    hint = "" if per_point else ", or fit on the whole data at once (batch_size=None)"
+    runs = _runs_on_sizes(model, guide, rows, sizes, whole, hint)
     found = [_plate_sizes(traces) for _, traces in runs]
     names = set.intersection(*(set(f) for f in found))
     tracking = sorted(
         name for name in names if all(f[name] == {size} for f, (size, _) in zip(found, runs))
     )
-    # a plate of a fixed full size whose subsample is the rows it is given (Pyro's svi_torch
-    # example: pyro.plate("data", N, subsample_size=len(batch))): Pyro scales it by N / B
-    # itself, so it is a data plate that needs no further scaling
-    subsamples = [_plate_sizes(traces, subsampled=True) for _, traces in runs]
-    own = sorted(
-        name
-        for name in set.intersection(*(set(f) for f in subsamples)) - set(tracking)
-        if len(runs) > 1 and all(f[name] == {size} for f, (size, _) in zip(subsamples, runs))
-    )
-    for name in own:
-        full = found[0][name]
-        if not per_point and full != {rows.num_data}:
-            raise ValueError(
-                f"pyro.plate({name!r}) subsamples the rows it is given from a full size of"
-                f" {sorted(full)[0]}, but the data have {rows.num_data} rows: Pyro would scale"
-                f" each minibatch to {sorted(full)[0]} data points. Give the plate the number"
-                " of rows of the whole data as its size"
-            )
+    own = _self_subsampling(runs, found, tracking, rows.num_data, per_point)
     described = {
         name: [sorted(f.get(name, {"absent"}), key=str) for f in found]
         for name in sorted(set().union(*found))
@@ -484,20 +496,20 @@ def find_data_plates(
             raise ValueError(
                 f"pyro.plate({data_plate!r}) has sizes {described[data_plate]} when run on"
                 f" {tried}: its size does not follow the number of rows; give it the batch's"
-                " length (pyro.plate(name, len(x)))" + whole
+                " length (pyro.plate(name, len(x)))" + hint
             )
         tracking = [data_plate]
     if not tracking and own:  # scaled by Pyro itself
-        _check_no_unplated_rows(runs, own, whole)
+        _check_no_unplated_rows(runs, own, hint)
         return tuple(own) if per_point else ()
     if not tracking:
         raise ValueError(
             f"no pyro.plate's size follows the number of rows: run on {tried}, the plates had"
             f" sizes {described or 'none (the model has no plate)'}. Put the sites of each data"
             " point in pyro.plate('data', len(x)) (a plate that subsamples itself is fine), or"
-            " say with batch_dims= where the rows are if not along dim 0" + whole
+            " say with batch_dims= where the rows are if not along dim 0" + hint
         )
-    _check_no_unplated_rows(runs, [*tracking, *own], whole)
+    _check_no_unplated_rows(runs, [*tracking, *own], hint)
     return tuple(tracking)
 
 

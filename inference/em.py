@@ -89,33 +89,10 @@ def fit(
             ``inference.threads``), a count, or "torch" (left alone); None reads ``ZOO_THREADS``.
     """
     data = _check_data(data)
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
-    for name, value in (("max_iter", max_iter), ("n_init", n_init), ("m_step_iters", m_step_iters)):
-        check_count(name, value)
-    if chunk_size is not None:
-        check_count("chunk_size", chunk_size)
+    _check_counts(tol, max_iter, n_init, m_step_iters, chunk_size, init)
     example = data.rows(0, 4) if isinstance(data, SparseRows) else data[:4]
     enum = Enumerated(model, guide, example, data_plate)
-    num_values = enum.num_values
-    if isinstance(init, str) and init not in INITS:
-        raise ValueError(f"init must be one of {INITS} or an (N, K) tensor, not {init!r}")
-    if not enum.single:
-        if not (isinstance(init, str) and init == "params"):
-            raise ValueError(
-                f"the model has several discrete latents per data point ({enum.latents[:3]}"
-                f"{', ...' if len(enum.latents) > 3 else ''}): initialization by k-means or by"
-                " random assignments is for one latent; give the parameters their starting"
-                " values in the model (pyro.param's init) and pass init='params'"
-            )
-        if m_step == "closed":
-            raise ValueError("m_step='closed' is for one discrete latent per data point")
-        m_step = "gradient"
-        num_values = 1  # for the chunk size below
-    elif num_values > len(data):
-        raise ValueError(
-            f"cannot fit {num_values} components to {len(data)} data points (K larger than N)"
-        )
+    m_step, num_values = _m_step_for(enum, data, init, m_step)
     closed = _closed_form(model, m_step)
     if init == "params" and n_init > 1:
         raise ValueError("init='params' starts from the current parameters; use n_init=1")
@@ -123,18 +100,7 @@ def fit(
         row_size = data.shape[1] if isinstance(data, SparseRows) else data[0].numel()
         chunk_size = _default_chunk_size(model, num_values, max(1, row_size))
     state = _State(enum, closed, data, chunk_size, m_step_iters, example)
-    dtypes = {p.dtype for p in state.params.values()}
-    if data.dtype.is_floating_point and dtypes and data.dtype not in dtypes:
-        raise TypeError(
-            f"data is {data.dtype} but the model's parameters are {sorted(map(str, dtypes))}:"
-            f" convert one to the other (x.to({next(iter(dtypes))}), or the model with .to())"
-        )
-    if not state.params:
-        raise ValueError(
-            "the model reads no parameters to fit (pyro.param, pyro.module or PyroParam): EM"
-            " has nothing to maximize"
-        )
-
+    _check_parameters(state, data)
     best = None
     with Threads(threads) as tuner:
         for restart in range(n_init):
@@ -158,6 +124,53 @@ def fit(
             stacklevel=2,
         )
     return best
+
+
+def _check_counts(tol, max_iter, n_init, m_step_iters, chunk_size, init) -> None:
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    for name, value in (("max_iter", max_iter), ("n_init", n_init), ("m_step_iters", m_step_iters)):
+        check_count(name, value)
+    if chunk_size is not None:
+        check_count("chunk_size", chunk_size)
+    if isinstance(init, str) and init not in INITS:
+        raise ValueError(f"init must be one of {INITS} or an (N, K) tensor, not {init!r}")
+
+
+def _m_step_for(enum, data, init, m_step):
+    """(the M-step, the values per chunk row) for the program's latents: several discrete
+    latents per point take the gradient M-step from the parameters' own starting values."""
+    if enum.single:
+        if enum.num_values > len(data):
+            raise ValueError(
+                f"cannot fit {enum.num_values} components to {len(data)} data points (K larger"
+                " than N)"
+            )
+        return m_step, enum.num_values
+    if not (isinstance(init, str) and init == "params"):
+        raise ValueError(
+            f"the model has several discrete latents per data point ({enum.latents[:3]}"
+            f"{', ...' if len(enum.latents) > 3 else ''}): initialization by k-means or by"
+            " random assignments is for one latent; give the parameters their starting"
+            " values in the model (pyro.param's init) and pass init='params'"
+        )
+    if m_step == "closed":
+        raise ValueError("m_step='closed' is for one discrete latent per data point")
+    return "gradient", 1  # one value per row for the chunk size
+
+
+def _check_parameters(state, data) -> None:
+    dtypes = {p.dtype for p in state.params.values()}
+    if data.dtype.is_floating_point and dtypes and data.dtype not in dtypes:
+        raise TypeError(
+            f"data is {data.dtype} but the model's parameters are {sorted(map(str, dtypes))}:"
+            f" convert one to the other (x.to({next(iter(dtypes))}), or the model with .to())"
+        )
+    if not state.params:
+        raise ValueError(
+            "the model reads no parameters to fit (pyro.param, pyro.module or PyroParam): EM"
+            " has nothing to maximize"
+        )
 
 
 def initialize(model, guide, data, seed: int = 0, init: str = "kmeans++", data_plate=None):

@@ -130,6 +130,15 @@ def run(
     return loop.result()
 
 
+def run_driver(step, rows, state, params, plates, **options) -> FitResult:
+    """``run`` for a driver's ``step``: the result carries the parameters' values (``params``,
+    the ``Parameters`` of ``prepare``) and the data plates found."""
+    result = run(step, rows, state=state, **options)
+    result.params = params.values()
+    result.extra["data_plates"] = list(plates)
+    return result
+
+
 def _check_run(batch_size, num_epochs, patience, validate, max_steps) -> None:
     check_count("batch_size", batch_size)
     check_count("num_epochs", num_epochs)

@@ -39,6 +39,27 @@ class Uncovered(ValueError):
         self.site, self.enumerated = site, enumerated
 
 
+def _local_latents(guide_trace, data_plate) -> list:
+    """The guide's latent sites, each inside the data plate (a global one is refused)."""
+    latents = []
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
+            continue
+        if not in_plate(site, data_plate):
+            raise GlobalLatents(
+                f"guide site {name!r} is outside the data plate {data_plate!r}: per-data-point"
+                " importance weights need every latent variable to be local to a data point."
+                " A model with global latent variables (a Bayesian model under an"
+                " AutoGuide) is scored by its whole-data ELBO (svi.elbo_per_datum) and the"
+                " posterior of its globals (evaluate.posterior_summary); a per-point"
+                " log-likelihood needs a guide whose latent variables are local",
+                name,
+                data_plate,
+            )
+        latents.append(name)
+    return latents
+
+
 class Particles:
     """Per-data-point log importance weights of ``guide`` as a proposal for ``model``.
 
@@ -78,6 +99,16 @@ class Particles:
                 if site["type"] == "sample":
                     dims += [-f.dim for f in site["cond_indep_stack"] if f.vectorized]
         self.max_plate_nesting = max(dims, default=0)
+        self._read_frames(model_trace, data_plate)
+        self.latents = _local_latents(guide_trace, data_plate)
+        # the first latent site the guide holds at a point (a Delta): every draw the same value
+        self.point_mass = next(
+            (n for n in self.latents if is_delta(guide_trace.nodes[n]["fn"])), None
+        )
+        self._try_vectorized(example, vectorize)
+
+    def _read_frames(self, model_trace, data_plate) -> None:
+        """The data plate's dimension, and the other plates that subsample their own terms."""
         frames = {
             f.name: f
             for site in model_trace.nodes.values()
@@ -107,26 +138,9 @@ class Particles:
                 if f.name != data_plate and f.full_size is not None and f.full_size != f.size
             }
         )
-        self.latents = []
-        for name, site in guide_trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
-                continue
-            if not in_plate(site, data_plate):
-                raise GlobalLatents(
-                    f"guide site {name!r} is outside the data plate {data_plate!r}: per-data-point"
-                    " importance weights need every latent variable to be local to a data point."
-                    " A model with global latent variables (a Bayesian model under an"
-                    " AutoGuide) is scored by its whole-data ELBO (svi.elbo_per_datum) and the"
-                    " posterior of its globals (evaluate.posterior_summary); a per-point"
-                    " log-likelihood needs a guide whose latent variables are local",
-                    name,
-                    data_plate,
-                )
-            self.latents.append(name)
-        # the first latent site the guide holds at a point (a Delta): every draw the same value
-        self.point_mass = next(
-            (n for n in self.latents if is_delta(guide_trace.nodes[n]["fn"])), None
-        )
+
+    def _try_vectorized(self, example, vectorize) -> None:
+        """Whether the K particles run as a plate (``vectorized``), and why not where not."""
         self.vectorized, self.why_sequential = True, None
         if vectorize is False:
             self.vectorized, self.why_sequential = False, "vectorize=False"

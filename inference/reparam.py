@@ -20,6 +20,7 @@ the single-process result for the same global batch. The shared loop (``inferenc
 supplies the rest.
 """
 
+import functools
 from typing import Callable, Optional, Union
 
 import pyro
@@ -111,6 +112,7 @@ class Objective:
         vectorize_particles=None,
     ):
         rows = Rows(example, batch_dims)
+        self.num_particles = num_particles
         self.point_mass = None  # a guide site held at a point (K > 1: its particles agree)
         if num_particles == 1:
             if plates is None:
@@ -231,15 +233,8 @@ def fit(
     transform = loop_options.get("transform")
     # checked on the first step's rows: a program with a size fixed from outside the data
     # (eight schools' J, a parameter per row) runs on the whole data, not on a few rows
-    plates, params = loop.prepare(
-        model,
-        guide,
-        rows,
-        batch_size,
-        data_plate,
-        transform,
-        check=lambda first: check_reparameterizable(guide, first, model),
-    )
+    check = functools.partial(check_reparameterizable, guide, model=model)
+    plates, params = loop.prepare(model, guide, rows, batch_size, data_plate, transform, check)
     example = rows.slice(0, batch_size or num_data)
     opt = optimizer(params.tensors()) if optimizer is not None else loop.adam(params.tensors(), lr)
     with same_random_state():
@@ -257,15 +252,36 @@ def fit(
             vectorize_particles=vectorize_particles,
         )
 
-    if objective.point_mass is not None:
+    step = _step(objective, opt, params, rows, jit)
+
+    if validate is None and valid_data is not None:
+        validate = _validator(
+            model, guide, Rows(valid_data, batch_dims), num_particles, analytic_kl, data_plate,
+            batch_dims, vectorize_particles,
+        )  # fmt: skip
+
+    loop_options["schedule"] = loop.with_lr_schedule(opt, lr_schedule, loop_options.get("schedule"))
+    state = {"optimizer": opt, "parameters": params}
+    return loop.run_driver(
+        step, rows, state, params, plates, batch_size=batch_size, num_epochs=num_epochs,
+        validate=validate, **loop_options,
+    )  # fmt: skip
+
+
+def _step(objective, opt, params, rows, jit):
+    """One optimizer step on a batch: the compiled whole step where jit="inductor" can record
+    it, else the bound's backward, the gradients averaged over torch.distributed ranks, Adam.
+    A point-mass guide site with K > 1 particles is refused (K copies of one value)."""
+    if objective.point_mass is not None:  # set with K > 1 particles only
         raise ValueError(
-            f"num_particles={num_particles}: guide site {objective.point_mass!r} is a point mass"
-            " (Delta), so the particles are copies of one value and the importance-weighted"
-            " bound is the ELBO at K times the cost; fit with num_particles=1"
+            f"num_particles={objective.num_particles}: guide site {objective.point_mass!r} is a"
+            " point mass (Delta), so the particles are copies of one value and the"
+            " importance-weighted bound is the ELBO at K times the cost; fit with num_particles=1"
         )
     whole = None
     if jit == "inductor" and CompiledStep.refusal(objective.total, opt) is None:
         whole = CompiledStep(objective.total, opt)
+    num_data = rows.num_data
 
     def step(batch):  # -ELBO of the whole data set (as Pyro's loop differentiates it), per point
         if whole is not None:
@@ -278,43 +294,35 @@ def fit(
         opt.step()
         return loss.item() / num_data
 
-    if validate is None and valid_data is not None:
-        valid = Rows(valid_data, batch_dims)
-        with same_random_state():
-            evaluator = Objective(
-                model,
-                guide,
-                valid.slice(0, 2),
-                valid.num_data,
-                num_particles,
-                analytic_kl,
-                data_plate,
-                plates=None if valid.num_data > 1024 else (),
-                batch_dims=batch_dims,
-                vectorize_particles=vectorize_particles,
-            )
+    return step
 
-        @torch.no_grad()
-        def validate():
-            total = 0.0
-            for i in range(0, valid.num_data, 1024):
-                chunk = valid.slice(i, i + 1024)
-                total -= evaluator(chunk).item() * _count(valid, chunk)
-            return total / valid.num_data
 
-    loop_options["schedule"] = loop.with_lr_schedule(opt, lr_schedule, loop_options.get("schedule"))
-    result = loop.run(
-        step,
-        rows,
-        state={"optimizer": opt, "parameters": params},
-        batch_size=batch_size,
-        num_epochs=num_epochs,
-        validate=validate,
-        **loop_options,
-    )
-    result.params = params.values()
-    result.extra["data_plates"] = list(plates)
-    return result
+def _validator(model, guide, valid, num_particles, analytic_kl, data_plate, batch_dims, vectorize):
+    """The bound per data point on the validation rows, in chunks of 1024 (for early stopping
+    and the learning curve)."""
+    with same_random_state():
+        evaluator = Objective(
+            model,
+            guide,
+            valid.slice(0, 2),
+            valid.num_data,
+            num_particles,
+            analytic_kl,
+            data_plate,
+            plates=None if valid.num_data > 1024 else (),
+            batch_dims=batch_dims,
+            vectorize_particles=vectorize,
+        )
+
+    @torch.no_grad()
+    def validate():
+        total = 0.0
+        for i in range(0, valid.num_data, 1024):
+            chunk = valid.slice(i, i + 1024)
+            total -= evaluator(chunk).item() * _count(valid, chunk)
+        return total / valid.num_data
+
+    return validate
 
 
 def _count(rows: Rows, value) -> int:

@@ -18,6 +18,7 @@ their Jit forms (or is an ELBO object, or a loss function as Pyro's ``SVI`` take
 compiled function under the wrong attribute name and traces the model again on every step.
 """
 
+import functools
 import math
 from typing import Callable, Optional, Union
 
@@ -181,17 +182,13 @@ def fit(
     random state only by what their initialization draws (``loop.prepare``), so from the same
     seed the first step draws what the first step of Pyro's own loop draws.
     """
-    if jit:
-        compiled.refuse_schedule(loop_options.get("schedule"))
+    _refuse_early(loss, jit, loop_options, num_particles, max_plate_nesting, vectorize_particles)
     rows = Rows(data, batch_dims)
     num_data = rows.num_data
-    if not isinstance(loss, str):  # refused before any work where the options do not apply
-        make_loss(loss, num_particles, max_plate_nesting, vectorize_particles)
     transform = loop_options.get("transform")
     plates, params = loop.prepare(model, guide, rows, batch_size, data_plate, transform)
     first = rows.slice(0, batch_size or num_data)
-    scaled_model = scale_rows(model, plates, rows)
-    scaled_guide = scale_rows(guide, plates, rows)
+    scaled_model, scaled_guide = scale_rows(model, plates, rows), scale_rows(guide, plates, rows)
     if num_particles > 1 and vectorize_particles is None and isinstance(loss, str):
         vectorize_particles = _vectorizes(
             loss, num_particles, max_plate_nesting, model, guide, first
@@ -199,79 +196,83 @@ def fit(
     elbo = make_loss(loss, num_particles, max_plate_nesting, vectorize_particles)
     elbo_vectorized = getattr(elbo, "vectorize_particles", None)
     if optim is None:
-        # one torch Adam over every parameter: Pyro's default optimizer keeps one Adam per
-        # parameter and re-collects them by tracing every step, which costs this loop about
-        # 0.1x of a small VAE's epoch (benchmarks/vae_speed.py)
         optimizer = loop.adam(params.tensors(), lr=lr)
-        if jit:
-            step = _compiled_step(
-                model, guide, rows, first, batch_dims, loss, num_particles, optimizer, plates, jit
-            )
-        else:
-            num_params = len(pyro.get_param_store())
-
-            loss_and_grads = _loss_and_grads(elbo)
-
-            def step(batch):
-                optimizer.zero_grad()
-                args, kwargs = arguments(batch)
-                value = loss_and_grads(scaled_model, scaled_guide, *args, **kwargs)
-                if len(pyro.get_param_store()) != num_params:
-                    raise RuntimeError(
-                        "the model or guide created parameters after the first step, which the"
-                        " default optimizer does not see; pass optim=pyro.optim.Adam(...)"
-                        " instead"
-                    )
-                optimizer.step()
-                return value / num_data  # -ELBO of the whole data set, per data point
-
+        step = (
+            _compiled_step(model, guide, rows, first, batch_dims, loss, num_particles, optimizer,
+                           plates, jit)
+            if jit
+            else _adam_step(scaled_model, scaled_guide, elbo, optimizer, num_data)
+        )  # fmt: skip
         state = {"optimizer": optimizer, "parameters": params}
         loop_options["schedule"] = loop.with_lr_schedule(
             optimizer, lr_schedule, loop_options.get("schedule")
         )
     else:
-        if jit:
-            raise ValueError(
-                "jit compiles the default optimizer's step; leave optim unset (use lr and"
-                " lr_schedule) or leave jit off"
-            )
-        if lr_schedule is not None:
-            raise ValueError(
-                "lr_schedule applies to the default optimizer; a Pyro optim brings its own"
-                " schedule (pyro.optim.ExponentialLR and friends)"
-            )
-        svi = SVI(scaled_model, scaled_guide, optim, elbo)
-
-        def step(batch):  # -ELBO of the whole data set, per data point
-            args, kwargs = arguments(batch)
-            return svi.step(*args, **kwargs) / num_data
-
+        step = _pyro_optim_step(scaled_model, scaled_guide, optim, elbo, num_data, jit, lr_schedule)
         state = {"optim": _OptimState(optim), "parameters": params}
-
-    if validate is None and valid_data is not None:
-        evaluator = (
-            make_loss(loss.replace("Jit", ""), num_particles, max_plate_nesting, elbo_vectorized)
-            if isinstance(loss, str)
-            else elbo
-        )
-
-        def validate():
-            return elbo_per_datum(
-                model, guide, valid_data, evaluator, batch_size=1024, batch_dims=batch_dims
-            )
-
-    result = loop.run(
-        step,
-        rows,
-        state=state,
-        batch_size=batch_size,
-        num_epochs=num_epochs,
-        validate=validate,
-        **loop_options,
-    )
-    result.params = params.values()
-    result.extra.update(data_plates=list(plates), vectorize_particles=elbo_vectorized)
+    if validate is None and valid_data is not None:  # the ELBO (Jit losses: uncompiled)
+        again = (loss.replace("Jit", ""), num_particles, max_plate_nesting, elbo_vectorized)
+        evaluator = make_loss(*again) if isinstance(loss, str) else elbo
+        validate = functools.partial(elbo_per_datum, model, guide, valid_data, evaluator,
+                                     batch_size=1024, batch_dims=batch_dims)  # fmt: skip
+    result = loop.run_driver(
+        step, rows, state, params, plates, batch_size=batch_size, num_epochs=num_epochs,
+        validate=validate, **loop_options,
+    )  # fmt: skip
+    result.extra["vectorize_particles"] = elbo_vectorized
     return result
+
+
+def _refuse_early(loss, jit, loop_options, num_particles, max_plate_nesting, vectorize) -> None:
+    """Refuse, before any work, options that do not apply: a schedule the compiled step
+    cannot follow; an ELBO object or function with particle or plate options of its own."""
+    if jit:
+        compiled.refuse_schedule(loop_options.get("schedule"))
+    if not isinstance(loss, str):
+        make_loss(loss, num_particles, max_plate_nesting, vectorize)
+
+
+def _adam_step(scaled_model, scaled_guide, elbo, optimizer, num_data):
+    """The step with the default optimizer: one torch Adam over every parameter (Pyro's own
+    keeps one Adam per parameter and re-collects them by tracing every step, which costs this
+    loop about 0.1x of a small VAE's epoch: benchmarks/vae_speed.py)."""
+    num_params = len(pyro.get_param_store())
+    loss_and_grads = _loss_and_grads(elbo)
+
+    def step(batch):
+        optimizer.zero_grad()
+        args, kwargs = arguments(batch)
+        value = loss_and_grads(scaled_model, scaled_guide, *args, **kwargs)
+        if len(pyro.get_param_store()) != num_params:
+            raise RuntimeError(
+                "the model or guide created parameters after the first step, which the"
+                " default optimizer does not see; pass optim=pyro.optim.Adam(...) instead"
+            )
+        optimizer.step()
+        return value / num_data  # -ELBO of the whole data set, per data point
+
+    return step
+
+
+def _pyro_optim_step(scaled_model, scaled_guide, optim, elbo, num_data, jit, lr_schedule):
+    """The step with a Pyro optimizer: Pyro's own ``SVI.step``."""
+    if jit:
+        raise ValueError(
+            "jit compiles the default optimizer's step; leave optim unset (use lr and"
+            " lr_schedule) or leave jit off"
+        )
+    if lr_schedule is not None:
+        raise ValueError(
+            "lr_schedule applies to the default optimizer; a Pyro optim brings its own"
+            " schedule (pyro.optim.ExponentialLR and friends)"
+        )
+    svi = SVI(scaled_model, scaled_guide, optim, elbo)
+
+    def step(batch):  # -ELBO of the whole data set, per data point
+        args, kwargs = arguments(batch)
+        return svi.step(*args, **kwargs) / num_data
+
+    return step
 
 
 def _compiled_step(

@@ -57,10 +57,6 @@ LOOP = drivers.LOOP  # the drivers that run the training loop (inference.loop)
 # ------------------------------------------------------------------------------ argument types
 
 
-MAX_STEPS = 200  # interpolation points per path: a grid of that many columns draws in seconds
-MAX_PAIRS = 20  # and pairs (two rows of the grid each)
-
-
 # ----------------------------------------------------------------------------------- commands
 
 
@@ -155,7 +151,7 @@ def cmd_sample(args) -> int:
         if isinstance(model, torch.nn.Module):
             model.eval()
         try:
-            pairs = _pairs(args.interpolate)
+            pairs = flags.pairs(args.interpolate)
             summary = applications.interpolations(model, config, run, pairs, args.steps)
         except ValueError as error:
             raise SystemExit(f"zoo sample: {error}") from None
@@ -177,23 +173,6 @@ def cmd_sample(args) -> int:
         plots.save(figure, run / "samples.png")
     print(f"wrote {run / 'samples.pt'}" + (" and samples.png" if figure is not None else ""))
     return 0
-
-
-def _pairs(text: str):
-    """``0,1`` or ``0,1;5,9``: pairs of row numbers."""
-    pairs = []
-    for part in text.split(";"):
-        items = part.split(",")
-        digits = all(i.strip().isascii() and i.strip().isdecimal() for i in items)
-        if len(items) != 2 or not digits:
-            raise ValueError(
-                "--interpolate takes pairs of row numbers like 0,1 or 0,1;5,9 (each 0 or more),"
-                f" not {text!r}"
-            )
-        pairs.append((int(items[0]), int(items[1])))
-    if len(pairs) > MAX_PAIRS:
-        raise ValueError(f"--interpolate: at most {MAX_PAIRS} pairs, not {len(pairs)}")
-    return pairs
 
 
 def cmd_use(args) -> int:
@@ -292,6 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("model", help="a model of zoo list, or path/to/file.py:Class")
         command.add_argument("rest", nargs=argparse.REMAINDER, help="its flags (MODEL --help)")
         command.set_defaults(func=func)
+    _add_run_commands(sub)
+    uses = {
+        "score": "per-point log p(x) of a split, a histogram, ROC AUC against --outliers",
+        "complete": "fill hidden entries (--mask) from the posterior given the seen ones",
+        "denoise": "the posterior mean of clean data under a noise model (--flip, --noise-scale)",
+    }
+    for name, text in uses.items():
+        _add_use_command(sub, name, text)
+    data_cmd = sub.add_parser("data", help="data sets")
+    data_sub = data_cmd.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="download and verify a data set into the cache")
+    fetch.add_argument("name", choices=catalog.NAMES)
+    fetch.set_defaults(func=cmd_data_fetch)
+    return parser
+
+
+def _add_run_commands(sub) -> None:
+    """``zoo evaluate RUN`` and ``zoo sample RUN``."""
     ev = sub.add_parser("evaluate", help="recompute a run's metrics")
     ev.add_argument("run")
     ev.add_argument(
@@ -313,82 +310,80 @@ def build_parser() -> argparse.ArgumentParser:
         " codes of test rows A and B (default 0,1), into interpolation.png / .pt",
     )  # fmt: skip
     sample.add_argument(
-        "--steps", type=flags.bounded_int(2, MAX_STEPS), default=9,
-        help=f"points per path (2 to {MAX_STEPS})",
+        "--steps", type=flags.bounded_int(2, flags.MAX_STEPS), default=9,
+        help=f"points per path (2 to {flags.MAX_STEPS})",
     )  # fmt: skip
     flags.add_trust_flag(sample)
     sample.set_defaults(func=_holding(cmd_sample))
-    uses = {
-        "score": "per-point log p(x) of a split, a histogram, ROC AUC against --outliers",
-        "complete": "fill hidden entries (--mask) from the posterior given the seen ones",
-        "denoise": "the posterior mean of clean data under a noise model (--flip, --noise-scale)",
-    }
-    for name, text in uses.items():
-        use = sub.add_parser(name, help=text, description=text)
-        use.add_argument("run")
-        use.add_argument(
-            "--split", choices=("train", "test"),
-            help="the data split (default: test; train for a run fitted on a data file, whose"
-            " rows are all training rows)",
-        )  # fmt: skip
-        use.add_argument(
-            "--num-samples", type=flags.positive_int, default=1000 if name == "score" else 500,
-            help="importance samples per row (models without an exact posterior)",
-        )  # fmt: skip
-        use.add_argument("--seed", type=flags.seed, default=0)
-        use.add_argument(
-            "--hide-labels", action="store_true",
-            help="hand the model the split without its labels (a model that takes labels as a"
-            " condition otherwise gets them: the posterior given the seen data and the label)",
-        )  # fmt: skip
-        if name == "score":
-            use.add_argument(
-                "--outliers",
-                help="comma-separated: noise, upside-down, or .npy / .csv files of rows",
-            )
-            use.add_argument(
-                "--data", help="score another data set's --split, or a .csv / .npy file of rows,"
-                " instead of the run's own",
-            )  # fmt: skip
-            use.add_argument(
-                "--complexity", action="store_true",
-                help="also the complexity-corrected score -log p(x) - compressed length (Serra"
-                " et al. 2020), which discounts how simple an input is",
-            )  # fmt: skip
-        else:
-            use.add_argument("--num-rows", type=flags.positive_int, default=1000)
-        if name == "complete":
-            use.add_argument(
-                "--mask", required=True,
-                help="random:P (each entry hidden with probability P), bottom-half,"
-                " right-half, quadrants:G (the first G quadrants seen), or a .pt / .npy file"
-                " of a boolean (N, D) or (D,) array, True where seen",
-            )  # fmt: skip
-            use.add_argument(
-                "--method", choices=("importance", "chain"), default="importance",
-                help="importance sampling with the guide (exact for mixtures), or the"
-                " Metropolis-within-Gibbs chain (exact in the limit)",
-            )  # fmt: skip
-            use.add_argument(
-                "--num-steps", type=flags.positive_int, default=1000, help="chain steps"
-            )
-            use.add_argument(
-                "--proposal", choices=("guide", "prior"), default="guide",
-                help="importance sampling: z from the guide on the filled rows, or from the"
-                " model's prior (the weights then the seen entries' likelihood: right where"
-                " a condition, not the seen pixels, carries the information)",
-            )  # fmt: skip
-        if name == "denoise":
-            use.add_argument("--flip", type=flags.unit_interval, help="bit-flip rate (binary data)")
-            use.add_argument("--noise-scale", type=float, help="std. dev. of added Gaussian noise")
-        flags.add_trust_flag(use)
-        use.set_defaults(func=_holding(cmd_use))
-    data_cmd = sub.add_parser("data", help="data sets")
-    data_sub = data_cmd.add_subparsers(dest="data_command", required=True)
-    fetch = data_sub.add_parser("fetch", help="download and verify a data set into the cache")
-    fetch.add_argument("name", choices=catalog.NAMES)
-    fetch.set_defaults(func=cmd_data_fetch)
-    return parser
+
+
+def _add_use_command(sub, name: str, text: str) -> None:
+    """``zoo score`` / ``complete`` / ``denoise RUN``: what a fitted model is for."""
+    use = sub.add_parser(name, help=text, description=text)
+    use.add_argument("run")
+    use.add_argument(
+        "--split", choices=("train", "test"),
+        help="the data split (default: test; train for a run fitted on a data file, whose"
+        " rows are all training rows)",
+    )  # fmt: skip
+    use.add_argument(
+        "--num-samples", type=flags.positive_int, default=1000 if name == "score" else 500,
+        help="importance samples per row (models without an exact posterior)",
+    )  # fmt: skip
+    use.add_argument("--seed", type=flags.seed, default=0)
+    use.add_argument(
+        "--hide-labels", action="store_true",
+        help="hand the model the split without its labels (a model that takes labels as a"
+        " condition otherwise gets them: the posterior given the seen data and the label)",
+    )  # fmt: skip
+    if name == "score":
+        _add_score_flags(use)
+    else:
+        use.add_argument("--num-rows", type=flags.positive_int, default=1000)
+    if name == "complete":
+        _add_complete_flags(use)
+    if name == "denoise":
+        use.add_argument("--flip", type=flags.unit_interval, help="bit-flip rate (binary data)")
+        use.add_argument("--noise-scale", type=float, help="std. dev. of added Gaussian noise")
+    flags.add_trust_flag(use)
+    use.set_defaults(func=_holding(cmd_use))
+
+
+def _add_score_flags(use) -> None:
+    use.add_argument(
+        "--outliers",
+        help="comma-separated: noise, upside-down, or .npy / .csv files of rows",
+    )
+    use.add_argument(
+        "--data", help="score another data set's --split, or a .csv / .npy file of rows,"
+        " instead of the run's own",
+    )  # fmt: skip
+    use.add_argument(
+        "--complexity", action="store_true",
+        help="also the complexity-corrected score -log p(x) - compressed length (Serra"
+        " et al. 2020), which discounts how simple an input is",
+    )  # fmt: skip
+
+
+def _add_complete_flags(use) -> None:
+    use.add_argument(
+        "--mask", required=True,
+        help="random:P (each entry hidden with probability P), bottom-half,"
+        " right-half, quadrants:G (the first G quadrants seen), or a .pt / .npy file"
+        " of a boolean (N, D) or (D,) array, True where seen",
+    )  # fmt: skip
+    use.add_argument(
+        "--method", choices=("importance", "chain"), default="importance",
+        help="importance sampling with the guide (exact for mixtures), or the"
+        " Metropolis-within-Gibbs chain (exact in the limit)",
+    )  # fmt: skip
+    use.add_argument("--num-steps", type=flags.positive_int, default=1000, help="chain steps")
+    use.add_argument(
+        "--proposal", choices=("guide", "prior"), default="guide",
+        help="importance sampling: z from the guide on the filled rows, or from the"
+        " model's prior (the weights then the seen entries' likelihood: right where"
+        " a condition, not the seen pixels, carries the information)",
+    )  # fmt: skip
 
 
 def _holding(command):

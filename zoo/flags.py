@@ -259,3 +259,24 @@ def _without(words, valued, switches) -> list:
         else:
             out.append(word)
     return out
+
+
+MAX_STEPS = 200  # interpolation points per path: a grid of that many columns draws in seconds
+MAX_PAIRS = 20  # and pairs (two rows of the grid each)
+
+
+def pairs(text: str):
+    """``0,1`` or ``0,1;5,9``: pairs of row numbers."""
+    pairs = []
+    for part in text.split(";"):
+        items = part.split(",")
+        digits = all(i.strip().isascii() and i.strip().isdecimal() for i in items)
+        if len(items) != 2 or not digits:
+            raise ValueError(
+                "--interpolate takes pairs of row numbers like 0,1 or 0,1;5,9 (each 0 or more),"
+                f" not {text!r}"
+            )
+        pairs.append((int(items[0]), int(items[1])))
+    if len(pairs) > MAX_PAIRS:
+        raise ValueError(f"--interpolate: at most {MAX_PAIRS} pairs, not {len(pairs)}")
+    return pairs
