@@ -146,20 +146,7 @@ class Objective:
                 return -(iwae_bound(log_w).mean() * num_data + global_term.mean())
 
         if jit:
-            if rows.kind == "kwargs" or len(rows.dims) != len(arguments(example)[0]):
-                raise ValueError(
-                    "jit compiles a program of tensor arguments: pass the data as a tensor or a"
-                    " tuple of tensors (no keyword arguments or constants), or leave jit off"
-                )
-            names = loop.parameter_names(model, guide, *arguments(example)[0])
-            store = pyro.get_param_store()
-            missing = [name for name in names if name not in store._params]
-            if missing:
-                raise ValueError(
-                    f"jit reads parameters from Pyro's param store, which does not hold"
-                    f" {missing[:3]} (module-local parameters); leave jit off"
-                )
-            total = Compiled(total, names, backend="jit" if jit is True else jit)
+            total = _compiled(total, model, guide, rows, example, jit)
         self.total, self.num_data = total, num_data
 
     def loss(self, *args, **kwargs) -> torch.Tensor:
@@ -170,6 +157,25 @@ class Objective:
         """x: the model's arguments for a minibatch, a tensor, a tuple or a mapping."""
         args, kwargs = arguments(x)
         return self.loss(*args, **kwargs)
+
+
+def _compiled(total, model, guide, rows, example, jit):
+    """``total`` compiled (torch.jit or a backend of ``inference.compiled``), for a program of
+    tensor arguments whose parameters Pyro's param store holds."""
+    if rows.kind == "kwargs" or len(rows.dims) != len(arguments(example)[0]):
+        raise ValueError(
+            "jit compiles a program of tensor arguments: pass the data as a tensor or a"
+            " tuple of tensors (no keyword arguments or constants), or leave jit off"
+        )
+    names = loop.parameter_names(model, guide, *arguments(example)[0])
+    store = pyro.get_param_store()
+    missing = [name for name in names if name not in store._params]
+    if missing:
+        raise ValueError(
+            f"jit reads parameters from Pyro's param store, which does not hold"
+            f" {missing[:3]} (module-local parameters); leave jit off"
+        )
+    return Compiled(total, names, backend="jit" if jit is True else jit)
 
 
 class _Scale:
@@ -239,21 +245,10 @@ def fit(
     opt = optimizer(params.tensors()) if optimizer is not None else loop.adam(params.tensors(), lr)
     with same_random_state():
         objective = Objective(
-            model,
-            guide,
-            example,
-            num_data,
-            num_particles,
-            analytic_kl,
-            data_plate,
-            jit,
-            plates=plates,
-            batch_dims=batch_dims,
-            vectorize_particles=vectorize_particles,
-        )
-
+            model, guide, example, num_data, num_particles, analytic_kl, data_plate, jit,
+            plates=plates, batch_dims=batch_dims, vectorize_particles=vectorize_particles,
+        )  # fmt: skip
     step = _step(objective, opt, params, rows, jit)
-
     if validate is None and valid_data is not None:
         validate = _validator(
             model, guide, Rows(valid_data, batch_dims), num_particles, analytic_kl, data_plate,
