@@ -83,13 +83,12 @@ def sample_posterior(
     largest growth of a worker's resident memory (MiB; 0 when the chains ran here) and how the
     potential ran (``fuse_potential``'s ``how``: fused, or eager and why).
     """
-    import arviz as az  # imported before any fork, not in each worker
+    import arviz  # noqa: F401  (imported before any fork, not in each worker)
 
     if chains < 1 or warmup < 1 or samples < 2:
         raise ValueError("NUTS needs chains >= 1, warmup >= 1 and samples >= 2")
     clock = recorder.elapsed if recorder is not None else _stopwatch()
     workers = _workers(workers, chains, data)
-    times, divergent, raw, worker_mib = [], [], [], 0.0
     with Threads(1 if resolve_threads(threads) == "auto" else threads):
         potential, how = _model_potential(model, data)  # once, here, not in each worker
         if how.startswith("eager"):
@@ -98,20 +97,23 @@ def sample_posterior(
                 f"NUTS runs on Pyro's eager potential, several times slower: {reason}", stacklevel=2
             )
         run = (model, data, potential, warmup, samples, seed, clock, progress, to_draws)
-        for first in range(0, chains, workers):
-            if first > 0 and recorder is not None and recorder.out_of_time():
-                break  # the budget is spent: keep the chains already run (r_hat splits each one)
-            group = range(first, min(first + workers, chains))
-            if workers == 1:
-                results = [(*_chain(*run, chain), 0.0) for chain in group]  # no worker grew
-            else:
-                results = _forked(run, group)
-            for chain_raw, flags, chain_times, grew in results:
-                raw.append(chain_raw)
-                divergent.append(flags)
-                times.extend(chain_times)
-                worker_mib = max(worker_mib, grew)
+        raw, divergent, times, worker_mib = _run_chains(run, chains, workers, recorder)
     times.sort()  # chains that ran at once drew at interleaved moments
+    return {
+        **_summarized(raw, divergent, samples, relabel, summarize, dims, observed),
+        "sample_times": times,
+        "chains": len(divergent),
+        "workers": workers,
+        "worker_peak_memory_mib": worker_mib,
+        "potential": how,
+    }
+
+
+def _summarized(raw, divergent, samples, relabel, summarize, dims, observed) -> dict:
+    """The chains' draws stacked, relabelled where ``relabel`` is given, and summarized by
+    arviz before and after relabelling (r_hat, bulk ESS), with the divergences."""
+    import arviz as az
+
     raw = {k: np.stack([r[k] for r in raw]) for k in raw[0]}  # (chains, samples, ...)
     if relabel is not None:
         draws, permuted = relabel(raw)
@@ -140,12 +142,28 @@ def sample_posterior(
         "ess_bulk_min": float(summary["ess_bulk"].min()),
         "relabelled_fraction": float(np.mean(permuted)),
         "divergences": int(np.stack(divergent).sum()),
-        "sample_times": times,
-        "chains": len(divergent),
-        "workers": workers,
-        "worker_peak_memory_mib": worker_mib,
-        "potential": how,
     }
+
+
+def _run_chains(run, chains, workers, recorder):
+    """The chains, ``workers`` at a time (forked where more than one), until all have run or
+    the recorder's budget is spent: (raw draws per chain, divergence flags per chain, the
+    draws' times, the largest growth of a worker's memory in MiB)."""
+    times, divergent, raw, worker_mib = [], [], [], 0.0
+    for first in range(0, chains, workers):
+        if first > 0 and recorder is not None and recorder.out_of_time():
+            break  # the budget is spent: keep the chains already run (r_hat splits each one)
+        group = range(first, min(first + workers, chains))
+        if workers == 1:
+            results = [(*_chain(*run, chain), 0.0) for chain in group]  # no worker grew
+        else:
+            results = _forked(run, group)
+        for chain_raw, flags, chain_times, grew in results:
+            raw.append(chain_raw)
+            divergent.append(flags)
+            times.extend(chain_times)
+            worker_mib = max(worker_mib, grew)
+    return raw, divergent, times, worker_mib
 
 
 def _chain(model, data, potential, warmup, samples, seed, clock, progress, to_draws, chain):
@@ -257,24 +275,9 @@ def fuse_potential(potential: Callable, init: Dict[str, torch.Tensor]):
         else:
             reason = text.splitlines()[0][:160] if text else type(error).__name__
         return potential, f"eager: the potential could not be recorded ({reason})"
-    generator = torch.Generator(device="cpu").manual_seed(0)  # leaves the chain's seed alone
-    nearby = [
-        v + 0.1 * torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
-        for v in start
-    ]
-    for point in (start, nearby):
-        expected = value_and_grad(*point)
-        if not torch.isfinite(expected[0]):  # nothing to compare the recording with
-            return potential, "eager: the potential is not finite where it was recorded"
-        got = compiled(*point)
-        for name, e, g in zip(("value", *names), expected, got):
-            tolerance = 1e-5 * (1 + float(expected[0].abs()))
-            if not torch.allclose(g, e, rtol=1e-4, atol=tolerance, equal_nan=True):
-                return potential, (
-                    f"eager: the recorded graph's {name} differs from the potential's by up to"
-                    f" {float((g - e).abs().max()):.3g}: the model computes part of it outside"
-                    " torch (numpy, Python numbers) or keeps state between calls"
-                )
+    differs = _recording_differs(compiled, value_and_grad, start, names)
+    if differs is not None:
+        return potential, differs
     return lambda z: _RecordedPotential.apply(compiled, *(z[k] for k in names)), FUSED
 
 
@@ -291,6 +294,30 @@ class _RecordedPotential(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         return (None, *(grad_output * g for g in ctx.saved_tensors))
+
+
+def _recording_differs(compiled, value_and_grad, start, names):
+    """Why the recorded graph is not the potential (value or gradient) at ``start`` or at a
+    point nearby, else None."""
+    generator = torch.Generator(device="cpu").manual_seed(0)  # leaves the chain's seed alone
+    nearby = [
+        v + 0.1 * torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
+        for v in start
+    ]
+    for point in (start, nearby):
+        expected = value_and_grad(*point)
+        if not torch.isfinite(expected[0]):  # nothing to compare the recording with
+            return "eager: the potential is not finite where it was recorded"
+        got = compiled(*point)
+        for name, e, g in zip(("value", *names), expected, got):
+            tolerance = 1e-5 * (1 + float(expected[0].abs()))
+            if not torch.allclose(g, e, rtol=1e-4, atol=tolerance, equal_nan=True):
+                return (
+                    f"eager: the recorded graph's {name} differs from the potential's by up to"
+                    f" {float((g - e).abs().max()):.3g}: the model computes part of it outside"
+                    " torch (numpy, Python numbers) or keeps state between calls"
+                )
+    return None
 
 
 def _workers(workers: Optional[int], chains: int, data) -> int:
@@ -376,8 +403,6 @@ def write_posterior(
 ) -> List[str]:
     """The InferenceData file, the summary and the trace and posterior plots of one seed, in
     ``out/nuts-seed{seed}/``; returns the Markdown lines that describe them."""
-    import arviz as az
-    import matplotlib.pyplot as plt
 
     summary = posterior["summary"]
     shown = summary
@@ -404,6 +429,27 @@ def write_posterior(
     summary.to_csv(folder / "summary.csv")
     var_names = posterior["summarized"]
     shape_var = "locs" if "locs" in var_names else var_names[0]
+    relabelled = _plot_posterior(posterior, folder, seed, var_names, shape_var)
+    before = (
+        f" (after relabelling), `trace_before_relabelling.png` ({shape_var} as drawn: where"
+        " label switching shows)"
+        if relabelled
+        else ""
+    )
+    lines.insert(
+        -1,
+        f"Files: `nuts-seed{seed}/posterior.nc` (arviz InferenceData), `summary.csv`,"
+        f" `trace.png`{before}, `posterior.png`.\n",
+    )
+    return lines
+
+
+def _plot_posterior(posterior, folder: Path, seed: int, var_names, shape_var) -> bool:
+    """trace.png (and trace_before_relabelling.png where a draw was relabelled) and
+    posterior.png into ``folder``; whether the before-relabelling figure was drawn."""
+    import arviz as az
+    import matplotlib.pyplot as plt
+
     # one axis per scalar component where there are few (an eruption time and a waiting time
     # differ in scale by 20x), the components of a variable together where there are many
     scalars = sum(int(np.prod(posterior["draws"][v].shape[2:])) for v in var_names)
@@ -430,18 +476,7 @@ def write_posterior(
         axes = az.plot_posterior(posterior["idata"], var_names=[shape_var])
         np.ravel(axes)[0].figure.savefig(folder / "posterior.png", dpi=90)
     plt.close("all")
-    before = (
-        f" (after relabelling), `trace_before_relabelling.png` ({shape_var} as drawn: where"
-        " label switching shows)"
-        if relabelled
-        else ""
-    )
-    lines.insert(
-        -1,
-        f"Files: `nuts-seed{seed}/posterior.nc` (arviz InferenceData), `summary.csv`,"
-        f" `trace.png`{before}, `posterior.png`.\n",
-    )
-    return lines
+    return relabelled
 
 
 def _trace_margins(figure, rows: int, gap: float = 0.85) -> None:

@@ -178,16 +178,7 @@ def complete(
     if method not in ("importance", "chain"):
         raise ValueError(f"method must be 'importance' or 'chain', not {method!r}")
     guide = _proposal(model, guide, proposal, method)
-    seen = torch.where(observed, x, torch.zeros_like(x))
-    counts = observed.sum(0)
-    fill_mean = torch.where(counts > 0, seen.sum(0) / counts.clamp_min(1), torch.zeros_like(x[0]))
-    binary = bool(((seen == 0) | (seen == 1)).all())
-    if fill is None:
-        fill = fill_mean.round() if binary else fill_mean  # binary data stay binary
-    elif not isinstance(fill, torch.Tensor) or fill.shape != x.shape:
-        raise ValueError(f"fill must be a tensor of the data's shape {tuple(x.shape)}")
-    filled = torch.where(observed, x, fill.to(x).expand_as(x))
-
+    filled = _filled(x, observed, fill)
     if method == "chain":
         check_count("num_steps", num_steps)
         burn_in = num_steps // 5 if burn_in is None else burn_in
@@ -219,6 +210,20 @@ def complete(
     return Prediction(
         torch.where(observed, x, mean), log_ev, ess, exact, None if exact else num_samples
     )
+
+
+def _filled(x, observed, fill):
+    """``x`` with its hidden entries filled: by ``fill``, else by the mean of each feature's
+    seen entries (rounded for binary data, which stay binary)."""
+    seen = torch.where(observed, x, torch.zeros_like(x))
+    counts = observed.sum(0)
+    fill_mean = torch.where(counts > 0, seen.sum(0) / counts.clamp_min(1), torch.zeros_like(x[0]))
+    binary = bool(((seen == 0) | (seen == 1)).all())
+    if fill is None:
+        fill = fill_mean.round() if binary else fill_mean
+    elif not isinstance(fill, torch.Tensor) or fill.shape != x.shape:
+        raise ValueError(f"fill must be a tensor of the data's shape {tuple(x.shape)}")
+    return torch.where(observed, x, fill.to(x).expand_as(x))
 
 
 @torch.no_grad()
@@ -274,15 +279,7 @@ def denoise(
         return dist.Normal(base.loc, scale).to_event(_event_dims(fn))
 
     def predict(fns, rows, value):
-        base = _per_feature(fns, site)
-        if flip is not None:  # Bayes' rule per entry: p(clean = 1 | noisy, z)
-            p = base.probs
-            keep, turn = p.new_tensor(1 - flip), p.new_tensor(flip)  # in p's dtype
-            like1 = torch.where(value.bool(), keep, turn)
-            like0 = torch.where(value.bool(), turn, keep)
-            return p * like1 / (p * like1 + (1 - p) * like0)
-        var, s2 = base.scale**2, noise_scale**2  # precision-weighted mean of loc and the data
-        return (base.loc * s2 + value * var) / (var + s2)
+        return _clean_mean(_per_feature(fns, site), value, flip, noise_scale)
 
     mean, log_ev, ess, exact = _posterior_average(
         model, guide, noisy, site, transform, predict, num_samples, batch_size, data_plate,
@@ -291,6 +288,19 @@ def denoise(
     if not exact:
         _warn_if_degenerate(ess, num_samples)
     return Prediction(mean, log_ev, ess, exact, None if exact else num_samples)
+
+
+def _clean_mean(base, value, flip, noise_scale):
+    """E[clean | noisy, z] per entry: Bayes' rule for bit flips; for Gaussian noise the
+    precision-weighted mean of the model's loc and the noisy value."""
+    if flip is not None:  # p(clean = 1 | noisy, z)
+        p = base.probs
+        keep, turn = p.new_tensor(1 - flip), p.new_tensor(flip)  # in p's dtype
+        like1 = torch.where(value.bool(), keep, turn)
+        like0 = torch.where(value.bool(), turn, keep)
+        return p * like1 / (p * like1 + (1 - p) * like0)
+    var, s2 = base.scale**2, noise_scale**2
+    return (base.loc * s2 + value * var) / (var + s2)
 
 
 def roc_auc(normal_scores: torch.Tensor, anomalous_scores: torch.Tensor) -> float:
