@@ -108,15 +108,24 @@ def test_trace_enum_elbo_equals_exact_log_likelihood():
     assert -loss == pytest.approx(exact.item(), rel=1e-10)
 
 
-def test_one_svi_step_is_valid():
+def test_one_svi_step_is_adams_first_step_on_the_exact_gradient():
+    """One SVI step with TraceEnum_ELBO (exact: the component is summed out) and Adam: Adam's
+    first step moves each parameter by lr * g / (|g| + eps) against its gradient g, here
+    computed by autograd from the closed-form log joint (log-likelihood plus log prior)."""
     x, _ = make_data(64)
     gmm = GaussianMixture(num_components=3, dim=2).double()
-    svi = SVI(
-        gmm.model, gmm.guide, pyro.optim.Adam({"lr": 0.01}), TraceEnum_ELBO(max_plate_nesting=1)
-    )
-    before = gmm.locs.detach().clone()
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    svi = SVI(gmm.model, gmm.guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    locs = gmm.locs_unconstrained  # the locations are unconstrained: the parameter itself
+    # component_log_prob is the closed form log w_k + log N(x | mu_k, Sigma_k) (checked against
+    # scipy above); the prior is on the weights only
+    joint = gmm.component_log_prob(x).logsumexp(-1).sum() + gmm.log_prior()
+    (grad,) = torch.autograd.grad(-joint, locs)
+    before = locs.detach().clone()
     loss = svi.step(x)
-    assert np.isfinite(loss) and not torch.equal(before, gmm.locs.detach())
+    assert loss == pytest.approx(-joint.item(), rel=1e-10)
+    expected = before - 0.01 * grad / (grad.abs() + 1e-8)
+    torch.testing.assert_close(gmm.locs.detach(), expected, rtol=0, atol=1e-9)
 
 
 def test_em_recovers_the_truth_and_clusters():

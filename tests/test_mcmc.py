@@ -45,7 +45,9 @@ def test_chains_in_worker_processes_draw_what_they_draw_one_after_the_other():
     here = mcmc.sample_posterior(normal_mean, x, chains=2, warmup=20, samples=20, workers=1)
     forked = mcmc.sample_posterior(normal_mean, x, chains=2, warmup=20, samples=20, workers=2)
     assert here["workers"] == 1 and forked["workers"] == 2
-    assert here["worker_peak_memory_mib"] == 0 and forked["worker_peak_memory_mib"] >= 0
+    # a worker's growth in MiB for a one-parameter model: small (a reading in bytes or KiB, or
+    # of the whole resident set instead of its growth, would be far above this)
+    assert here["worker_peak_memory_mib"] == 0 and 0 <= forked["worker_peak_memory_mib"] < 500
     assert np.array_equal(here["raw"]["mu"], forked["raw"]["mu"])  # each chain seeds itself
     assert len(forked["sample_times"]) == 40 and forked["sample_times"] == sorted(
         forked["sample_times"]
