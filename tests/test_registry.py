@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from inference import reparam, svi
-from zoo import cli, comparisons, registry, runs
+from zoo import cli, comparisons, fitting, registry, report, runs
 from zoo import flags as zoo_flags
 
 USER_FILE = "tests/user_models/ppca.py"
@@ -181,7 +181,10 @@ def _code_words(module) -> set:
     return words
 
 
-@pytest.mark.parametrize("module", [cli, runs, comparisons, registry], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module", [cli, zoo_flags, fitting, report, runs, comparisons, registry],
+    ids=lambda m: m.__name__,
+)  # fmt: skip
 def test_the_cli_runs_comparisons_and_registry_name_no_model(module):
     """No registered model's name, class or module appears in the code of the modules above
     the models (their docstrings may show examples)."""

@@ -22,10 +22,12 @@ model or the driver is refused, naming it.
     zoo denoise runs/vae-mnist --flip 0.1
     zoo data fetch mnist
 
-Where each responsibility lives: the flags and the order of a fit here; the run directory
-(config.json, params.pt, history.json, metrics.json, PNG figures; restoring a run) in
-``zoo.runs``; what a model offers in ``zoo.registry``; the comparisons in ``zoo.comparisons``;
-the drivers in ``inference``. config.json holds everything needed to rebuild the model, and the
+Where each responsibility lives: the commands and their dispatch here; each model's flags in
+``zoo.flags``; the fit pipeline in ``zoo.fitting`` (``fit_run``); the scores and figures of a run
+in ``zoo.report``; the run directory (config.json, params.pt, history.json, metrics.json, PNG
+figures; restoring a run) in ``zoo.runs``; what a model offers in ``zoo.registry``; the models in
+``zoo.models``; the comparisons in ``zoo.comparisons``; the drivers in ``inference`` (the table
+``inference.drivers.DRIVERS``). config.json holds everything needed to rebuild the model, and the
 command line; params.pt the model's state dict (``torch.load(..., weights_only=True)``).
 """
 

@@ -65,6 +65,9 @@ class ModelHooks:
     takes_sparse_data: bool = False  # EM may hand it ``SparseRows`` (CSR chunks) of its data
     objective_label: Optional[str] = None  # what the drivers maximize, where not the ELBO
     validation_label: Optional[str] = None  # the scale of validation_score, where its own
+    # the options that size its latent code and networks (and a KL warm-up): what the
+    # posterior-collapse warning names as remedies
+    capacity_options: Tuple[str, ...] = ()
 
     def sample(self, num_samples: int, **condition):
         """New data: an (N, D) tensor (mixtures return (x, z))."""

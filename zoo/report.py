@@ -86,9 +86,8 @@ def warn_if_collapsed(usage: dict, spec) -> None:
         for n in named
     )
     options = {o.name for o in spec.options()}
-    flags = [
-        f"--{n.replace('_', '-')}" for n in ("z_dim", "z_dims", "hidden", "warmup") if n in options
-    ]
+    remedies = registry.attribute(spec.cls, "capacity_options", ())
+    flags = [f"--{n.replace('_', '-')}" for n in remedies if n in options]
     said = "" if spread is None else f"; reconstructions vary {spread:.0%} as much as the data"
     if total >= COLLAPSED_KL and not unused:  # the codes differ, the decoder ignores them
         what = (

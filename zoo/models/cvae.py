@@ -62,6 +62,8 @@ class CVAEConfig:
 class CVAE(nn.Module):
     """``.model(x, y, mask)`` and ``.guide(x, y, mask)`` go to the SVI or reparameterized driver."""
 
+    capacity_options = ("z_dim", "hidden")  # named by the collapse warning
+
     def __init__(self, config: Optional[CVAEConfig] = None, name: str = "cvae", **kwargs):
         super().__init__()
         config = config or CVAEConfig(**kwargs)

@@ -122,6 +122,8 @@ class HVAEConfig:
 class HVAE(nn.Module):
     """``.model(x)`` and ``.guide(x)`` for the reparameterized-ELBO driver (or SVI)."""
 
+    capacity_options = ("z_dims", "hidden", "warmup")  # named by the collapse warning
+
     def __init__(self, config: Optional[HVAEConfig] = None, name: str = "hvae", **kwargs):
         super().__init__()
         config = config or HVAEConfig(**kwargs)

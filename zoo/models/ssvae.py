@@ -143,6 +143,8 @@ class _JointEncoder(nn.Module):
 class SSVAE(nn.Module):
     """``.model(x, y)`` and ``.guide(x, y)``; ``y`` holds class indices, -1 where unknown."""
 
+    capacity_options = ("z_dim", "hidden")  # named by the collapse warning
+
     def __init__(self, config: Optional[SSVAEConfig] = None, name: str = "ssvae", **kwargs):
         super().__init__()
         config = config or SSVAEConfig(**kwargs)

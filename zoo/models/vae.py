@@ -89,6 +89,8 @@ class VAEConfig:
 class VAE(nn.Module):
     """``.model`` and ``.guide`` go to the SVI or the reparameterized-ELBO driver."""
 
+    capacity_options = ("z_dim", "hidden")  # named by the collapse warning
+
     def __init__(self, config: Optional[VAEConfig] = None, name: str = "vae", **kwargs):
         super().__init__()
         config = config or VAEConfig(**kwargs)
