@@ -3,7 +3,7 @@ Exact resume, measured: every registered model fitted through `zoo fit`, stopped
 moments by kill -9 or by SIGINT, continued with `zoo fit NAME --resume RUN`, and compared
 tensor by tensor with the same fit never stopped.
 
-    python benchmarks/kill_resume.py                        # every model, 6 stops each (~25 min)
+    python benchmarks/kill_resume.py                        # every model, 6 stops each (~30 min)
     python benchmarks/kill_resume.py --models vae vqvae --stops 20
     python benchmarks/kill_resume.py --torchrun             # also the VAE under 2 torchrun ranks
     python benchmarks/kill_resume.py --quick --out /tmp/x   # the VQ-VAE's two stages, the tests
