@@ -423,3 +423,31 @@ def test_a_check_is_an_exit_code_and_a_bug_keeps_its_traceback(tmp_path, monkeyp
     monkeypatch.setattr(data, "load", broken)
     with pytest.raises(ValueError, match="invalid literal for int"):
         cli.main(["fit", "gmm", "--data", "faithful", "--out", str(tmp_path / "bug")])
+
+
+def test_list_and_help_answer_without_torch_once_printed(tmp_path):
+    """`zoo list` and `zoo fit MODEL --help` import every model (torch) the first time and keep
+    what they printed (keyed by the zoo's source files); the next time they print the same
+    text with torch never imported. A user's file is read afresh each time."""
+    env = {**os.environ, "ZOO_DATA": str(tmp_path), "COLUMNS": "100"}
+    probe = (
+        "import sys; from zoo import cli; cli.main(sys.argv[1:]);"
+        " print('torch loaded:', 'torch' in sys.modules)"
+    )
+    for argv in (["list"], ["fit", "vae", "--help"], ["compare", "gmm", "-h"]):
+        runs_ = [
+            subprocess.run(
+                [sys.executable, "-c", probe, *argv],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout  # fmt: skip
+            for _ in range(2)
+        ]
+        assert runs_[0].endswith("torch loaded: True\n"), argv
+        assert runs_[1].endswith("torch loaded: False\n"), argv
+        assert runs_[0].rsplit("torch loaded", 1)[0] == runs_[1].rsplit("torch loaded", 1)[0]
+    user = [sys.executable, "-c", probe, "fit", "tests/user_models/ppca.py:PPCA", "--help"]
+    again = subprocess.run(user, env=env, capture_output=True, text=True, check=True).stdout
+    assert "--z-dim" in again and again.endswith("torch loaded: True\n")

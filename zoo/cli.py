@@ -41,6 +41,7 @@ import sys
 from pathlib import Path
 
 from inference import drivers  # the driver table: names only until a driver is used
+from zoo import _help_cache as help_cache
 from zoo import catalog, flags, registry  # light: the models load when one is asked for
 from zoo._lazy import Lazy as _Lazy
 
@@ -63,23 +64,14 @@ LOOP = drivers.LOOP  # the drivers that run the training loop (inference.loop)
 
 
 def cmd_list(args) -> int:
-    print("models:")
-    for name in registry.names():
-        spec = registry.get(name)
-        print(
-            f"  {name:6s} {spec.description}  [inference: {', '.join(spec.drivers)};"
-            f" default data: {spec.default_data or 'none'}]"
-        )
-    print("  (and your own: zoo fit path/to/file.py:Class or package.module:Class)")
-    print("  (each model's flags: zoo fit MODEL --help)")
-    print("data sets:")
-    for name in data.NAMES:
-        print(f"  {name}")
+    print(help_cache.listing())
     return 0
 
 
 def cmd_fit(args) -> int:
     """``zoo fit MODEL [flags]``: the flags as a ``fitting.FitRequest``, then ``fit_run``."""
+    if help_cache.printed_help("fit", args.model, args.rest, flags.fit_parser):
+        return 0
     spec = registry.get(args.model)
     parsed = flags.fit_parser(spec).parse_args(flags.with_run_settings(args.model, args.rest))
     try:
@@ -226,6 +218,8 @@ def cmd_use(args) -> int:
 def cmd_compare(args) -> int:
     """``zoo compare MODEL [flags]``: the model's comparison methods (or its drivers), every
     seed, on one split; a table, a plot and the rows."""
+    if help_cache.printed_help("compare", args.model, args.rest, flags.compare_parser):
+        return 0
     spec = registry.get(args.model)
     parsed = flags.compare_parser(spec).parse_args(args.rest)
     data_name = parsed.data or comparisons.default_data(spec)
@@ -486,8 +480,8 @@ def main(argv=None) -> int:
     except OSError as err:  # a read-only folder, a full disk, a file-size limit
         print(f"zoo: error: {_os_error(err, args.command)}", file=sys.stderr)
         return 1
-    finally:
-        if tdist.is_available() and tdist.is_initialized():
+    finally:  # torch.distributed only where this command loaded it (not for zoo list)
+        if "torch.distributed" in sys.modules and tdist.is_available() and tdist.is_initialized():
             tdist.destroy_process_group()
 
 

@@ -36,7 +36,6 @@ import csv
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import subprocess
 import sys
@@ -53,7 +52,7 @@ import numpy as np
 import torch
 
 from inference.io import atomic_write
-from zoo.catalog import NAMES
+from zoo.catalog import NAMES, cache_dir  # noqa: F401  (cache_dir: zoo.data.cache_dir)
 
 BINARIZATIONS = (None, "static", "dynamic", "threshold")
 _STATIC_SEEDS = {"train": 20141, "valid": 20142, "test": 20143}  # one fixed stream per split
@@ -61,14 +60,6 @@ _STATIC_SEEDS = {"train": 20141, "valid": 20142, "test": 20143}  # one fixed str
 
 class DataError(RuntimeError):
     """A data set could not be obtained or failed verification."""
-
-
-def cache_dir() -> Path:
-    """``$ZOO_DATA`` if set, else ``$XDG_CACHE_HOME/zoo`` (default ``~/.cache/zoo``)."""
-    if os.environ.get("ZOO_DATA"):
-        return Path(os.environ["ZOO_DATA"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "zoo"
 
 
 def load(
