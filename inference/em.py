@@ -218,7 +218,7 @@ def _run(state, tol, max_iter, callback, progress, restart, n_init, tuner) -> Fi
                 )
                 break
             record = {
-                "step": step,
+                "iteration": step,
                 "objective": objective,
                 "log_likelihood": log_likelihood,
                 "time": time.perf_counter() - start,

@@ -310,7 +310,6 @@ class _Loop:
         """The epoch's record, checks, validation and checkpoint; True where the fit stops."""
         position, options, history = self.position, self.options, self.history
         record = {
-            "step": position["epoch"] + 1,
             "epoch": position["epoch"] + 1,
             "loss": sum(losses) / max(1, len(losses)),
             "time": time.perf_counter() - self.start,

@@ -16,8 +16,9 @@ class FitResult:
             stopping).
         params: constrained parameter values by Pyro name (or by module attribute for parameters
             Pyro's store does not hold), detached copies.
-        history: one record per iteration (EM) or epoch: at least ``step``, ``objective`` and
-            ``time`` (seconds since the fit started).
+        history: one record per EM ``iteration`` or loop ``epoch`` (each record names its own:
+            a "step" is one optimizer step on a minibatch, never a record), with at least
+            ``objective`` and ``time`` (seconds since the fit started).
         converged: EM: whether the tolerance was met (False: it reached ``max_iter`` first).
             The training loop: whether it ran what it was asked, all its epochs or until early
             stopping (False: ``max_steps`` cut it short); it has no tolerance, so True says
@@ -38,6 +39,8 @@ class FitResult:
 
     @property
     def num_steps(self) -> int:
+        """The number of history records: EM iterations or epochs (metrics.json writes it as
+        ``iterations`` or ``epochs``)."""
         return len(self.history)
 
     def curve(self, key: str = "objective") -> List[float]:

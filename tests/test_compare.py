@@ -99,7 +99,7 @@ def test_a_callback_returning_true_stops_em_and_the_loop():
             model.guide,
             x,
             tol=1e-12,
-            callback=lambda r: seen.append(r) or r["step"] == 2,
+            callback=lambda r: seen.append(r) or r["iteration"] == 2,
         )
     assert result.num_steps == 2 and "stopped by the callback" in result.stop_reason
     assert len(seen) == 2 and not result.converged

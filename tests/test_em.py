@@ -158,7 +158,8 @@ def test_callback_sees_every_iteration():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", em.ConvergenceWarning)
         result = em.fit(poisson_mixture, empty_guide, x, max_iter=4, callback=seen.append)
-    assert [r["step"] for r in seen] == [1, 2, 3, 4] == [r["step"] for r in result.history]
+    assert [r["iteration"] for r in seen] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in result.history] == [1, 2, 3, 4]
     assert all(r["time"] >= 0 for r in seen)
 
 

@@ -233,8 +233,9 @@ class _Curve:
         self.recorder, self.score, self.growth, self.next = recorder, score, growth, 1
 
     def __call__(self, record) -> bool:
-        if record["step"] >= self.next:
-            self.next = max(record["step"] + 1, math.ceil(record["step"] * self.growth))
+        done = record.get("epoch", record.get("iteration"))  # the loop's, or EM's
+        if done >= self.next:
+            self.next = max(done + 1, math.ceil(done * self.growth))
             with self.recorder.paused():
                 self.recorder.point(self.score())
         return self.recorder.out_of_time()  # True stops the driver

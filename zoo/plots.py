@@ -190,7 +190,7 @@ def image_grid(
 def curve(
     history,
     key: str = "objective",
-    xkey: str = "step",
+    xkey: str = "iteration",
     ylabel: str = None,
     title: str = "Training curve",
 ):
@@ -199,7 +199,7 @@ def curve(
     xs = [r[xkey] for r in history if key in r]
     ys = [r[key] for r in history if key in r]
     ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
-    ax.set_xlabel("iteration" if xkey == "step" else xkey)
+    ax.set_xlabel("iteration" if xkey == "step" else xkey)  # "step": EM's, in older runs
     ax.set_ylabel(ylabel or key)
     ax.set_title(title)
     ax.grid(alpha=0.3)

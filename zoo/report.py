@@ -242,7 +242,9 @@ def learning_curve(history, config, model=None):
     fig = plots.curve(
         history,
         "objective",
-        xkey="epoch" if history and "epoch" in history[0] else "step",
+        xkey=next(
+            (k for k in ("epoch", "iteration", "step") if history and k in history[0]), "epoch"
+        ),
         ylabel="nats per data point",
         title=f"{config['model']} on {config['data']}: {label}",
     )
