@@ -2,7 +2,8 @@
 answer without importing torch and every model (seconds on a busy machine). A command that did
 import them writes the text; a later one reads it back while nothing it depends on has changed:
 the key hashes the zoo's and the drivers' source files, the installed ``zoo.models`` entry
-points, the Python version and the terminal's width. Kept in ``catalog.cache_dir()``."""
+points, the Python, torch and Pyro versions and the terminal's width. Kept in
+``catalog.cache_dir()``."""
 
 import hashlib
 import json
@@ -27,8 +28,16 @@ def _key() -> str:
             digest.update(path.read_bytes())
     points = sorted(f"{p.name}={p.value}" for p in metadata.entry_points(group="zoo.models"))
     width = shutil.get_terminal_size().columns
-    digest.update(json.dumps([points, width, sys.version]).encode())
+    versions = [_version(name) for name in ("torch", "pyro-ppl")]  # Pyro's ELBOs are choices
+    digest.update(json.dumps([points, width, sys.version, versions]).encode())
     return digest.hexdigest()[:20]
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 def _path() -> Path:
