@@ -211,8 +211,11 @@ def fit(
         step = _pyro_optim_step(scaled_model, scaled_guide, optim, elbo, num_data, jit, lr_schedule)
         state = {"optim": _OptimState(optim), "parameters": params}
     if validate is None and valid_data is not None:  # the ELBO (Jit losses: uncompiled)
-        again = (loss.replace("Jit", ""), num_particles, max_plate_nesting, elbo_vectorized)
-        evaluator = make_loss(*again) if isinstance(loss, str) else elbo
+        evaluator = (
+            make_loss(loss.replace("Jit", ""), num_particles, max_plate_nesting, elbo_vectorized)
+            if isinstance(loss, str)
+            else elbo
+        )
         validate = functools.partial(elbo_per_datum, model, guide, valid_data, evaluator,
                                      batch_size=1024, batch_dims=batch_dims)  # fmt: skip
     result = loop.run_driver(

@@ -190,11 +190,16 @@ def image_grid(
 def curve(
     history,
     key: str = "objective",
-    xkey: str = "iteration",
+    xkey: Optional[str] = None,
     ylabel: str = None,
     title: str = "Training curve",
 ):
-    """One line of ``record[key]`` against ``record[xkey]`` over a fit's history."""
+    """One line of ``record[key]`` against ``record[xkey]`` over a fit's history; ``xkey``
+    None: what the records count, "epoch" (the training loop) or "iteration" (EM; "step" in
+    runs written before the two were told apart)."""
+    if xkey is None:
+        first = history[0] if history else {}
+        xkey = next((k for k in ("epoch", "iteration", "step") if k in first), "epoch")
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r[xkey] for r in history if key in r]
     ys = [r[key] for r in history if key in r]

@@ -242,9 +242,6 @@ def learning_curve(history, config, model=None):
     fig = plots.curve(
         history,
         "objective",
-        xkey=next(
-            (k for k in ("epoch", "iteration", "step") if history and k in history[0]), "epoch"
-        ),
         ylabel="nats per data point",
         title=f"{config['model']} on {config['data']}: {label}",
     )
