@@ -111,8 +111,9 @@ def run(
     """
     rows = data if isinstance(data, Rows) else Rows(data, batch_dims)
     batch_size = rows.num_data if batch_size is None else batch_size
-    _check_run(batch_size, num_epochs, patience, validate, max_steps)
-    loop = _Loop(rows, state, batch_size, num_epochs, seed, checkpoint)
+    ranks = (tdist.get_rank(), tdist.get_world_size()) if _distributed() else (0, 1)
+    _check_run(batch_size, num_epochs, patience, validate, max_steps, ranks[1])
+    loop = _Loop(rows, state, batch_size, num_epochs, seed, checkpoint, ranks)
     if resume:
         loop.resume()
     loop.options = dict(validate=validate, patience=patience, transform=transform,
@@ -139,7 +140,7 @@ def run_driver(step, rows, state, params, plates, **options) -> FitResult:
     return result
 
 
-def _check_run(batch_size, num_epochs, patience, validate, max_steps) -> None:
+def _check_run(batch_size, num_epochs, patience, validate, max_steps, world) -> None:
     check_count("batch_size", batch_size)
     check_count("num_epochs", num_epochs)
     if patience is not None:
@@ -151,7 +152,6 @@ def _check_run(batch_size, num_epochs, patience, validate, max_steps) -> None:
             )
     if max_steps is not None:
         check_count("max_steps", max_steps)
-    world = tdist.get_world_size() if _distributed() else 1
     if batch_size < world:  # some rank's share of a batch would be empty
         raise ValueError(
             f"batch_size {batch_size} under torch.distributed with {world} processes: each"
@@ -163,16 +163,10 @@ class _Loop:
     """The state of one ``run``: where it stands (epoch, step, the epoch's permutation), the
     history, the best validated epoch, the batch generator and the checkpoint."""
 
-    def __init__(self, rows, state, batch_size, num_epochs, seed, checkpoint):
-        self.rows, self.state, self.batch_size, self.num_epochs = (
-            rows,
-            state,
-            batch_size,
-            num_epochs,
-        )
-        self.rank, self.world = (
-            (tdist.get_rank(), tdist.get_world_size()) if _distributed() else (0, 1)
-        )
+    def __init__(self, rows, state, batch_size, num_epochs, seed, checkpoint, ranks):
+        self.rows, self.state = rows, state
+        self.batch_size, self.num_epochs = batch_size, num_epochs
+        self.rank, self.world = ranks  # (this process's rank, the number of ranks)
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_per_epoch = math.ceil(rows.num_data / batch_size)
         self.position = {"epoch": 0, "step": 0, "perm": None, "batch_size": batch_size}
@@ -376,23 +370,29 @@ class DivergenceWarning(UserWarning):
     """The training objective ran away by orders of magnitude: the learning rate is too high."""
 
 
+def first_objective(history) -> Optional[float]:
+    """The objective of the fit's first step, per data point (higher is better), where its
+    history records one (the first epoch's mean where it predates ``first_loss``)."""
+    if not history or "loss" not in history[0]:
+        return None
+    return -history[0].get("first_loss", history[0]["loss"])
+
+
 def diverged(history, now: float) -> bool:
     """Whether the objective ``now`` (per data point, higher is better: an epoch's, or a
     held-out ELBO after the fit) is worse than the first training step's by more than a
     hundred times the larger of 1 and its size."""
-    if not history or "loss" not in history[0]:
-        return False
-    first = -history[0].get("first_loss", history[0]["loss"])
-    return now < first and abs(now - first) > 100 * max(1.0, abs(first))
+    first = first_objective(history)
+    return first is not None and now < first and abs(now - first) > 100 * max(1.0, abs(first))
 
 
 def _warn_if_diverging(history, record) -> None:
     """Warn once when an epoch's objective is a hundred times worse than the first step's."""
     if any(r.get("diverging") for r in history):
         return
-    start = history[0] if history else record
-    first, now = -start.get("first_loss", start["loss"]), record["objective"]
-    if diverged([start], now):
+    start, now = history[:1] or [record], record["objective"]
+    if diverged(start, now):
+        first = first_objective(start)
         record["diverging"] = True
         warnings.warn(
             f"the training objective fell from {first:.4g} (the first step) to {now:.4g} (epoch"

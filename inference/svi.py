@@ -210,20 +210,27 @@ def fit(
     else:
         step = _pyro_optim_step(scaled_model, scaled_guide, optim, elbo, num_data, jit, lr_schedule)
         state = {"optim": _OptimState(optim), "parameters": params}
-    if validate is None and valid_data is not None:  # the ELBO (Jit losses: uncompiled)
-        evaluator = (
-            make_loss(loss.replace("Jit", ""), num_particles, max_plate_nesting, elbo_vectorized)
-            if isinstance(loss, str)
-            else elbo
-        )
-        validate = functools.partial(elbo_per_datum, model, guide, valid_data, evaluator,
-                                     batch_size=1024, batch_dims=batch_dims)  # fmt: skip
+    if validate is None and valid_data is not None:
+        losses = (loss, elbo, num_particles, max_plate_nesting, elbo_vectorized)
+        validate = _validator(model, guide, valid_data, batch_dims, *losses)
     result = loop.run_driver(
         step, rows, state, params, plates, batch_size=batch_size, num_epochs=num_epochs,
         validate=validate, **loop_options,
     )  # fmt: skip
     result.extra["vectorize_particles"] = elbo_vectorized
     return result
+
+
+def _validator(model, guide, valid_data, batch_dims, loss, elbo, particles, nesting, vectorized):
+    """The ELBO per data point on the validation data (a Jit loss's uncompiled form)."""
+    evaluator = (
+        make_loss(loss.replace("Jit", ""), particles, nesting, vectorized)
+        if isinstance(loss, str)
+        else elbo
+    )
+    return functools.partial(
+        elbo_per_datum, model, guide, valid_data, evaluator, batch_size=1024, batch_dims=batch_dims
+    )
 
 
 def _refuse_early(loss, jit, loop_options, num_particles, max_plate_nesting, vectorize) -> None:

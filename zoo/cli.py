@@ -75,7 +75,7 @@ def cmd_fit(args) -> int:
     spec = registry.get(args.model)
     parsed = flags.fit_parser(spec).parse_args(flags.with_run_settings(args.model, args.rest))
     try:
-        metrics = fitting.fit_run(_request(args.model, parsed, [args.model, *args.rest]))
+        run, metrics = fitting.fit_run(_request(args.model, parsed, [args.model, *args.rest]))
     except fitting.Interrupted as stop:
         if not tdist.is_initialized() or tdist.get_rank() == 0:
             print(
@@ -85,7 +85,7 @@ def cmd_fit(args) -> int:
             )
         return 130
     if metrics is not None:
-        report.print_metrics(fitting.fit_target(spec, parsed)[0], metrics)
+        report.print_metrics(run, metrics)
     return 0
 
 

@@ -4,8 +4,8 @@ run folder) to a fitted, scored run directory. ``zoo fit``, the benchmarks and a
 alike::
 
     from zoo import fitting
-    metrics = fitting.fit_run(fitting.FitRequest("vae", data="digits", out="runs/v",
-                                                 given={"epochs": 5, "z_dim": 4}))
+    run, metrics = fitting.fit_run(fitting.FitRequest("vae", data="digits", out="runs/v",
+                                                      given={"epochs": 5, "z_dim": 4}))
 
 Its steps, in order (``Fit``): the model's defaults for the data set, the driver's settings
 (defaults read from the driver's own signature, ``inference.drivers``), the data (refused before
@@ -25,7 +25,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pyro
 import torch
@@ -110,9 +110,9 @@ _FIELDS = {f.name for f in dataclasses.fields(FitRequest)}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(FitRequest)}
 
 
-def fit_run(request: FitRequest) -> Optional[dict]:
-    """Fit and write the run ``request`` asks for; its metrics (None on a torchrun rank other
-    than 0, which writes nothing)."""
+def fit_run(request: FitRequest) -> Tuple[Path, Optional[dict]]:
+    """Fit and write the run ``request`` asks for: (its folder, its metrics; None on a torchrun
+    rank other than 0, which writes nothing)."""
     spec = registry.get(request.model)
     inference = request.inference or next(iter(spec.drivers))
     if inference not in spec.drivers:
@@ -139,9 +139,7 @@ def fit_run(request: FitRequest) -> Optional[dict]:
     claim = runs.open_for_writing(out, overwrite=request.overwrite, resume=resume)
     try:
         with claim if rank == 0 else contextlib.nullcontext():  # rank 0 writes the run folder
-            return fit.run(rank)
-    except Interrupted:
-        raise
+            return out, fit.run(rank)
     except KeyboardInterrupt:  # the loop saved a checkpoint at the step it had finished
         raise Interrupted(out) from None
 
@@ -281,12 +279,12 @@ def fit_target(spec, request):
                 f"--resume {resume} names the run to continue and --out {request.out}"
                 " another folder: give one of them"
             )
-        request.out = resume
     data_name = request.data or spec.default_data
     if data_name is None:
         raise FitError(f"{spec.name} has no default data: pass --data NAME or a file")
     stem = Path(spec.name.split(":")[-1]).name
-    return runs.run_path(request.out or f"runs/{stem}-{Path(data_name).stem}"), resume is not None
+    out = resume if isinstance(resume, str) else request.out
+    return runs.run_path(out or f"runs/{stem}-{Path(data_name).stem}"), resume is not None
 
 
 class Fit:

@@ -32,7 +32,7 @@ def warn_if_diverged(history, metrics) -> bool:
     if not loop.diverged(history, metrics[key]):
         return False
     metrics["diverged"] = True
-    first = -history[0].get("first_loss", history[0]["loss"])
+    first = loop.first_objective(history)
     print(
         f"zoo: warning: the fit diverged: {key} is {metrics[key]:.4g} per data point, against"
         f" {first:.4g} at the first training step; refit with a lower --lr (and --overwrite)",
